@@ -1,0 +1,1 @@
+"""minipipe: a compact GPipe trainer (fill-drain pipeline, re-materialisation, Triton kernels)."""
