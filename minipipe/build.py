@@ -1,0 +1,98 @@
+"""From a Config to everything one rank needs: data, process groups, its stage, optimizer, engine.
+
+Everything that can be refused (flags, data, the cut into stages) is checked before this rank
+waits on any other, so a bad flag fails every rank at once with the same message.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import kernels
+import models
+from minipipe import partition
+from minipipe.data import load_dataset
+from minipipe.dist import Layout, init_process_groups
+from minipipe.engine import Engine
+from minipipe.errors import ConfigError
+from minipipe.optim import build_optimizer
+from minipipe.stage import Stage
+
+PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "bfloat16": torch.float32, "float16": torch.float32}
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    cfg: object
+    layout: Layout
+    dataset: object
+    balance: list
+    stage: Stage
+    optimizer: torch.optim.Optimizer
+    engine: Engine
+    backend: str
+
+
+def planned_stages(cfg) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    n_stages = cfg.stages or world_size // cfg.dp
+    if n_stages * cfg.dp != world_size:
+        raise ConfigError(f"world size {world_size} != --dp {cfg.dp} x --stages {n_stages}; launch "
+                          f"dp x stages processes (torchrun --nproc_per_node) or change --stages/--dp")
+    return n_stages
+
+
+def build_run(cfg) -> Run:
+    dataset = load_dataset(cfg)
+    n_stages = planned_stages(cfg)
+    n_layers = len(models.layer_factories(cfg))
+    if cfg.balance:
+        try:
+            explicit = [int(x) for x in cfg.balance.split(",")]
+        except ValueError:
+            raise ConfigError(f"--balance {cfg.balance!r}: give layer counts per stage, e.g. 3,3,2")
+        partition.check_balance(explicit, n_layers, n_stages)
+    elif n_stages > n_layers:
+        partition.balance_by_cost([1.0] * n_layers, n_stages)  # raises the "more stages" error
+    layout = init_process_groups(n_stages, cfg.dp, cfg.timeout)
+    backend = kernels.resolve_backend(cfg.kernels, layout.device)
+    balance = _choose_balance(cfg, layout, dataset, backend, n_layers)
+    indices = partition.stage_ranges(balance)[layout.stage]
+    stage = Stage(models.build_layers(cfg, indices, backend), cfg.seed)
+    stage.to(device=layout.device, dtype=PARAM_DTYPES[cfg.dtype])
+    optimizer = build_optimizer(stage, cfg, backend)
+    engine = Engine(stage, layout, models.loss_fn(cfg, backend),
+                    lambda targets: models.count_loss_units(cfg, targets), optimizer,
+                    cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
+                    cfg.deferred_bn)
+    return Run(cfg, layout, dataset, balance, stage, optimizer, engine, backend)
+
+
+def _choose_balance(cfg, layout, dataset, backend, n_layers) -> list[int]:
+    if cfg.balance:
+        return [int(x) for x in cfg.balance.split(",")]
+    if cfg.balance_by == "params":
+        costs = [float(c) for c in models.count_layer_params(cfg)]
+        return partition.balance_by_cost(costs, layout.n_stages)
+    # Profiled costs differ run to run: rank 0 measures, everyone uses its cut.
+    plan = [None]
+    if layout.rank == 0:
+        layers = models.build_layers(cfg, range(n_layers), backend)
+        stack = [layers[i].to(layout.device, PARAM_DTYPES[cfg.dtype]) for i in range(n_layers)]
+        inputs, _ = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
+        inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
+        costs = partition.profile_costs(stack, inputs, cfg.balance_by, layout.device)
+        plan = [partition.balance_by_cost(costs, layout.n_stages)]
+    if layout.world_size > 1:
+        dist.broadcast_object_list(plan, src=0)
+    return plan[0]
+
+
+def plan_table(run: Run) -> str:
+    cfg = run.cfg
+    params = models.count_layer_params(cfg)
+    return partition.format_plan(run.balance, [float(p) for p in params], params, cfg.balance_by
+                                 if cfg.balance_by == "params" or cfg.balance else "params")

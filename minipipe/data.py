@@ -1,0 +1,258 @@
+"""Deterministic data: the batch of step s is a pure function of (seed, s).
+
+Every rank can compute any batch on its own (stage 0 needs the inputs, the last stage the
+targets, all of them the loss normaliser), so no data is sent between processes and the batches
+are the same whatever the number of processes. The training position is a `DataCursor`.
+
+Sources: `stdlib` (bytes of the running Python's standard library .py files, split by file and
+cached as a memmap), a text file or directory (bytes), a `.bin` of uint16 ids (nanoGPT format;
+a directory holding train.bin and val.bin works too), `digits` (scikit-learn's bundled 8x8
+digits), a `.npz` with arrays x (N, C, H, W) and y (N,), and `synthetic` for both families.
+"""
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minipipe.errors import DataError
+from minipipe.seeding import derive_seed
+
+VAL_EVERY = 20  # every 20th file (or sample) goes to validation; contiguous files: the last 1/20th
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@dataclass
+class TokenDataset:
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    vocab: int
+    seq_len: int
+    seed: int
+
+    def batch(self, index: int, batch_size: int, split: str = "train"):
+        """(inputs, targets), both (batch_size, seq_len) int64; targets are inputs shifted by one."""
+        tokens = self.train if split == "train" else self.val
+        high = len(tokens) - self.seq_len - 1
+        offsets = torch.randint(0, high + 1, (batch_size,), generator=_generator(self.seed, split, index))
+        rows = offsets.numpy()[:, None] + np.arange(self.seq_len + 1)
+        chunk = torch.from_numpy(np.asarray(tokens[rows]).astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{len(self.train)}:{len(self.val)}:{self.vocab}"
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    seed: int
+
+    def batch(self, index: int, batch_size: int, split: str = "train"):
+        """(images (B, C, H, W) float32, labels (B,) int64). Training walks a fresh permutation
+        of the set each epoch; validation batch i is the i-th slice of the validation set."""
+        if split == "train":
+            n = len(self.train_y)
+            positions = index * batch_size + torch.arange(batch_size)
+            picks = torch.stack([self._permutation(int(p) // n)[int(p) % n] for p in positions])
+            return self.train_x[picks], self.train_y[picks]
+        picks = (index * batch_size + torch.arange(batch_size)) % len(self.val_y)
+        return self.val_x[picks], self.val_y[picks]
+
+    @lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.train_y), generator=_generator(self.seed, "epoch", epoch))
+
+    def __hash__(self):
+        return id(self)
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{len(self.train_y)}:{len(self.val_y)}:{tuple(self.train_x.shape[1:])}"
+
+
+class DataCursor:
+    """The position in the training stream: batch `position` comes next. Saved in checkpoints."""
+
+    def __init__(self, dataset, batch_size: int, position: int = 0):
+        self.dataset, self.batch_size, self.position = dataset, batch_size, position
+
+    def next_batch(self):
+        batch = self.dataset.batch(self.position, self.batch_size)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "dataset": self.dataset.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dataset"] != self.dataset.fingerprint():
+            raise DataError(f"the checkpoint was trained on data {state['dataset']!r} but this run "
+                            f"reads {self.dataset.fingerprint()!r}; pass the same --data (and --vocab)")
+        self.position = state["position"]
+
+
+def load_dataset(cfg):
+    """The dataset `cfg.data` names; fills cfg.vocab / classes / channels from it when unset."""
+    source = cfg.data or ("stdlib" if cfg.model == "transformer" else "digits")
+    if cfg.model == "transformer":
+        dataset = _load_tokens(source, cfg)
+        if len(dataset.train) <= cfg.seq_len + 1 or len(dataset.val) <= cfg.seq_len + 1:
+            raise DataError(f"--data {source}: {len(dataset.train)} training / {len(dataset.val)} "
+                            f"validation tokens are too few for --seq-len {cfg.seq_len}; "
+                            f"use more data or a shorter --seq-len")
+        return dataset
+    return _load_images(source, cfg)
+
+
+def _load_tokens(source: str, cfg) -> TokenDataset:
+    if source == "stdlib":
+        train, val, vocab = *_stdlib_corpus(), 256
+    elif source == "synthetic":
+        train, val, vocab = *_synthetic_tokens(), 256
+    elif source in ("digits",):
+        raise DataError(f"--data {source} is image data; use it with --model amoebanet")
+    else:
+        train, val, vocab = _token_files(Path(source), cfg.vocab)
+    if cfg.vocab is None:
+        cfg.vocab = vocab
+    elif cfg.vocab < vocab and not source.endswith(".bin"):
+        raise DataError(f"--vocab {cfg.vocab} is smaller than the data's {vocab} byte values; "
+                        f"raise --vocab to at least {vocab}")
+    return TokenDataset(source, train, val, cfg.vocab, cfg.seq_len, cfg.seed)
+
+
+def _cache_dir() -> Path:
+    path = Path(os.environ.get("MINIPIPE_CACHE", Path.home() / ".cache" / "minipipe"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _stdlib_corpus():
+    """Bytes of every stdlib .py file, sorted by path; every VAL_EVERY-th file is validation."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p in files)
+    key = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    paths = {split: _cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
+    if not all(p.exists() for p in paths.values()):
+        for split, chosen in (("train", [f for i, f in enumerate(files) if i % VAL_EVERY]),
+                              ("val", files[::VAL_EVERY])):
+            tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as out:
+                for f in chosen:
+                    out.write(f.read_bytes())
+            os.replace(tmp, paths[split])  # atomic: ranks building at once cannot see half a file
+    return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+
+
+def _synthetic_tokens():
+    """A sparse random bigram language (4 successors per byte): entropy ln 4, learnable."""
+    g = np.random.default_rng(0)
+    successors = g.integers(0, 256, size=(256, 4))
+    choices = g.integers(0, 4, size=300_000)
+    tokens = np.empty(len(choices), dtype=np.uint8)
+    tokens[0] = 0
+    for i in range(1, len(tokens)):
+        tokens[i] = successors[tokens[i - 1], choices[i]]
+    split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
+    return tokens[:split], tokens[split:]
+
+
+def _token_files(path: Path, vocab):
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
+                        f"a text file, a directory of text files, or a .bin of uint16 token ids")
+    if path.is_dir() and (path / "train.bin").exists() and (path / "val.bin").exists():
+        return (*(_read_bin(path / f"{s}.bin", vocab) for s in ("train", "val")), vocab)
+    if path.suffix == ".bin":
+        tokens = _read_bin(path, vocab)
+        split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
+        return tokens[:split], tokens[split:], vocab
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if len(files) >= VAL_EVERY:
+        parts = ([f for i, f in enumerate(files) if i % VAL_EVERY], files[::VAL_EVERY])
+        train, val = (np.frombuffer(b"".join(f.read_bytes() for f in fs), dtype=np.uint8) for fs in parts)
+    else:
+        data = np.frombuffer(b"".join(f.read_bytes() for f in files), dtype=np.uint8)
+        split = len(data) * (VAL_EVERY - 1) // VAL_EVERY
+        train, val = data[:split], data[split:]
+    if len(train) == 0:
+        raise DataError(f"--data {path}: no bytes to train on (empty file or directory)")
+    return train, val, 256
+
+
+def _read_bin(path: Path, vocab) -> np.ndarray:
+    if vocab is None:
+        raise DataError(f"--data {path}: token-id files need --vocab (the tokenizer's vocabulary size)")
+    if path.stat().st_size == 0:
+        raise DataError(f"--data {path}: the file is empty")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(tokens.max())
+    if top >= vocab:
+        raise DataError(f"--data {path}: holds token id {top}, which is >= --vocab {vocab}; "
+                        f"pass the tokenizer's vocabulary size (at least {top + 1})")
+    return tokens
+
+
+def _load_images(source: str, cfg) -> ImageDataset:
+    if source == "digits":
+        x, y = _digits()
+    elif source == "synthetic":
+        x, y = _synthetic_images(cfg.classes or 10, cfg.channels or 3, cfg.image_size)
+    elif source.endswith(".npz"):
+        x, y = _npz(Path(source))
+    else:
+        raise DataError(f"--data {source}: image models read digits, synthetic or a PATH.npz "
+                        f"with arrays x (N, C, H, W) and y (N,)")
+    if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std().clamp_min(1e-8)
+    cfg.channels = cfg.channels or x.shape[1]
+    cfg.classes = cfg.classes or int(y.max()) + 1
+    if cfg.channels != x.shape[1]:
+        raise DataError(f"--channels {cfg.channels} but the images have {x.shape[1]}; drop --channels")
+    if int(y.max()) >= cfg.classes or int(y.min()) < 0:
+        raise DataError(f"labels span {int(y.min())}..{int(y.max())} but --classes is {cfg.classes}")
+    val = torch.arange(len(y)) % VAL_EVERY == 0
+    return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed)
+
+
+def _digits():
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing to download
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.tensor(digits.target, dtype=torch.int64)
+
+
+def _synthetic_images(classes: int, channels: int, size: int, n: int = 2048):
+    """Noisy copies of one random prototype per class: learnable, and fast to make."""
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(classes, channels, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return prototypes[y] + 0.5 * torch.randn(n, channels, size, size, generator=g), y
+
+
+def _npz(path: Path):
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file")
+    arrays = np.load(path, allow_pickle=False)
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"--data {path}: needs arrays 'x' (N, C, H, W) and 'y' (N,); found {list(arrays)}")
+    x, y = torch.from_numpy(arrays["x"]).float(), torch.from_numpy(arrays["y"]).long()
+    if x.ndim != 4 or y.shape != (x.shape[0],) or len(y) == 0:
+        raise DataError(f"--data {path}: x must be (N, C, H, W) and y (N,); got {tuple(x.shape)} "
+                        f"and {tuple(y.shape)}")
+    return x, y

@@ -1,0 +1,271 @@
+"""Runs the GPipe fill-drain schedule of one stage, action by action, exactly as schedule.py lists it.
+
+    F0 F1 ... F(M-1) | B(M-1) ... B0 | all-reduce over dp -> clip by the global norm -> step
+
+Gradient contract: the loss of a step is the mean over every counted unit (token or sample) of
+the global mini-batch. Micro-batch m contributes loss_sum(m) / units(global batch), so the
+gradients accumulated over micro-batches and summed over dp replicas equal the full-batch
+gradient, uneven micro-batches and ignored tokens included.
+"""
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from minipipe import microbatch as mb
+from minipipe.comm import StageComm
+from minipipe.errors import PipelineError
+from minipipe.recompute import grad_leaf, recompute_forward, recomputes
+from minipipe.schedule import Action, forward_actions, gpipe_actions
+from models.batchnorm import PipelineBatchNorm2d, commit_deferred_stats
+
+
+def _meta_like(value):
+    """Shapes and dtypes of a value, without its memory (to validate the gradient that comes back)."""
+    def meta(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return meta(value) if isinstance(value, torch.Tensor) else tuple(meta(t) for t in value)
+
+
+class Engine:
+    def __init__(self, stage, layout, loss_sum, count_units, optimizer, n_microbatches: int,
+                 recompute: str = "always", timeout_s: float = 300.0, autocast_dtype=None,
+                 deferred_bn: bool = False):
+        self.stage, self.layout, self.optimizer = stage, layout, optimizer
+        self.loss_sum, self.count_units = loss_sum, count_units
+        self.n_microbatches, self.recompute, self.deferred_bn = n_microbatches, recompute, deferred_bn
+        self.first = layout.stage == 0
+        self.last = layout.stage == layout.n_stages - 1
+        self.device = layout.device
+        self.autocast_dtype = autocast_dtype
+        self.comm = StageComm(layout.rank, layout.prev_rank, layout.next_rank, layout.stage,
+                              layout.device, timeout_s) if layout.n_stages > 1 else None
+        self.actions = gpipe_actions(layout.stage, layout.n_stages, n_microbatches)
+        self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
+        self.spans: list[tuple] = []  # (kind, microbatch, start_s, end_s) of the last step
+        self.has_batchnorm = any(isinstance(m, PipelineBatchNorm2d) for m in stage.modules())
+
+    # ---- one training step ------------------------------------------------------------------
+    def train_step(self, inputs, targets, step: int, lr: float, grad_clip: float) -> dict:
+        """Forward and backward of every micro-batch, then the synchronous update.
+        Returns {"loss", "grad_norm"}, the same on every rank."""
+        self.stage.train()
+        self._begin(inputs, targets, step)
+        handlers = {"recv_act": self._recv_act, "forward": self._forward, "send_act": self._send_act,
+                    "recv_grad": self._recv_grad, "backward": self._backward,
+                    "send_grad": self._send_grad, "allreduce": self._allreduce,
+                    "step": lambda _: self._optimizer_step(lr, grad_clip)}
+        self._run(self.actions, handlers)
+        return self.result
+
+    def _run(self, actions, handlers):
+        """Execute the schedule verbatim, recording what ran and when."""
+        self.executed, self.spans = [], []
+        for action in actions:
+            start = time.perf_counter()
+            handlers[action.kind](action.microbatch)
+            self.spans.append((action.kind, action.microbatch, start, time.perf_counter()))
+            self.executed.append(action)
+
+    # ---- forward-only: evaluation and generation ---------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Mean loss over `batches` (an iterable of global (inputs, targets)), on every rank."""
+        self.stage.eval()
+        lay = self.layout
+        actions = forward_actions(lay.stage, lay.n_stages, self.n_microbatches)
+        handlers = {"recv_act": self._recv_act, "forward": self._eval_forward, "send_act": self._send_act}
+        loss_sum, units = 0.0, 0
+        for inputs, targets in batches:
+            self._begin(inputs, targets, step=0)
+            self._run(actions, handlers)
+            loss_sum, units = loss_sum + self.loss_total * self.units, units + self.units
+        if self.comm is not None:
+            self.comm.wait_sends()
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
+        if lay.world_size > 1:
+            dist.all_reduce(total)
+        return float(total) / units
+
+    def _eval_forward(self, m):
+        output = self._run_stage(self._stage_input(m), m)
+        if self.last:
+            self.loss_total += float(self._loss(output, m))
+        else:
+            self.outbox[m] = output
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n_new: int, max_context: int, temperature: float = 0.8,
+                 top_k: int = 40, seed: int = 0) -> torch.Tensor:
+        """Autoregressive sampling through the pipeline (Transformer). prompt: (1, T) ids.
+        The last stage samples each token and broadcasts it to the stages of its pipeline."""
+        self.stage.eval()
+        lay = self.layout
+        tokens = prompt.to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        last_rank = lay.rank + lay.n_stages - 1 - lay.stage
+        for _ in range(n_new):
+            context = tokens[:, -max_context:]
+            value = context if self.first else self.comm.recv(
+                lay.prev_rank, microbatch=0, expect_batch=1, what="generation activation")
+            output = self._run_stage(value, 0)
+            if not self.last:
+                self.comm.send(output, lay.next_rank, what="generation activation")
+                self.comm.wait_sends()
+                token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            else:
+                logits = output[:, -1, :].float() / temperature
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)
+            if lay.n_stages > 1:
+                dist.broadcast(token, src=last_rank, group=lay.pipeline_group)
+            tokens = torch.cat([tokens, token], dim=1)
+        return tokens[0, prompt.shape[1]:].cpu()
+
+    def _begin(self, inputs, targets, step):
+        """Every rank holds the global batch; take this replica's rows, split into micro-batches."""
+        lay = self.layout
+        rows = mb.batch_size(targets) // lay.dp
+        own = slice(lay.dp_rank * rows, (lay.dp_rank + 1) * rows)
+        self.step_index = step
+        self.units = self.count_units(targets)  # of the global batch: the loss normaliser
+        self.micro_inputs = mb.split(self._to_device(inputs, own), self.n_microbatches) if self.first else None
+        self.micro_targets = mb.split(targets[own].to(self.device), self.n_microbatches) if self.last else None
+        self.micro_sizes = [len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)]
+        self.inbox, self.outbox, self.sent_spec = {}, {}, {}
+        self.stash, self.graphs, self.grads_out = {}, {}, {}
+        self.loss_total = 0.0
+
+    def _to_device(self, value, rows):
+        if isinstance(value, torch.Tensor):
+            return value[rows].to(self.device)
+        return tuple(t[rows].to(self.device) for t in value)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _recv_act(self, m):
+        self.inbox[m] = self.comm.recv(self.layout.prev_rank, microbatch=m, expect_batch=self.micro_sizes[m],
+                                       what=f"activation of micro-batch {m} from stage {self.layout.stage - 1}")
+
+    def _stage_input(self, m):
+        return self.micro_inputs[m] if self.first else self.inbox.pop(m)
+
+    def _run_stage(self, value, m):
+        try:
+            with self._autocast():
+                return self.stage(value, self.step_index, m)
+        except RuntimeError as err:
+            if self.first:
+                raise
+            shapes = [tuple(t.shape) for t in mb.as_tuple(value)]
+            raise PipelineError(f"stage {self.layout.stage} (rank {self.layout.rank}) could not run "
+                                f"micro-batch {m} received from stage {self.layout.stage - 1} with "
+                                f"shapes {shapes}: {err}. The stages disagree on the boundary value; "
+                                f"check that every rank runs the same model flags.") from err
+
+    def _loss(self, output, m):
+        with self._autocast():
+            return self.loss_sum(output, self.micro_targets[m]) / self.units
+
+    def _forward(self, m):
+        value = self._stage_input(m)
+        if recomputes(self.recompute, m, self.n_microbatches):
+            with torch.no_grad():
+                output = self._run_stage(value, m)
+                if self.last:
+                    self.loss_total += float(self._loss(output, m))
+            self.stash[m] = value
+        else:
+            leaf = grad_leaf(value) if not self.first else value
+            output = self._run_stage(leaf, m)
+            if self.last:
+                loss = self._loss(output, m)
+                self.loss_total += float(loss.detach())
+                output = loss
+            self.graphs[m] = (leaf, output)
+        if not self.last:
+            self.outbox[m] = output.detach() if isinstance(output, torch.Tensor) else tuple(
+                t.detach() for t in output)
+
+    def _send_act(self, m):
+        value = self.outbox.pop(m)
+        self.sent_spec[m] = _meta_like(value)
+        self.comm.send(value, self.layout.next_rank, what=f"activation of micro-batch {m}")
+
+    def _recv_grad(self, m):
+        self.grads_out[m] = self.comm.recv(
+            self.layout.next_rank, microbatch=m, expect_like=self.sent_spec.pop(m),
+            what=f"gradient of micro-batch {m} from stage {self.layout.stage + 1}")
+
+    def _backward(self, m):
+        if m in self.stash:
+            with self._autocast():
+                leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index, m,
+                                                 input_grad=not self.first)
+            if self.last:
+                output = self._loss(output, m)
+        else:
+            leaf, output = self.graphs.pop(m)
+        if self.last:
+            torch.autograd.backward(output)
+        else:
+            outs, grads = mb.as_tuple(output), mb.as_tuple(self.grads_out.pop(m))
+            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if not self.first:
+            self.inbox[m] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                                  for t in mb.as_tuple(leaf) if t.is_floating_point())
+
+    def _send_grad(self, m):
+        grads = self.inbox.pop(m)
+        self.comm.send(grads if len(grads) > 1 else grads[0], self.layout.prev_rank,
+                       what=f"gradient of micro-batch {m}")
+
+    # ---- after the drain ----------------------------------------------------------------------
+    def _params(self):
+        return [p for p in self.stage.parameters() if p.requires_grad]
+
+    def _allreduce(self, _):
+        """Sum gradients over the dp replicas of this stage (their losses were already divided by
+        the global unit count), then settle BatchNorm running statistics."""
+        if self.comm is not None:
+            self.comm.wait_sends()
+        lay = self.layout
+        if lay.dp > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params()]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=lay.stage_group)
+            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+            for p, grad in zip(self._params(), grads):
+                p.grad = grad
+        if self.has_batchnorm:
+            if self.deferred_bn:
+                commit_deferred_stats(self.stage, lay.stage_group if lay.dp > 1 else None)
+            elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
+                for buf in self.stage.buffers():
+                    dist.all_reduce(buf, group=lay.stage_group)
+                    buf.div_(lay.dp)
+
+    def _optimizer_step(self, lr: float, grad_clip: float):
+        """Global gradient norm over all stages (one collective, which also carries the loss)."""
+        params = self._params()
+        sq = sum((p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None),
+                 torch.zeros((), dtype=torch.float64, device=self.device))
+        packed = torch.stack([sq, torch.tensor(self.loss_total, dtype=torch.float64, device=self.device)])
+        if self.layout.world_size > 1:
+            dist.all_reduce(packed)
+        grad_norm = math.sqrt(float(packed[0]) / self.layout.dp)
+        if grad_clip > 0 and grad_norm > grad_clip:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_clip / (grad_norm + 1e-6))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result = {"loss": float(packed[1]), "grad_norm": grad_norm}

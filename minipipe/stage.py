@@ -1,0 +1,31 @@
+"""One pipeline stage: a contiguous run of the model's layers, keyed by global layer index.
+
+Parameter names stay global (`layers.7.weight`) whatever the cut, because the ModuleDict key is
+the layer's index in the whole model. Before each layer that draws random numbers (dropout), the
+RNG is seeded from (seed, step, layer, micro-batch): masks never depend on which process runs
+the layer, and a re-materialising recompute replays them exactly with no RNG state to save.
+"""
+import torch
+from torch import nn
+
+from minipipe.seeding import derive_seed
+
+
+def _is_stochastic(layer: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in layer.modules())
+
+
+class Stage(nn.Module):
+    def __init__(self, layers: dict[int, nn.Module], seed: int):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): layers[i] for i in sorted(layers)})
+        self.indices = sorted(layers)
+        self.seed = seed
+        self._stochastic = {i for i in self.indices if _is_stochastic(layers[i])}
+
+    def forward(self, value, step: int = 0, microbatch: int = 0):
+        for i, layer in zip(self.indices, self.layers.values()):
+            if self.training and i in self._stochastic:
+                torch.manual_seed(derive_seed(self.seed, "dropout", step, i, microbatch))
+            value = layer(value)
+        return value

@@ -1,0 +1,78 @@
+"""Models as ordered lists of layers (the layer contract in ARCHITECTURE.md).
+
+`layer_factories(cfg)` returns one zero-argument constructor per global layer index;
+`build_layers(cfg, indices)` builds some of them, each under its own seed derived from
+(cfg.seed, "init", i), so any cut of the model holds bitwise the same weights.
+"""
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from minipipe.errors import ConfigError
+from minipipe.seeding import derive_seed
+from models import amoebanet, transformer
+
+FAMILIES = {"transformer": transformer, "amoebanet": amoebanet}
+
+PRESETS = {
+    "transformer": {
+        "tiny": dict(layers=4, d_model=128, heads=4, max_seq_len=128),
+        "small": dict(layers=6, d_model=384, heads=6, max_seq_len=256),
+        # The GPipe paper's Transformer shape (Table 1: d_model 2048, d_ff 8192, 32 heads).
+        "gpipe": dict(layers=24, d_model=2048, heads=32, max_seq_len=1024, vocab=32000),
+    },
+    "amoebanet": {
+        "tiny": dict(cells=1, filters=8, image_size=32),
+        "small": dict(cells=2, filters=32, image_size=32),
+        # AmoebaNet-D(18, 256) at 224x224, as in the GPipe paper's image experiments.
+        "gpipe": dict(cells=6, filters=256, image_size=224, classes=1000),
+    },
+}
+
+
+def apply_preset(cfg) -> None:
+    """Fill every model field the user left unset from the preset."""
+    if cfg.model not in FAMILIES:
+        raise ConfigError(f"--model {cfg.model!r}: choose one of {', '.join(FAMILIES)}")
+    presets = PRESETS[cfg.model]
+    if cfg.preset not in presets:
+        raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
+                          f"choose one of {', '.join(presets)}")
+    for name, value in presets[cfg.preset].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.model == "transformer" and cfg.seq_len is None:
+        cfg.seq_len = cfg.max_seq_len
+
+
+def layer_factories(cfg, backend: str = "torch") -> list[Callable[[], nn.Module]]:
+    """One constructor per global layer index (data-dependent fields must be resolved)."""
+    return FAMILIES[cfg.model].layer_factories(cfg, backend)
+
+
+def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[int, nn.Module]:
+    """Layers `indices`, initialised from (seed, layer index) only, in float32 on the CPU."""
+    factories = layer_factories(cfg, backend)
+    layers = {}
+    for i in indices:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init", i))
+            layers[i] = factories[i]()
+    return layers
+
+
+def count_layer_params(cfg) -> list[int]:
+    """Parameters per layer, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return [sum(p.numel() for p in make().parameters()) for make in layer_factories(cfg)]
+
+
+def loss_fn(cfg, backend: str = "torch"):
+    """(output of the last layer, targets) -> summed loss over the counted units."""
+    return FAMILIES[cfg.model].make_loss(backend)
+
+
+def count_loss_units(cfg, targets) -> int:
+    """How many units (tokens or samples) of `targets` the mean loss divides by."""
+    return FAMILIES[cfg.model].count_loss_units(targets)

@@ -1,0 +1,114 @@
+"""GPT-style decoder LM as a list of layers: [Embedding, Block x L, Head].
+
+Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V).
+Pre-LN blocks (LayerNorm -> causal attention -> residual, LayerNorm -> GELU MLP -> residual),
+final LayerNorm + untied linear head. The hot ops go through `kernels` (Triton or the plain
+torch reference, chosen by `backend`).
+"""
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+import kernels
+
+IGNORE_INDEX = -100
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, backend: str, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps, self.backend = eps, backend
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, d_model: int, max_seq_len: int, dropout: float):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Embedding(max_seq_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.dropout(self.tokens(ids) + self.positions(pos))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, heads: int, dropout: float, n_layers: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.ln_attn = LayerNorm(d_model, backend)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.attn_proj = nn.Linear(d_model, d_model)
+        self.ln_mlp = LayerNorm(d_model, backend)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.mlp_proj = nn.Linear(4 * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        # GPT-2: residual projections scaled by 1/sqrt(2L) so the residual stream keeps unit scale.
+        for linear in (self.qkv, self.fc):
+            _init_linear(linear, 0.02)
+        for linear in (self.attn_proj, self.mlp_proj):
+            _init_linear(linear, 0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(self.ln_attn(x)), "b t (three h d) -> three b h t d",
+                            three=3, h=self.heads)
+        attn = kernels.attention(q, k, v, causal=True, backend=self.backend)
+        x = x + self.dropout(self.attn_proj(rearrange(attn, "b h t d -> b t (h d)")))
+        hidden = kernels.bias_gelu(nn.functional.linear(self.ln_mlp(x), self.fc.weight), self.fc.bias,
+                                   approximate="tanh", backend=self.backend)
+        return x + self.dropout(self.mlp_proj(hidden))
+
+
+class Head(nn.Module):
+    def __init__(self, d_model: int, vocab: int, backend: str):
+        super().__init__()
+        self.ln = LayerNorm(d_model, backend)
+        self.proj = nn.Linear(d_model, vocab, bias=False)
+        _init_linear(self.proj, 0.02)
+
+    def forward(self, x):
+        return self.proj(self.ln(x))
+
+
+def layer_factories(cfg, backend: str):
+    blocks = [lambda: Block(cfg.d_model, cfg.heads, cfg.dropout, cfg.layers, backend)] * cfg.layers
+    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.max_seq_len, cfg.dropout)]
+            + blocks + [lambda: Head(cfg.d_model, cfg.vocab, backend)])
+
+
+def make_loss(backend: str):
+    def loss_sum(logits, targets):
+        """Token cross-entropy summed over the counted (non-ignored) tokens."""
+        logits = logits.reshape(-1, logits.shape[-1])
+        if logits.element_size() < 4:  # half-precision logits: reduce in fp32
+            logits = logits.float()
+        return kernels.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                     reduction="sum", backend=backend)
+    return loss_sum
+
+
+def count_loss_units(targets) -> int:
+    """What the mean loss divides by: tokens whose target is not ignored."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def param_count(cfg) -> int:
+    """Closed form, for the preset tests: embeddings + L blocks + final LN + head."""
+    d, v = cfg.d_model, cfg.vocab
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return v * d + cfg.max_seq_len * d + cfg.layers * block + 2 * d + d * v

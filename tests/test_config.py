@@ -1,0 +1,45 @@
+"""Every field is a flag; presets fill what is unset; bad settings are refused with the fix."""
+import pytest
+
+from minipipe.config import Config, build_parser, make_config, parse_config
+from minipipe.errors import ConfigError
+
+
+def test_every_config_field_is_a_flag():
+    flags = {a.dest for a in build_parser()._actions}
+    missing = set(Config.__dataclass_fields__) - flags
+    assert not missing, f"fields without a CLI flag: {missing}"
+
+
+def test_flags_override_toml_which_overrides_preset(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('layers = 7\nd-model = 96\nlr = 0.5\n')
+    cfg = parse_config(["--config", str(path), "--lr", "0.25", "--heads", "3"])
+    assert (cfg.layers, cfg.d_model, cfg.lr, cfg.heads) == (7, 96, 0.25, 3)
+    assert cfg.max_seq_len == 128  # still from the tiny preset
+
+
+def test_unknown_toml_key_is_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("layres = 3\n")
+    with pytest.raises(ConfigError, match="layres"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(model="resnet"), "--model"),
+    (dict(preset="huge"), "--preset"),
+    (dict(batch_size=10, microbatches=4), "divisible by --microbatches"),
+    (dict(batch_size=10, dp=4), "divisible by --dp"),
+    (dict(seq_len=4096), "over the model's maximum"),
+    (dict(d_model=30, heads=4), "not divisible by --heads"),
+    (dict(microbatches=0), "--microbatches must be >= 1"),
+])
+def test_bad_settings_name_what_to_change(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_config(**kwargs)
+
+
+def test_bad_choice_on_the_cli_exits_with_usage():
+    with pytest.raises(SystemExit):
+        parse_config(["--recompute", "sometimes"])

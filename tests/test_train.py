@@ -1,0 +1,62 @@
+"""One-stage training end to end: the loss falls, accumulation is exact, the CLI works."""
+import json
+import subprocess
+import sys
+
+from tests.harness import assert_close_tensors, run_steps
+from tests.spawn import REPO_ROOT, run_torchrun
+
+import train
+from minipipe.config import make_config
+
+TINY = dict(model="transformer", layers=2, d_model=64, heads=4, seq_len=64)
+
+
+def test_thirty_steps_lower_the_loss_on_the_stdlib_corpus():
+    cfg = make_config(**TINY, batch_size=16, steps=30, lr=3e-3, warmup=5, eval_every=0, eval_batches=2)
+    history = train.train(cfg)
+    first, last = sum(history["losses"][:3]) / 3, sum(history["losses"][-3:]) / 3
+    assert first > 5.0 and last < first - 1.0, (first, last)
+    assert history["val_losses"][-1][1] < first - 1.0
+
+
+def test_microbatch_accumulation_equals_the_full_batch_gradient():
+    common = dict(**TINY, dtype="float64", batch_size=8, grad_clip=0.0)
+    full = run_steps(1, **common, microbatches=1)
+    for m in (2, 4, 8):
+        accumulated = run_steps(1, **common, microbatches=m)
+        assert abs(accumulated["losses"][0] - full["losses"][0]) < 1e-12
+        assert_close_tensors(accumulated["grads"], full["grads"], 1e-10, f"M={m}")
+
+
+def test_amoebanet_trains_on_digits():
+    cfg = make_config(model="amoebanet", batch_size=32, steps=12, lr=3e-3, warmup=2, eval_every=0)
+    history = train.train(cfg)
+    assert history["losses"][-1] < history["losses"][0]
+
+
+def test_cli_writes_metrics_jsonl_and_sample(tmp_path):
+    jsonl = tmp_path / "m.jsonl"
+    args = ["--layers", "1", "--d-model", "32", "--heads", "2", "--seq-len", "32", "--steps", "3",
+            "--batch-size", "4", "--microbatches", "2", "--sample", "20",
+            "--metrics-jsonl", str(jsonl)]
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "sample" in done.stdout
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    for row in steps:
+        for key, kind in (("loss", float), ("lr", float), ("grad_norm", float),
+                          ("step_time_s", float), ("tokens_per_s", float)):
+            assert isinstance(row[key], kind), key
+    torchrun = run_torchrun(["train.py", *args[:-2]], nproc=1, timeout_s=120)
+    assert torchrun.returncode == 0, torchrun.stderr
+
+
+def test_bad_flag_exits_nonzero_with_the_fix():
+    done = subprocess.run([sys.executable, "train.py", "--batch-size", "10", "--microbatches", "4"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "multiple of dp x microbatches" in done.stderr
