@@ -22,24 +22,37 @@ from minipipe.schedule import Action, forward_actions, gpipe_actions
 from models.batchnorm import PipelineBatchNorm2d, commit_deferred_stats
 
 
-def _meta_like(value):
-    """Shapes and dtypes of a value, without its memory (to validate the gradient that comes back)."""
+def _grad_spec(value):
+    """Shape and dtype of the gradient expected back for a sent value: its floating entries,
+    with the same structure (Tensor or tuple), as meta tensors that hold no memory."""
     def meta(t):
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    return meta(value) if isinstance(value, torch.Tensor) else tuple(meta(t) for t in value)
+    if isinstance(value, torch.Tensor):
+        return meta(value)
+    return tuple(meta(t) for t in value if t.is_floating_point())
+
+
+def _input_grads(leaf):
+    """The gradient a stage sends back: one per floating input entry, structured like the input."""
+    def grad(t):
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+    if isinstance(leaf, torch.Tensor):
+        return grad(leaf)
+    return tuple(grad(t) for t in leaf if t.is_floating_point())
 
 
 class Engine:
     def __init__(self, stage, layout, loss_sum, count_units, optimizer, n_microbatches: int,
                  recompute: str = "always", timeout_s: float = 300.0, autocast_dtype=None,
-                 deferred_bn: bool = False):
+                 deferred_bn: bool = False, n_layers: int | None = None, input_dtype=None):
         self.stage, self.layout, self.optimizer = stage, layout, optimizer
         self.loss_sum, self.count_units = loss_sum, count_units
         self.n_microbatches, self.recompute, self.deferred_bn = n_microbatches, recompute, deferred_bn
+        self.n_layers = n_layers or stage.indices[-1] + 1  # layers of the whole model
         self.first = layout.stage == 0
         self.last = layout.stage == layout.n_stages - 1
         self.device = layout.device
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
         self.comm = StageComm(layout.rank, layout.prev_rank, layout.next_rank, layout.stage,
                               layout.device, timeout_s) if layout.n_stages > 1 else None
         self.actions = gpipe_actions(layout.stage, layout.n_stages, n_microbatches)
@@ -140,9 +153,10 @@ class Engine:
         self.loss_total = 0.0
 
     def _to_device(self, value, rows):
-        if isinstance(value, torch.Tensor):
-            return value[rows].to(self.device)
-        return tuple(t[rows].to(self.device) for t in value)
+        """This replica's rows on the stage's device; floating inputs in the parameters' dtype."""
+        def move(t):
+            return t[rows].to(self.device, self.input_dtype if t.is_floating_point() else None)
+        return move(value) if isinstance(value, torch.Tensor) else tuple(move(t) for t in value)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -195,7 +209,7 @@ class Engine:
 
     def _send_act(self, m):
         value = self.outbox.pop(m)
-        self.sent_spec[m] = _meta_like(value)
+        self.sent_spec[m] = _grad_spec(value)
         self.comm.send(value, self.layout.next_rank, what=f"activation of micro-batch {m}")
 
     def _recv_grad(self, m):
@@ -215,17 +229,14 @@ class Engine:
         if self.last:
             torch.autograd.backward(output)
         else:
-            outs, grads = mb.as_tuple(output), mb.as_tuple(self.grads_out.pop(m))
-            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+            outs = [o for o in mb.as_tuple(output) if o.is_floating_point()]
+            pairs = [(o, g) for o, g in zip(outs, mb.as_tuple(self.grads_out.pop(m))) if o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if not self.first:
-            self.inbox[m] = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                                  for t in mb.as_tuple(leaf) if t.is_floating_point())
+            self.inbox[m] = _input_grads(leaf)
 
     def _send_grad(self, m):
-        grads = self.inbox.pop(m)
-        self.comm.send(grads if len(grads) > 1 else grads[0], self.layout.prev_rank,
-                       what=f"gradient of micro-batch {m}")
+        self.comm.send(self.inbox.pop(m), self.layout.prev_rank, what=f"gradient of micro-batch {m}")
 
     # ---- after the drain ----------------------------------------------------------------------
     def _params(self):
@@ -254,18 +265,23 @@ class Engine:
                     buf.div_(lay.dp)
 
     def _optimizer_step(self, lr: float, grad_clip: float):
-        """Global gradient norm over all stages (one collective, which also carries the loss)."""
+        """Global gradient norm over all stages, in one collective that also carries the loss.
+        Squared norms travel per global layer (each owned by one stage) and are summed in layer
+        order on every rank, so the norm, and hence the clipping, is bitwise the same for any K."""
         params = self._params()
-        sq = sum((p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None),
-                 torch.zeros((), dtype=torch.float64, device=self.device))
-        packed = torch.stack([sq, torch.tensor(self.loss_total, dtype=torch.float64, device=self.device)])
+        packed = torch.zeros(self.n_layers + 1, dtype=torch.float64, device=self.device)
+        layers = zip(self.stage.indices, self.stage.layers.values()) if self.layout.dp_rank == 0 else ()
+        for i, layer in layers:  # replicas hold equal gradients after the all-reduce: count one
+            grads = [p.grad.detach().double() for p in layer.parameters() if p.grad is not None]
+            packed[i] = sum((g.pow(2).sum() for g in grads), packed.new_zeros(()))
+        packed[-1] = self.loss_total
         if self.layout.world_size > 1:
             dist.all_reduce(packed)
-        grad_norm = math.sqrt(float(packed[0]) / self.layout.dp)
+        grad_norm = math.sqrt(sum(packed[:-1].tolist()))
         if grad_clip > 0 and grad_norm > grad_clip:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_clip / (grad_norm + 1e-6))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.result = {"loss": float(packed[1]), "grad_norm": grad_norm}
+        self.result = {"loss": float(packed[-1]), "grad_norm": grad_norm}

@@ -1,9 +1,13 @@
 """Run a few real training steps through build_run + Engine and collect what the tests compare:
 losses, the first step's gradients and the final weights, all keyed by global parameter name."""
 import torch
+import torch.nn.functional as F
 
+import models
 from minipipe.build import build_run
 from minipipe.config import make_config
+from minipipe.data import load_dataset
+from minipipe.optim import lr_at
 
 
 def run_steps(n_steps: int = 1, **cfg_values) -> dict:
@@ -24,7 +28,7 @@ def run_steps(n_steps: int = 1, **cfg_values) -> dict:
     losses = []
     for step in range(n_steps):
         inputs, targets = run.dataset.batch(step, cfg.batch_size)
-        losses.append(run.engine.train_step(inputs, targets, step, cfg.lr, cfg.grad_clip)["loss"])
+        losses.append(run.engine.train_step(inputs, targets, step, lr_at(step, cfg), cfg.grad_clip)["loss"])
     weights = {n: t.detach().clone() for n, t in run.stage.state_dict().items()}
     return {"losses": losses, "grads": grads, "weights": weights, "stage": run.layout.stage,
             "executed": [str(a) for a in run.engine.executed]}
@@ -46,3 +50,43 @@ def merge_stages(results: list) -> dict:
             merged[key].update(result[key])
     merged["losses"] = results[0]["losses"]
     return merged
+
+
+def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
+    """Plain single-device training, independent of the engine: the layers in an nn.Sequential,
+    F.cross_entropy, clip_grad_norm_ and torch's AdamW. `microbatches` > 1 only splits the
+    forward (BatchNorm sees each micro-batch alone); the loss is still the mean over the batch."""
+    cfg = make_config(**cfg_values)
+    dataset = load_dataset(cfg)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    n_layers = len(models.layer_factories(cfg))
+    model = torch.nn.Sequential(*models.build_layers(cfg, range(n_layers)).values()).to(dtype)
+    named = {f"layers.{n}": p for n, p in model.named_parameters()}
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    losses, grads = [], {}
+    for step in range(n_steps):
+        inputs, targets = dataset.batch(step, cfg.batch_size)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype)
+        total = 0.0
+        for x, y in zip(inputs.chunk(cfg.microbatches), targets.chunk(cfg.microbatches)):
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                   reduction="sum") / targets.numel()
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not grads:  # after clipping, as run_steps records them
+            grads = {n: p.grad.detach().clone() for n, p in named.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    weights = {f"layers.{n}": t.detach().clone() for n, t in model.state_dict().items()}
+    return {"losses": losses, "grads": grads, "weights": weights}

@@ -1,0 +1,167 @@
+"""Point-to-point of a Tensor or a tuple of Tensors between neighbouring stages.
+
+    comm = StageComm(rank, prev_rank, next_rank, stage, device, timeout_s)
+    comm.send(value, dst, what)                      # non-blocking; keeps tensors alive until waited
+    value = comm.recv(src, what, microbatch,         # bounded wait; validated
+                      expect_batch=None, expect_like=None)
+    comm.wait_sends()                                # bounded wait for every outstanding send
+
+Wire format: one fixed-size int64 header, then each tensor. The header holds (count, is_tuple,
+then per tensor: dtype code, ndim, dims padded to MAX_NDIM), so shapes may change from message
+to message (a smaller last micro-batch, another sequence length) and the receiver allocates
+exactly what arrives. A 1-tuple stays a 1-tuple, a Tensor stays a Tensor. Transport is
+torch.distributed isend/irecv on the default group (gloo on CPU, NCCL on GPU) with global ranks;
+messages between one (src, dst) pair arrive in the order they were sent.
+
+Bounded waits: every receive and every send wait is bounded by timeout_s. A timeout, or a peer
+that died (gloo: RuntimeError "Connection closed by peer ... remote worker crashing"), becomes a
+PipelineError naming this rank, stage, micro-batch and the exchange waited on. Validation failures
+(dim 0 != expect_batch; count/shapes/dtypes != expect_like) are PipelineErrors too.
+
+Why the GPipe schedule cannot deadlock: sends never block (isend), so only receives can wait.
+Activations flow s -> s+1 and gradients s+1 -> s, each in one fixed order (ascending and
+descending micro-batch) that sender and receiver share, by construction of minipipe.schedule.
+Forward phase, by induction on s: stage 0 receives nothing, so it issues all its sends; if stage
+s-1 issues send_act(0..M-1), stage s's recv_act(0..M-1) each complete in turn, so stage s
+issues its sends too. Backward phase, by induction from the last stage down: the last stage
+receives no gradient; if stage s+1 issues send_grad(M-1..0), stage s's recv_grad(M-1..0)
+complete in the same order. Hence every stage reaches all-reduce, for every K and M (also
+simulated for small K, M in tests/test_schedule.py). On NCCL, Work.wait(timeout) is best-effort:
+the process-group timeout (minipipe.dist) is the backstop there.
+"""
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from minipipe.errors import PipelineError
+
+MAX_TENSORS = 8
+MAX_NDIM = 6
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+          torch.int64, torch.int32, torch.bool, torch.uint8)  # index = wire dtype code
+_FIELDS = 2 + MAX_NDIM  # per tensor: dtype code, ndim, dims
+HEADER_LEN = 2 + MAX_TENSORS * _FIELDS
+
+
+def _describe(tensors) -> str:
+    return "(" + ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors) + ")"
+
+
+def _structure(is_tuple: bool, tensors) -> str:
+    return (f"a tuple of {len(tensors)} " if is_tuple else "a Tensor ") + _describe(tensors)
+
+
+class StageComm:
+    """Sends and receives of one stage; `what` strings name the exchange for error messages
+    (e.g. "activation of micro-batch 3 from stage 1")."""
+
+    def __init__(self, rank: int, prev_rank: int | None, next_rank: int | None, stage: int,
+                 device: torch.device, timeout_s: float):
+        self.rank, self.prev_rank, self.next_rank, self.stage = rank, prev_rank, next_rank, stage
+        self.device = torch.device(device)
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pending = []  # (work, tensors kept alive, what) of sends not yet waited
+
+    # --- sending -------------------------------------------------------------------------------
+    def send(self, value, dst: int, what: str) -> None:
+        """Start sending `value` (Tensor or tuple of Tensors) to rank dst; returns at once."""
+        is_tuple = isinstance(value, tuple)
+        tensors = tuple(t.detach().contiguous() for t in (value if is_tuple else (value,)))
+        header = torch.tensor(self._encode(tensors, is_tuple, what), dtype=torch.int64, device=self.device)
+        for tensor in (header, *tensors):
+            self._pending.append((self._start(dist.isend, tensor, dst, what), tensor, what))
+
+    def wait_sends(self) -> None:
+        """Wait for every outstanding send (bounded); after this the sent tensors may be reused."""
+        pending, self._pending = self._pending, []
+        for work, _tensor, what in pending:
+            self._wait(work, f"sending {what}", microbatch=None)
+
+    def _encode(self, tensors, is_tuple, what) -> list[int]:
+        if not 1 <= len(tensors) <= MAX_TENSORS:
+            raise PipelineError(f"rank {self.rank} (stage {self.stage}): cannot send {what}: "
+                                f"{len(tensors)} tensors, the header holds 1 to {MAX_TENSORS}")
+        header = [len(tensors), int(is_tuple)]
+        for t in tensors:
+            if t.dtype not in DTYPES or t.dim() > MAX_NDIM:
+                raise PipelineError(f"rank {self.rank} (stage {self.stage}): cannot send {what}: "
+                                    f"{_describe([t])}; supported: up to {MAX_NDIM} dims of {DTYPES}")
+            header += [DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (MAX_NDIM - t.dim())]
+        return header + [0] * (HEADER_LEN - len(header))
+
+    # --- receiving -----------------------------------------------------------------------------
+    def recv(self, src: int, what: str, microbatch: int, expect_batch: int | None = None,
+             expect_like=None):
+        """Receive the next Tensor-or-tuple from rank src, waiting at most timeout_s per message.
+
+        expect_batch: every tensor's dim 0 must equal it. expect_like: a Tensor or tuple whose
+        structure, shapes and dtypes the received value must match exactly (e.g. the activation
+        this stage sent, when receiving its gradient).
+        """
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._wait(self._start(dist.irecv, header, src, what), f"receiving {what}", microbatch)
+        is_tuple, tensors = self._decode(header.tolist(), what, microbatch)
+        for tensor in tensors:
+            self._wait(self._start(dist.irecv, tensor, src, what), f"receiving {what}", microbatch)
+        # validated after the payload, so the channel stays in step even when we refuse a value
+        self._validate(tensors, is_tuple, what, microbatch, expect_batch, expect_like)
+        return tensors if is_tuple else tensors[0]
+
+    def _decode(self, header, what, microbatch):
+        count, is_tuple = header[0], bool(header[1])
+        if not 1 <= count <= MAX_TENSORS:
+            raise self._error(microbatch, f"received a corrupt header for {what} (count {count}); "
+                                          "both stages must run the same minipipe version")
+        tensors = []
+        for i in range(count):
+            code, ndim, *dims = header[2 + i * _FIELDS: 2 + (i + 1) * _FIELDS]
+            if not (0 <= code < len(DTYPES) and 0 <= ndim <= MAX_NDIM):
+                raise self._error(microbatch, f"received a corrupt header for {what} "
+                                              f"(dtype code {code}, ndim {ndim})")
+            tensors.append(torch.empty(dims[:ndim], dtype=DTYPES[code], device=self.device))
+        return is_tuple, tuple(tensors)
+
+    def _validate(self, tensors, is_tuple, what, microbatch, expect_batch, expect_like):
+        if expect_batch is not None:
+            for i, t in enumerate(tensors):
+                if t.dim() == 0 or t.shape[0] != expect_batch:
+                    raise self._error(microbatch, f"{what}: expected dim 0 = {expect_batch} (the "
+                                                  f"micro-batch size) in every tensor, received "
+                                                  f"{_describe(tensors)} (tensor {i} differs)")
+        if expect_like is not None:
+            like_tuple = isinstance(expect_like, tuple)
+            like = expect_like if like_tuple else (expect_like,)
+            same = (is_tuple == like_tuple and len(like) == len(tensors)
+                    and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(like, tensors)))
+            if not same:
+                raise self._error(microbatch, f"{what}: expected {_structure(like_tuple, like)}, "
+                                              f"received {_structure(is_tuple, tensors)}")
+
+    # --- bounded waits -------------------------------------------------------------------------
+    def _start(self, op, tensor, peer, what):
+        try:
+            return op(tensor, peer)
+        except RuntimeError as exc:
+            raise self._error(None, f"could not start {what} with rank {peer}: {exc}") from exc
+
+    def _wait(self, work, doing: str, microbatch: int | None) -> None:
+        seconds = self.timeout.total_seconds()
+        try:
+            work.wait(timeout=self.timeout)
+        except RuntimeError as exc:  # gloo reports both timeouts and dead peers as RuntimeError
+            text = str(exc)
+            if "Timed out" in text:
+                reason = f"timed out after {seconds:g} s"
+            elif "Connection closed" in text or "Connection reset" in text:
+                reason = "lost the connection (the peer process exited or crashed)"
+            else:
+                reason = f"failed ({text.splitlines()[0] if text else type(exc).__name__})"
+            raise self._error(microbatch, f"{reason} {doing}. The other stage probably failed or "
+                                          "is stuck: check its log for the first error; if it is "
+                                          "only slow, raise --timeout") from exc
+
+    def _error(self, microbatch: int | None, message: str) -> PipelineError:
+        where = f"rank {self.rank} (stage {self.stage}"
+        where += f", micro-batch {microbatch})" if microbatch is not None else ")"
+        return PipelineError(f"{where}: {message}")

@@ -1,0 +1,91 @@
+"""Process groups: world = dp x stages; rank -> (dp_rank, stage); backend nccl (GPU) or gloo (CPU).
+
+Rank layout: rank = dp_rank * n_stages + stage, so the stages of one pipeline replica are adjacent
+in rank order (on a multi-GPU node, neighbours share the fastest links). Two families of groups:
+- stage_group: the dp ranks holding the same stage (its gradients are all-reduced there);
+- pipeline_group: the n_stages ranks of one replica (point-to-point runs on the default group).
+Every rank creates every group in the same order, as torch.distributed.new_group requires.
+The timeout bounds every collective; point-to-point waits are bounded in minipipe.comm.
+"""
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from minipipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    stage: int
+    dp_rank: int
+    n_stages: int
+    dp: int
+    prev_rank: int | None  # rank of stage - 1 in this replica; None on the first stage
+    next_rank: int | None  # rank of stage + 1 in this replica; None on the last stage
+    stage_group: dist.ProcessGroup
+    pipeline_group: dist.ProcessGroup
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.n_stages - 1
+
+
+def init_process_groups(n_stages: int, dp: int, timeout_s: float) -> Layout:
+    """Join (or create) the default process group from RANK/WORLD_SIZE/LOCAL_RANK and build the
+    stage and pipeline groups. A single process with no launcher gets a one-rank gloo group."""
+    if n_stages < 1 or dp < 1:
+        raise ConfigError(f"--stages and --dp must be >= 1, got stages={n_stages}, dp={dp}")
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        _check_world(world_size, n_stages, dp)  # refuse before any process waits on a rendezvous
+        if use_cuda:
+            torch.cuda.set_device(device)
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        launched = world_size > 1 or {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
+        if launched:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    _check_world(world_size, n_stages, dp)
+    timeout = timedelta(seconds=timeout_s)
+    stage_groups = [dist.new_group([d * n_stages + s for d in range(dp)], timeout=timeout)
+                    for s in range(n_stages)]
+    pipeline_groups = [dist.new_group([d * n_stages + s for s in range(n_stages)], timeout=timeout)
+                       for d in range(dp)]
+    dp_rank, stage = divmod(rank, n_stages)
+    return Layout(rank=rank, world_size=world_size, stage=stage, dp_rank=dp_rank,
+                  n_stages=n_stages, dp=dp,
+                  prev_rank=rank - 1 if stage > 0 else None,
+                  next_rank=rank + 1 if stage < n_stages - 1 else None,
+                  stage_group=stage_groups[stage], pipeline_group=pipeline_groups[dp_rank],
+                  device=device)
+
+
+def _check_world(world_size: int, n_stages: int, dp: int) -> None:
+    if world_size != dp * n_stages:
+        raise ConfigError(f"world size {world_size} != dp {dp} x stages {n_stages} = {dp * n_stages}; "
+                          f"launch {dp * n_stages} processes (torchrun --nproc_per_node) or change "
+                          "--stages / --dp so that their product is the number of processes")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

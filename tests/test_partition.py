@@ -1,0 +1,127 @@
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from minipipe.errors import ConfigError
+from minipipe.partition import (balance_by_cost, check_balance, format_plan, param_costs,
+                                profile_costs, stage_ranges)
+
+
+def max_stage_cost(costs, balance):
+    return max(sum(costs[i] for i in r) for r in stage_ranges(balance))
+
+
+def brute_force_min_max(costs, n_stages):
+    n = len(costs)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), n_stages - 1):
+        bounds = (0, *cuts, n)
+        best = min(best, max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+def test_balance_by_cost_matches_brute_force_min_max():
+    rng = random.Random(0)
+    for _ in range(300):
+        n_layers = rng.randint(1, 9)
+        n_stages = rng.randint(1, n_layers)
+        costs = [rng.choice([0, 1, 2, 3, 5, 8, 13]) for _ in range(n_layers)]  # ints: exact sums, many ties
+        balance = balance_by_cost(costs, n_stages)
+        assert len(balance) == n_stages and all(b >= 1 for b in balance) and sum(balance) == n_layers
+        assert max_stage_cost(costs, balance) == brute_force_min_max(costs, n_stages), (costs, n_stages)
+
+
+def test_balance_by_cost_exact_on_float_costs():
+    rng = random.Random(1)
+    for _ in range(100):
+        n_layers = rng.randint(2, 10)
+        n_stages = rng.randint(1, n_layers)
+        costs = [rng.random() for _ in range(n_layers)]
+        got = max_stage_cost(costs, balance_by_cost(costs, n_stages))
+        assert got == pytest.approx(brute_force_min_max(costs, n_stages), rel=1e-12)
+
+
+def test_balance_ties_fill_earlier_stages_first():
+    assert balance_by_cost([1.0] * 8, 3) == [3, 3, 2]
+    assert balance_by_cost([1.0] * 4, 4) == [1, 1, 1, 1]
+    assert balance_by_cost([0.0] * 5, 2) == [4, 1]
+    assert balance_by_cost([10.0, 1, 1, 1, 1, 1], 2) == [1, 5]
+
+
+def test_more_stages_than_layers_is_a_config_error():
+    with pytest.raises(ConfigError, match="more stages than layers: 3 layers cannot be cut into 4 stages"):
+        balance_by_cost([1.0, 1.0, 1.0], 4)
+    with pytest.raises(ConfigError, match="--stages must be >= 1"):
+        balance_by_cost([1.0], 0)
+
+
+@pytest.mark.parametrize("balance, message", [
+    ([3, 3], "has 2 entries but --stages is 3"),
+    ([4, 0, 4], "every stage needs at least 1 layer"),
+    ([3, 3, 3], "sums to 9 but the model has 8 layers"),
+])
+def test_bad_explicit_balance_is_a_config_error(balance, message):
+    with pytest.raises(ConfigError, match=message):
+        check_balance(balance, n_layers=8, n_stages=3)
+    assert check_balance((3, 3, 2), 8, 3) == [3, 3, 2]
+
+
+def test_stage_ranges_are_global_layer_indices():
+    assert stage_ranges([3, 3, 2]) == [range(0, 3), range(3, 6), range(6, 8)]
+
+
+def test_param_costs_work_on_meta_device():
+    with torch.device("meta"):
+        layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2, bias=False)]
+    assert param_costs(layers) == [40.0, 0.0, 16.0]
+
+
+def tiny_stack():
+    torch.manual_seed(0)
+    return [nn.Linear(8, 8), nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 8)]
+
+
+def test_profile_time_is_positive_per_layer():
+    costs = profile_costs(tiny_stack(), torch.randn(16, 8), by="time", device="cpu")
+    assert len(costs) == 4 and all(0 < c < 1.0 for c in costs)
+
+
+def test_profile_memory_grows_with_layer_width_and_leaves_no_trace():
+    layers = tiny_stack() + [nn.BatchNorm1d(8)]
+    before = [p.detach().clone() for layer in layers for p in layer.parameters()]
+    sample = torch.randn(16, 8)
+    rng_before = torch.get_rng_state()
+    costs = profile_costs(layers, sample, by="memory", device="cpu")
+    assert all(c > 0 for c in costs)
+    assert costs[1] > costs[0]  # 8 -> 256 saves the same input but holds 32x the weights
+    assert costs[2] > 0  # tanh saves its 16x256 output: activation bytes, no parameters
+    assert all(p.grad is None for layer in layers for p in layer.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for layer in layers for p in layer.parameters())))
+    assert layers[-1].num_batches_tracked.item() == 0 and torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_profile_accepts_tuples_and_integer_inputs():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(10, 4)
+
+        def forward(self, ids, mask):
+            return self.table(ids), mask
+
+    class Head(nn.Module):
+        def forward(self, hidden, mask):
+            return hidden * mask.unsqueeze(-1)
+
+    ids = torch.randint(0, 10, (2, 5))
+    costs = profile_costs([Embed(), Head()], (ids, torch.ones(2, 5)), by="time", device="cpu")
+    assert all(c > 0 for c in costs)
+
+
+def test_format_plan_lists_each_stage():
+    plan = format_plan([2, 1], [1.0, 1.0, 2.0], [10, 20, 30], by="time")
+    lines = plan.splitlines()
+    assert len(lines) == 3 and "0-1" in lines[1] and "30" in lines[1] and "50.0%" in lines[2]

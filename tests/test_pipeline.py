@@ -1,0 +1,99 @@
+"""The GPipe engine equals single-device training: gradients, losses and weights, float64."""
+import pytest
+
+from minipipe.schedule import gpipe_actions
+from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
+from tests.spawn import run_workers
+
+MODELS = {
+    "transformer": dict(model="transformer", layers=4, d_model=16, heads=2, max_seq_len=8,
+                        data="synthetic"),  # 6 layers
+    "amoebanet": dict(model="amoebanet", cells=1, filters=4, image_size=8, channels=3,
+                      data="synthetic"),  # 7 layers
+}
+COMMON = dict(dtype="float64", batch_size=8, lr=1e-2, warmup=0)
+UNEVEN = {"transformer": "1,3,2", "amoebanet": "3,1,3"}
+GRID = [(family, m, recompute) for family in MODELS for m in (1, 2, 4) for recompute in ("always", "never")]
+STEPS = 3
+
+
+def _grid_worker(rank, world_size, cases):
+    return [run_steps(STEPS, **case) for case in cases]
+
+
+def _cases(n_stages):
+    cases = []
+    for family, m, recompute in GRID:
+        balance = UNEVEN[family] if n_stages == 3 else None
+        cases.append(dict(**MODELS[family], **COMMON, microbatches=m, recompute=recompute, balance=balance))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Single process. Transformer: plain full-batch (M=1); AmoebaNet: the same micro-batching
+    (BatchNorm statistics are per micro-batch, so M is part of the math there)."""
+    refs = {}
+    for family, m, _ in GRID:
+        ref_m = 1 if family == "transformer" else m
+        if (family, ref_m) not in refs:
+            refs[family, ref_m] = reference_steps(STEPS, **MODELS[family], **COMMON, microbatches=ref_m)
+    return {(family, m): refs[family, 1 if family == "transformer" else m] for family, m, _ in GRID}
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
+def test_pipeline_equals_single_device(n_stages, references):
+    cases = _cases(n_stages)
+    if n_stages == 1:
+        results = [[run_steps(STEPS, **case)] for case in cases]
+    else:
+        per_rank = run_workers(_grid_worker, n_stages, cases, timeout_s=300)
+        results = [[per_rank[r][i] for r in range(n_stages)] for i in range(len(cases))]
+    for (family, m, recompute), stages in zip(GRID, results):
+        got, ref = merge_stages(stages), references[family, m]
+        what = f"{family} K={n_stages} M={m} recompute={recompute}"
+        assert_close_tensors(got["grads"], ref["grads"], 1e-10, what + " first-step gradients")
+        assert_close_tensors(got["weights"], ref["weights"], 1e-10, what + f" weights after {STEPS} steps")
+        for a, b in zip(got["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-10 * abs(b), f"{what}: losses {got['losses']} != {ref['losses']}"
+        for result in stages:  # the engine ran exactly the schedule's list
+            assert result["executed"] == [str(a) for a in gpipe_actions(result["stage"], n_stages, m)]
+
+
+DROPOUT = dict(MODELS["transformer"], **COMMON, dropout=0.2, microbatches=2)
+
+
+def _dropout_worker(rank, world_size):
+    return [run_steps(2, **DROPOUT, recompute=mode) for mode in ("always", "except_last", "never")]
+
+
+def test_dropout_masks_are_the_same_for_any_stage_count_and_recompute_mode():
+    reference = run_steps(2, **DROPOUT, recompute="never")
+    no_dropout = run_steps(2, **dict(DROPOUT, dropout=0.0), recompute="never")
+    assert abs(reference["losses"][0] - no_dropout["losses"][0]) > 1e-3  # dropout is really on
+    per_rank = run_workers(_dropout_worker, 2)
+    for i, mode in enumerate(("always", "except_last", "never")):
+        got = merge_stages([per_rank[0][i], per_rank[1][i]])
+        assert_close_tensors(got["grads"], reference["grads"], 1e-10, f"dropout K=2 {mode}")
+        assert_close_tensors(got["weights"], reference["weights"], 1e-10, f"dropout K=2 {mode}")
+
+
+def _dp_worker(rank, world_size, case):
+    return run_steps(2, **case, dp=2, stages=2)
+
+
+@pytest.mark.parametrize("family", ["transformer", "amoebanet"])
+def test_data_parallel_pipeline_equals_single_process(family):
+    """dp=2 x stages=2. Replica d's micro-batch m holds the rows of the single process's
+    micro-batch d*M + m, so the reference for BatchNorm models uses dp*M micro-batches."""
+    case = dict(MODELS[family], **COMMON, microbatches=2)
+    ref_m = 1 if family == "transformer" else 4
+    reference = reference_steps(2, **dict(case, microbatches=ref_m))
+    per_rank = run_workers(_dp_worker, 4, case, timeout_s=180)
+    for replica in (0, 1):
+        got = merge_stages(per_rank[2 * replica: 2 * replica + 2])
+        assert_close_tensors(got["grads"], reference["grads"], 1e-10, f"dp replica {replica} gradients")
+        params = {n: t for n, t in got["weights"].items() if "running" not in n}
+        ref_params = {n: t for n, t in reference["weights"].items() if "running" not in n}
+        assert_close_tensors(params, ref_params, 1e-10, f"dp replica {replica} weights")
+        assert got["losses"] == pytest.approx(reference["losses"], rel=1e-10)
