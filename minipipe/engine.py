@@ -178,10 +178,11 @@ class Engine:
             if self.first:
                 raise
             shapes = [tuple(t.shape) for t in mb.as_tuple(value)]
-            raise PipelineError(f"stage {self.layout.stage} (rank {self.layout.rank}) could not run "
-                                f"micro-batch {m} received from stage {self.layout.stage - 1} with "
-                                f"shapes {shapes}: {err}. The stages disagree on the boundary value; "
-                                f"check that every rank runs the same model flags.") from err
+            raise PipelineError(f"rank {self.layout.rank} (stage {self.layout.stage}, micro-batch {m}): "
+                                f"could not run micro-batch {m} received from stage "
+                                f"{self.layout.stage - 1} with shapes {shapes}: {err}. The stages "
+                                f"disagree on the boundary value; check that every rank runs the "
+                                f"same model flags.") from err
 
     def _loss(self, output, m):
         with self._autocast():

@@ -1,6 +1,8 @@
 """The GPipe engine equals single-device training: gradients, losses and weights, float64."""
 import pytest
 
+from minipipe.build import build_run
+from minipipe.config import make_config
 from minipipe.schedule import gpipe_actions
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
@@ -97,3 +99,34 @@ def test_data_parallel_pipeline_equals_single_process(family):
         ref_params = {n: t for n, t in reference["weights"].items() if "running" not in n}
         assert_close_tensors(params, ref_params, 1e-10, f"dp replica {replica} weights")
         assert got["losses"] == pytest.approx(reference["losses"], rel=1e-10)
+
+
+def _balance_worker(rank, world_size, by):
+    cfg = make_config(**MODELS["transformer"], batch_size=8, balance_by=by)
+    return build_run(cfg).balance
+
+
+@pytest.mark.parametrize("by", ["time", "memory"])
+def test_profiled_balance_is_one_cut_shared_by_every_rank(by):
+    balances = run_workers(_balance_worker, 2, by)
+    assert balances[0] == balances[1] and sum(balances[0]) == 6 and min(balances[0]) >= 1
+
+
+BN = dict(MODELS["amoebanet"], **COMMON, microbatches=4)
+
+
+def _deferred_bn_worker(rank, world_size, deferred):
+    return run_steps(1, **BN, deferred_bn=deferred)
+
+
+def test_deferred_batchnorm_tracks_the_whole_minibatch():
+    """The stem's BatchNorm sees the same inputs in every layout, so with --deferred-bn its
+    running statistics equal single-device full-batch training; per micro-batch they do not."""
+    full = reference_steps(1, **dict(BN, microbatches=1))
+    stats = ("layers.0.bn.running_mean", "layers.0.bn.running_var")
+    deferred = merge_stages(run_workers(_deferred_bn_worker, 2, True))["weights"]
+    per_micro = merge_stages(run_workers(_deferred_bn_worker, 2, False))["weights"]
+    for name in stats:
+        assert_close_tensors({name: deferred[name]}, {name: full["weights"][name]}, 1e-12, "deferred")
+        err = (per_micro[name] - full["weights"][name]).norm() / full["weights"][name].norm()
+        assert err > 1e-6, f"{name}: per-micro-batch tracking should differ from full-batch"

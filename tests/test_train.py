@@ -1,5 +1,6 @@
 """One-stage training end to end: the loss falls, accumulation is exact, the CLI works."""
 import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,21 @@ def test_bad_flag_exits_nonzero_with_the_fix():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "multiple of dp x microbatches" in done.stderr
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def test_two_stage_torchrun_gives_the_one_process_losses_bitwise(tmp_path):
+    """float32 on CPU with one thread per process: the cut changes no arithmetic."""
+    args = ["train.py", "--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32",
+            "--steps", "4", "--batch-size", "8", "--eval-every", "0", "--dropout", "0.1"]
+    one = subprocess.run([sys.executable, *args, "--metrics-jsonl", str(tmp_path / "one.jsonl")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = run_torchrun([*args, "--metrics-jsonl", str(tmp_path / "two.jsonl")], nproc=2, timeout_s=120)
+    assert two.returncode == 0, two.stderr
+    assert "stage" in two.stdout and "0-1" in two.stdout  # rank 0 printed the partition plan
+    assert _losses(tmp_path / "two.jsonl") == _losses(tmp_path / "one.jsonl")
