@@ -67,7 +67,8 @@ def build_run(cfg) -> Run:
     engine = Engine(stage, layout, models.loss_fn(cfg, backend),
                     lambda targets: models.count_loss_units(cfg, targets), optimizer,
                     cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
-                    cfg.deferred_bn, n_layers, PARAM_DTYPES[cfg.dtype])
+                    cfg.deferred_bn, [len(n) for n in models.layer_param_numels(cfg)],
+                    PARAM_DTYPES[cfg.dtype])
     return Run(cfg, layout, dataset, balance, stage, optimizer, engine, backend)
 
 

@@ -7,7 +7,6 @@ the global mini-batch. Micro-batch m contributes loss_sum(m) / units(global batc
 gradients accumulated over micro-batches and summed over dp replicas equal the full-batch
 gradient, uneven micro-batches and ignored tokens included.
 """
-import math
 import time
 from contextlib import nullcontext
 
@@ -44,11 +43,19 @@ def _input_grads(leaf):
 class Engine:
     def __init__(self, stage, layout, loss_sum, count_units, optimizer, n_microbatches: int,
                  recompute: str = "always", timeout_s: float = 300.0, autocast_dtype=None,
-                 deferred_bn: bool = False, n_layers: int | None = None, input_dtype=None):
+                 deferred_bn: bool = False, layer_param_counts: list[int] | None = None,
+                 input_dtype=None):
         self.stage, self.layout, self.optimizer = stage, layout, optimizer
         self.loss_sum, self.count_units = loss_sum, count_units
         self.n_microbatches, self.recompute, self.deferred_bn = n_microbatches, recompute, deferred_bn
-        self.n_layers = n_layers or stage.indices[-1] + 1  # layers of the whole model
+        # Slot of each of this stage's parameters in the whole model's parameter order
+        # (layer_param_counts: parameter tensors per global layer; default: this stage is the model).
+        counts = layer_param_counts or [len(list(layer.parameters())) for layer in stage.layers.values()]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        self.n_param_slots = sum(counts)
+        self.param_slots = torch.tensor([starts[i] + j for i, layer in zip(stage.indices, stage.layers.values())
+                                         for j, p in enumerate(layer.parameters()) if p.requires_grad],
+                                        dtype=torch.long, device=layout.device)
         self.first = layout.stage == 0
         self.last = layout.stage == layout.n_stages - 1
         self.device = layout.device
@@ -58,6 +65,10 @@ class Engine:
         self.actions = gpipe_actions(layout.stage, layout.n_stages, n_microbatches)
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
         self.spans: list[tuple] = []  # (kind, microbatch, start_s, end_s) of the last step
+        # Set by the caller for measured steps on CUDA: wait for the device before closing a span,
+        # so spans are device time. Off otherwise: no sync per micro-batch.
+        self.sync_spans = False
+        self.sync_point = 0.0  # when this rank left the last step's grad-norm all-reduce
         self.has_batchnorm = any(isinstance(m, PipelineBatchNorm2d) for m in stage.modules())
 
     # ---- one training step ------------------------------------------------------------------
@@ -79,8 +90,13 @@ class Engine:
         for action in actions:
             start = time.perf_counter()
             handlers[action.kind](action.microbatch)
-            self.spans.append((action.kind, action.microbatch, start, time.perf_counter()))
+            self.spans.append((action.kind, action.microbatch, start, self._now()))
             self.executed.append(action)
+
+    def _now(self) -> float:
+        if self.sync_spans:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ---- forward-only: evaluation and generation ---------------------------------------------
     @torch.no_grad()
@@ -220,11 +236,13 @@ class Engine:
 
     def _backward(self, m):
         if m in self.stash:
+            start = time.perf_counter()
             with self._autocast():
                 leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index, m,
                                                  input_grad=not self.first)
             if self.last:
                 output = self._loss(output, m)
+            self.spans.append(("recompute", m, start, self._now()))  # nested in backward(m)
         else:
             leaf, output = self.graphs.pop(m)
         if self.last:
@@ -267,20 +285,26 @@ class Engine:
 
     def _optimizer_step(self, lr: float, grad_clip: float):
         """Global gradient norm over all stages, in one collective that also carries the loss.
-        Squared norms travel per global layer (each owned by one stage) and are summed in layer
-        order on every rank, so the norm, and hence the clipping, is bitwise the same for any K."""
+        Each parameter's norm travels in its own slot of one vector (its index in the whole
+        model's parameter order), and every rank takes the norm of that vector: the same numbers
+        as torch.nn.utils.clip_grad_norm_ on the whole model, bitwise, for any K."""
         params = self._params()
-        packed = torch.zeros(self.n_layers + 1, dtype=torch.float64, device=self.device)
-        layers = zip(self.stage.indices, self.stage.layers.values()) if self.layout.dp_rank == 0 else ()
-        for i, layer in layers:  # replicas hold equal gradients after the all-reduce: count one
-            grads = [p.grad.detach().double() for p in layer.parameters() if p.grad is not None]
-            packed[i] = sum((g.pow(2).sum() for g in grads), packed.new_zeros(()))
+        packed = torch.zeros(self.n_param_slots + 1, dtype=torch.float64, device=self.device)
+        if self.layout.dp_rank == 0:  # replicas hold equal gradients after the all-reduce: count one
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+            packed[self.param_slots] = torch.stack(torch._foreach_norm(grads)).double()
         packed[-1] = self.loss_total
+        start = time.perf_counter()
         if self.layout.world_size > 1:
             dist.all_reduce(packed)
-        grad_norm = math.sqrt(sum(packed[:-1].tolist()))
-        if grad_clip > 0 and grad_norm > grad_clip:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_clip / (grad_norm + 1e-6))
+        param_norms = packed[:-1].cpu()  # the host copy waits for the collective on any device
+        # Every rank leaves this all-reduce at (nearly) the same instant: the timeline's common clock.
+        self.sync_point = time.perf_counter()
+        self.spans.append(("norm_allreduce", None, start, self.sync_point))
+        grad_norm = float(torch.linalg.vector_norm(param_norms))
+        clip_coef = grad_clip / (grad_norm + 1e-6)
+        if grad_clip > 0 and clip_coef < 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], clip_coef)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

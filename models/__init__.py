@@ -62,10 +62,15 @@ def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[in
     return layers
 
 
-def count_layer_params(cfg) -> list[int]:
-    """Parameters per layer, counted on the meta device (nothing is allocated)."""
+def layer_param_numels(cfg) -> list[list[int]]:
+    """Element count of every parameter tensor, per layer, built on the meta device (no memory)."""
     with torch.device("meta"):
-        return [sum(p.numel() for p in make().parameters()) for make in layer_factories(cfg)]
+        return [[p.numel() for p in make().parameters()] for make in layer_factories(cfg)]
+
+
+def count_layer_params(cfg) -> list[int]:
+    """Parameters per layer."""
+    return [sum(numels) for numels in layer_param_numels(cfg)]
 
 
 def loss_fn(cfg, backend: str = "torch"):

@@ -1,0 +1,90 @@
+"""The hot ops, each as a Triton kernel and a plain-PyTorch reference, behind one dispatch API.
+
+`backend` is 'triton', 'torch' or 'auto' (triton on CUDA, torch elsewhere). Every function is
+differentiable on both backends; the torch path is also the float64 reference the exactness tests
+run on CPU. Without a GPU the triton backend runs through Triton's CPU interpreter.
+"""
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported: decide before any kernel module imports it.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Op modules are imported by their functions' names: `kernels.attention` is the dispatch function,
+# the module stays reachable as `from kernels.attention import ...`.
+from kernels import batchnorm, gelu, layernorm  # noqa: E402
+from kernels.adamw import AdamW  # noqa: E402
+from kernels.attention import FlashAttentionFunction, attention_reference  # noqa: E402
+from kernels.batchnorm import update_running_stats  # noqa: E402
+from kernels.cross_entropy import (CrossEntropyFunction, LinearCrossEntropyFunction,  # noqa: E402
+                                   check_reduction, cross_entropy_reference,
+                                   linear_cross_entropy_reference)
+from kernels.runtime import resolve_backend  # noqa: E402
+
+__all__ = ["AdamW", "attention", "batch_norm", "batch_norm_eval", "bias_gelu", "cross_entropy",
+           "layer_norm", "linear_cross_entropy", "resolve_backend", "update_running_stats"]
+
+
+def _triton(backend: str, x: torch.Tensor) -> bool:
+    return resolve_backend(backend, x.device) == "triton"
+
+
+def layer_norm(x, weight, bias, eps, backend):
+    """LayerNorm over the last dim with fp32 statistics."""
+    if _triton(backend, x):
+        return layernorm.LayerNormFunction.apply(x, weight, bias, eps)
+    return layernorm.layer_norm_reference(x, weight, bias, eps)
+
+
+def attention(q, k, v, causal, backend):
+    """softmax(q k^T / sqrt(D) [+ causal mask]) v for q, k, v shaped (B, H, T, D)."""
+    if _triton(backend, q):
+        return FlashAttentionFunction.apply(q, k, v, causal)
+    return attention_reference(q, k, v, causal)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", backend="auto"):
+    """Softmax cross-entropy of logits (N, V) against int64 targets (N,); 'mean' divides by the
+    number of targets that are not ignore_index."""
+    check_reduction(reduction)
+    if _triton(backend, logits):
+        return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction)
+    return cross_entropy_reference(logits, targets, ignore_index, reduction)
+
+
+def linear_cross_entropy(hidden, weight, bias, targets, ignore_index=-100, reduction="mean",
+                         backend="auto", chunk_size=None):
+    """cross_entropy(hidden @ weight.T + bias, targets); the triton path goes through the tokens
+    chunk_size rows at a time so the (N, V) logits are never stored whole."""
+    check_reduction(reduction)
+    if _triton(backend, hidden):
+        return LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, ignore_index,
+                                                reduction, chunk_size)
+    return linear_cross_entropy_reference(hidden, weight, bias, targets, ignore_index, reduction)
+
+
+def bias_gelu(x, bias, approximate, backend):
+    """gelu(x + bias), bias over the last dim (or None); approximate is 'tanh' or 'none'."""
+    gelu.check_approximate(approximate)
+    if _triton(backend, x):
+        return gelu.BiasGeluFunction.apply(x, bias, approximate)
+    return gelu.bias_gelu_reference(x, bias, approximate)
+
+
+def batch_norm(x, weight, bias, eps, relu, backend):
+    """Training-mode BatchNorm over channel dim 1 (optionally followed by ReLU).
+    Returns (y, batch_mean, batch_var_biased); the caller updates running statistics."""
+    if _triton(backend, x):
+        return batchnorm.BatchNormFunction.apply(x, weight, bias, eps, relu)
+    return batchnorm.batch_norm_reference(x, weight, bias, eps, relu)
+
+
+def batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu, backend):
+    """Eval-mode BatchNorm with the running statistics (optionally followed by ReLU)."""
+    if _triton(backend, x):
+        return batchnorm.BatchNormEvalFunction.apply(x, weight, bias, running_mean, running_var,
+                                                     eps, relu)
+    return batchnorm.batch_norm_eval_reference(x, weight, bias, running_mean, running_var, eps,
+                                               relu)

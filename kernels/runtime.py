@@ -1,0 +1,79 @@
+"""What every launcher shares: the triton import, the interpreter switch, output allocation.
+
+Imported only after `kernels/__init__.py` has decided TRITON_INTERPRET, because triton reads it
+at import time.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+
+
+class _TritonMissing:
+    """Stands in for `triton` / `triton.language` where triton is not installed, so that the torch
+    references (which live next to the kernels) still import; `resolve_backend` refuses 'triton'
+    before any kernel could be launched."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:
+    triton = tl = _TritonMissing()
+    HAVE_TRITON = False
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' means triton on CUDA and torch elsewhere; 'triton'/'torch' pass through."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    if name == "triton" and not HAVE_TRITON:
+        raise ValueError("kernel backend 'triton' needs the triton package (Linux): install it "
+                         "or use --kernels torch")
+    return name
+
+
+def autotune_configs(gpu_configs, interpreter_config):
+    """The interpreter cannot benchmark (multi-config autotune raises there): give it one config."""
+    return [interpreter_config] if INTERPRETING else gpu_configs
+
+
+def sm_count(device: torch.device) -> int:
+    """Programs for grid-stride reductions: one per SM on a GPU, a handful in the interpreter
+    (which runs programs one after another)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+_poison_outputs = False
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel must fully overwrite is allocated here, so tests can NaN-fill them."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _poison_outputs else out
+
+
+@contextmanager
+def poisoned_outputs():
+    """Inside this context kernel outputs start as NaN: an element a kernel forgets to write fails
+    the comparison instead of passing on leftover memory."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = previous

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+import kernels
+from kernels.attention import attention_reference
+from kernels.testing import check_against_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
+# (B, H, T, D): a single query row, a tail shorter than one block, T across several blocks.
+SHAPES = [(1, 1, 1, 16), (2, 1, 5, 32), (1, 2, 37, 16), (1, 1, 50, 64), (1, 1, 19, 128)]
+
+
+def _run(shape, causal, dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    check_against_reference(lambda q, k, v: kernels.attention(q, k, v, causal, backend="triton"),
+                            lambda q, k, v: attention_reference(q, k, v, causal),
+                            [q, k, v], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flash_attention_matches_reference(shape, causal, dtype):
+    _run(shape, causal, dtype)
+
+
+def test_flash_attention_accepts_strided_heads():
+    """The Transformer hands over q, k, v as strided views of one qkv projection."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE).permute(2, 0, 3, 1, 4).requires_grad_()
+    check_against_reference(lambda t: kernels.attention(t[0], t[1], t[2], True, backend="triton"),
+                            lambda t: attention_reference(t[0], t[1], t[2], True),
+                            [qkv], torch.float32)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 300, 64), (1, 2, 129, 128)])
+def test_flash_attention_matches_reference_bf16(shape, causal):
+    _run(shape, causal, torch.bfloat16)
+
+
+def test_reference_is_deterministic_in_float64():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 11, 16, dtype=torch.float64) for _ in range(3))
+    first = kernels.attention(q, k, v, True, backend="torch")
+    assert torch.equal(first, kernels.attention(q, k, v, True, backend="torch"))
+
+
+def test_unsupported_head_dim_is_refused():
+    q = torch.randn(1, 1, 4, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        kernels.attention(q, q, q, True, backend="triton")
