@@ -53,9 +53,8 @@ class PipelineBatchNorm2d(nn.Module):
 
     @torch.no_grad()
     def _update(self, mean, var_biased, count: int):
-        unbiased = var_biased * (count / max(count - 1, 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        kernels.update_running_stats(self.running_mean, self.running_var, mean, var_biased, count,
+                                     self.momentum)
 
     @torch.no_grad()
     def commit(self, group=None):
