@@ -13,21 +13,15 @@ import time
 import torch
 import torch.distributed as dist
 
+from minipipe import timeline
 from minipipe.build import build_run, plan_table
-from minipipe.config import Config, parse_config
+from minipipe.checkpoint import Checkpointer
+from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import MinipipeError
-from minipipe.metrics import ConsoleBackend, JsonlBackend, MetricsLogger
+from minipipe.metrics import MetricsLogger, config_record, flops_utilisation, make_logger
 from minipipe.optim import lr_at
-
-
-def make_logger(cfg: Config, rank: int) -> MetricsLogger:
-    if rank != 0:
-        return MetricsLogger([])
-    backends = [ConsoleBackend(cfg.steps, cfg.log_every)]
-    if cfg.metrics_jsonl:
-        backends.append(JsonlBackend(cfg.metrics_jsonl))
-    return MetricsLogger(backends)
+from minipipe.plan import model_flops_per_unit
 
 
 def validation_loss(run) -> float:
@@ -37,37 +31,55 @@ def validation_loss(run) -> float:
 
 
 def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
-    """Train for cfg.steps; returns {"losses", "val_losses", "sample"} (the same on every rank)."""
+    """Train up to cfg.steps (from a checkpoint's next step when resuming); returns {"losses",
+    "val_losses", "sample"} of the steps run here (the same on every rank)."""
     run = build_run(cfg)
     rank = run.layout.rank
     logger = logger or make_logger(cfg, rank)
-    logger.config(cfg.to_dict())
+    logger.config(config_record(cfg, run.balance))
     if rank == 0:
         print(plan_table(run), flush=True)
     cursor = DataCursor(run.dataset, cfg.batch_size)
-    units_per_sample = cfg.seq_len if cfg.model == "transformer" else 1
-    history = {"losses": [], "val_losses": [], "sample": None}
-    for step in range(cfg.steps):
-        inputs, targets = cursor.next_batch()
-        started = time.perf_counter()
-        lr = lr_at(step, cfg)
-        result = run.engine.train_step(inputs, targets, step, lr, cfg.grad_clip)
-        elapsed = time.perf_counter() - started
-        history["losses"].append(result["loss"])
-        rate_key = "tokens_per_s" if cfg.model == "transformer" else "samples_per_s"
-        logger.log(step, {"loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                          "step_time_s": elapsed,
-                          rate_key: cfg.batch_size * units_per_sample / elapsed})
-        last_step = step + 1 == cfg.steps
-        if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            val = validation_loss(run)
-            history["val_losses"].append((step, val))
-            logger.log(step, {"val_loss": val})
-    if cfg.sample and cfg.model == "transformer":
-        history["sample"] = sample_text(run)
-        if rank == 0:
-            print(f"--- sample ({cfg.sample} tokens) ---\n{history['sample']}\n---", flush=True)
-    logger.close()
+    checkpoints = Checkpointer(run, cursor)  # resumes now; saves on schedule, at the end, on SIGTERM
+    try:
+        first_step = checkpoints.resume()
+        units_per_sample = cfg.seq_len if cfg.model == "transformer" else 1
+        history = {"losses": [], "val_losses": [], "sample": None}
+        traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
+        flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
+        device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
+        for step in range(first_step, cfg.steps):
+            inputs, targets = cursor.next_batch()
+            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+            run.engine.sync_spans = on_cuda and (log_step or step in traced)  # spans in device time
+            started = time.perf_counter()
+            lr = lr_at(step, cfg)
+            result = run.engine.train_step(inputs, targets, step, lr, cfg.grad_clip)
+            elapsed = time.perf_counter() - started
+            history["losses"].append(result["loss"])
+            rate_key = "tokens_per_s" if cfg.model == "transformer" else "samples_per_s"
+            rate = cfg.batch_size * units_per_sample / elapsed
+            values = {"loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                      "step_time_s": elapsed, rate_key: rate}
+            if log_step:  # one small collective brings every stage's bubble and memory to rank 0
+                values.update(timeline.pipeline_stats(run.engine, run.layout))
+                values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name))
+            if step in traced:
+                timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1)
+            last_step = step + 1 == cfg.steps
+            if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                values["val_loss"] = validation_loss(run)
+                history["val_losses"].append((step, values["val_loss"]))
+            logger.log(step, values)  # one record per step
+            if checkpoints.after_step(step, lr):  # a SIGTERM: saved at this step boundary, stop
+                break
+        if cfg.sample and cfg.model == "transformer" and not checkpoints.stopped:
+            history["sample"] = sample_text(run)
+            if rank == 0:
+                print(f"--- sample ({cfg.sample} tokens) ---\n{history['sample']}\n---", flush=True)
+    finally:  # restore the SIGTERM handler and flush the logs even when a step raised
+        checkpoints.close()
+        logger.close()
     return history
 
 

@@ -13,7 +13,7 @@ import kernels
 import models
 from minipipe import partition
 from minipipe.data import load_dataset
-from minipipe.dist import Layout, init_process_groups
+from minipipe.dist import Layout, check_world, init_process_groups
 from minipipe.engine import Engine
 from minipipe.errors import ConfigError
 from minipipe.optim import build_optimizer
@@ -38,10 +38,8 @@ class Run:
 
 def planned_stages(cfg) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    n_stages = cfg.stages or world_size // cfg.dp
-    if n_stages * cfg.dp != world_size:
-        raise ConfigError(f"world size {world_size} != --dp {cfg.dp} x --stages {n_stages}; launch "
-                          f"dp x stages processes (torchrun --nproc_per_node) or change --stages/--dp")
+    n_stages = cfg.stages or max(world_size // cfg.dp, 1)
+    check_world(world_size, n_stages, cfg.dp)
     return n_stages
 
 
@@ -57,7 +55,7 @@ def build_run(cfg) -> Run:
         partition.check_balance(explicit, n_layers, n_stages)
     elif n_stages > n_layers:
         partition.balance_by_cost([1.0] * n_layers, n_stages)  # raises the "more stages" error
-    layout = init_process_groups(n_stages, cfg.dp, cfg.timeout)
+    layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
     backend = kernels.resolve_backend(cfg.kernels, layout.device)
     balance = _choose_balance(cfg, layout, dataset, backend, n_layers)
     indices = partition.stage_ranges(balance)[layout.stage]

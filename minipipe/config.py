@@ -74,6 +74,20 @@ class Config:
     recompute: str = _f("always", "re-materialisation (GPipe 2.3)", ("always", "except_last", "never"))
     deferred_bn: bool = _f(False, "BatchNorm running stats over the whole mini-batch, not per micro-batch")
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
+    # tracking
+    wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
+                            "key, else offline", ("auto", "online", "offline", "disabled"))
+    wandb_project: str = _f("minipipe", "wandb project")
+    wandb_group: Optional[str] = _f(None, "wandb group (a sweep's runs share one)")
+    run_name: Optional[str] = _f(None, "wandb run name (default: wandb picks one)")
+    trace: Optional[str] = _f(None, "write the pipeline timeline of --trace-steps here: "
+                                    "Chrome-trace JSON (Perfetto) and a PNG Gantt chart beside it")
+    trace_steps: str = _f("1", "0-based steps to trace, comma-separated (default: the 2nd, after warm-up)")
+    # checkpoints
+    ckpt_dir: Optional[str] = _f(None, "save sharded safetensors checkpoints here (default: none, no saving)")
+    ckpt_every: int = _f(0, "also save every N steps (0 = only at the end and on SIGTERM)")
+    keep: int = _f(3, "complete checkpoints to keep in --ckpt-dir (0 = all)")
+    resume: str = _f("auto", "auto = the latest checkpoint in --ckpt-dir, if any; none; or a checkpoint PATH")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,6 +178,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr={cfg.lr}, min-lr={cfg.min_lr})")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {cfg.timeout})")
+    if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
+        raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be below "
+                          f"--steps {cfg.steps} (steps count from 0)")
     if cfg.model == "transformer":
         if cfg.d_model % cfg.heads:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
@@ -174,3 +191,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":
         raise ConfigError("--dtype float64 is for exactness tests on CPU; use --device cpu")
+    for name in ("ckpt_every", "keep"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+
+
+def traced_steps(cfg: Config) -> set[int]:
+    """The 0-based steps --trace records (none without --trace)."""
+    if not cfg.trace:
+        return set()
+    try:
+        steps = {int(part) for part in cfg.trace_steps.split(",")}
+    except ValueError:
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: give step numbers, e.g. 1 or 1,5")
+    if min(steps) < 0:
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: steps count from 0")
+    return steps

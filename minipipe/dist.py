@@ -41,17 +41,20 @@ class Layout:
         return self.stage == self.n_stages - 1
 
 
-def init_process_groups(n_stages: int, dp: int, timeout_s: float) -> Layout:
+def init_process_groups(n_stages: int, dp: int, timeout_s: float, device: str = "auto") -> Layout:
     """Join (or create) the default process group from RANK/WORLD_SIZE/LOCAL_RANK and build the
-    stage and pipeline groups. A single process with no launcher gets a one-rank gloo group."""
+    stage and pipeline groups. A single process with no launcher gets a one-rank gloo group.
+    device: auto (cuda:LOCAL_RANK when available), cpu (gloo even on a GPU machine), cuda."""
     if n_stages < 1 or dp < 1:
         raise ConfigError(f"--stages and --dp must be >= 1, got stages={n_stages}, dp={dp}")
-    use_cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        _check_world(world_size, n_stages, dp)  # refuse before any process waits on a rendezvous
+        check_world(world_size, n_stages, dp)  # refuse before any process waits on a rendezvous
         if use_cuda:
             torch.cuda.set_device(device)
         backend = "nccl" if use_cuda else "gloo"
@@ -63,7 +66,7 @@ def init_process_groups(n_stages: int, dp: int, timeout_s: float) -> Layout:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    _check_world(world_size, n_stages, dp)
+    check_world(world_size, n_stages, dp)
     timeout = timedelta(seconds=timeout_s)
     stage_groups = [dist.new_group([d * n_stages + s for d in range(dp)], timeout=timeout)
                     for s in range(n_stages)]
@@ -78,7 +81,7 @@ def init_process_groups(n_stages: int, dp: int, timeout_s: float) -> Layout:
                   device=device)
 
 
-def _check_world(world_size: int, n_stages: int, dp: int) -> None:
+def check_world(world_size: int, n_stages: int, dp: int) -> None:
     if world_size != dp * n_stages:
         raise ConfigError(f"world size {world_size} != dp {dp} x stages {n_stages} = {dp * n_stages}; "
                           f"launch {dp * n_stages} processes (torchrun --nproc_per_node) or change "

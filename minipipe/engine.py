@@ -7,6 +7,7 @@ the global mini-batch. Micro-batch m contributes loss_sum(m) / units(global batc
 gradients accumulated over micro-batches and summed over dp replicas equal the full-batch
 gradient, uneven micro-batches and ignored tokens included.
 """
+import math
 import time
 from contextlib import nullcontext
 
@@ -19,6 +20,8 @@ from minipipe.errors import PipelineError
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.schedule import Action, forward_actions, gpipe_actions
 from models.batchnorm import PipelineBatchNorm2d, commit_deferred_stats
+
+LOSS_SCALE_GROWTH_INTERVAL = 2000  # float16: double the loss scale after this many finite steps
 
 
 def _grad_spec(value):
@@ -60,6 +63,9 @@ class Engine:
         self.last = layout.stage == layout.n_stages - 1
         self.device = layout.device
         self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
+        # Dynamic loss scaling for float16 autocast, whose small gradients would underflow.
+        self.loss_scale = 2.0 ** 16 if autocast_dtype == torch.float16 else 1.0
+        self.steps_at_scale = 0
         self.comm = StageComm(layout.rank, layout.prev_rank, layout.next_rank, layout.stage,
                               layout.device, timeout_s) if layout.n_stages > 1 else None
         self.actions = gpipe_actions(layout.stage, layout.n_stages, n_microbatches)
@@ -168,6 +174,11 @@ class Engine:
         self.stash, self.graphs, self.grads_out = {}, {}, {}
         self.loss_total = 0.0
 
+    def _global_microbatch(self, m: int) -> int:
+        """Micro-batch m of replica d holds the rows of micro-batch d*M + m of the global batch:
+        that index keys its dropout masks, so dp=2 x M draws the masks of dp=1 x 2M."""
+        return self.layout.dp_rank * self.n_microbatches + m
+
     def _to_device(self, value, rows):
         """This replica's rows on the stage's device; floating inputs in the parameters' dtype."""
         def move(t):
@@ -189,7 +200,7 @@ class Engine:
     def _run_stage(self, value, m):
         try:
             with self._autocast():
-                return self.stage(value, self.step_index, m)
+                return self.stage(value, self.step_index, self._global_microbatch(m))
         except RuntimeError as err:
             if self.first:
                 raise
@@ -238,7 +249,7 @@ class Engine:
         if m in self.stash:
             start = time.perf_counter()
             with self._autocast():
-                leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index, m,
+                leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index, self._global_microbatch(m),
                                                  input_grad=not self.first)
             if self.last:
                 output = self._loss(output, m)
@@ -246,7 +257,7 @@ class Engine:
         else:
             leaf, output = self.graphs.pop(m)
         if self.last:
-            torch.autograd.backward(output)
+            torch.autograd.backward(output * self.loss_scale)
         else:
             outs = [o for o in mb.as_tuple(output) if o.is_floating_point()]
             pairs = [(o, g) for o, g in zip(outs, mb.as_tuple(self.grads_out.pop(m))) if o.requires_grad]
@@ -301,12 +312,22 @@ class Engine:
         # Every rank leaves this all-reduce at (nearly) the same instant: the timeline's common clock.
         self.sync_point = time.perf_counter()
         self.spans.append(("norm_allreduce", None, start, self.sync_point))
-        grad_norm = float(torch.linalg.vector_norm(param_norms))
-        clip_coef = grad_clip / (grad_norm + 1e-6)
-        if grad_clip > 0 and clip_coef < 1.0:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], clip_coef)
+        grad_norm = float(torch.linalg.vector_norm(param_norms)) / self.loss_scale
+        self.result = {"loss": float(packed[-1]), "grad_norm": grad_norm, "skipped": False}
+        if not math.isfinite(grad_norm):  # float16 overflow: every rank skips and lowers the scale
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss_scale, self.steps_at_scale = self.loss_scale / 2, 0
+            self.result["skipped"] = True
+            return
+        factor = 1.0 / self.loss_scale  # unscale (float16) and clip in one multiply
+        if grad_clip > 0:
+            factor *= min(1.0, grad_clip / (grad_norm + 1e-6))  # torch's clip_grad_norm_ formula
+        if factor != 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.result = {"loss": float(packed[-1]), "grad_norm": grad_norm}
+        self.steps_at_scale += 1
+        if self.loss_scale != 1.0 and self.steps_at_scale == LOSS_SCALE_GROWTH_INTERVAL:
+            self.loss_scale, self.steps_at_scale = self.loss_scale * 2, 0

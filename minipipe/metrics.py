@@ -1,12 +1,28 @@
-"""One metrics path: rank 0 hands every record to a list of backends (console, JSONL, ...).
+"""One metrics path: rank 0 hands every record to a list of backends (console, JSONL, wandb).
 
 Backends implement `config(dict)`, `log(step, dict)` and `close()`; a recording backend in the
-tests proves that the config and every value reach each backend.
+tests proves that the config and every value reach each backend. Other ranks log nothing: values
+from other stages reach rank 0 through `timeline.pipeline_stats`, once per log interval.
 """
 import json
 import math
+import netrc
+import os
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+
+import models
+from minipipe.partition import stage_ranges
+from minipipe.schedule import bubble_fraction
+
+WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
+# Dense bf16 tensor-core peak per device, TFLOP/s, matched by substring of the CUDA device name in
+# this order (more specific names first). A device not listed gets TFLOP/s but no MFU.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+                    ("A10G", 70.0), ("4090", 165.0)]
 
 
 class JsonlBackend:
@@ -51,11 +67,82 @@ class ConsoleBackend:
         eta = (time.perf_counter() - self.started) / done * (self.total - step - 1)
         speed = (f"{values['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in values
                  else f"{values['samples_per_s']:,.1f} samples/s")
+        extra = "".join(f" | {label} {values[key]:{fmt}}" for key, label, fmt in
+                        (("bubble_measured", "bubble", ".2f"), ("mfu", "mfu", ".1%")) if key in values)
         print(f"step {step + 1}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-              f"grad norm {values['grad_norm']:.3f} | {speed} | eta {_duration(eta)}", flush=True)
+              f"grad norm {values['grad_norm']:.3f} | {speed}{extra} | eta {_duration(eta)}", flush=True)
 
     def close(self) -> None:
         pass
+
+
+class WandbBackend:
+    """One wandb run per training job, on rank 0, written under {out_dir}/wandb. A run never fails
+    for lack of network: when online init fails it logs offline (sync later with `wandb sync`)."""
+
+    def __init__(self, cfg):
+        import wandb  # imported only when used: it takes ~1 s
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        mode = wandb_mode(cfg.wandb)
+        kwargs = dict(project=cfg.wandb_project, group=cfg.wandb_group, name=cfg.run_name,
+                      dir=cfg.out_dir, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as err:  # wandb raises many types (UsageError, CommError, timeouts)
+            if mode != "online":
+                raise
+            print(f"warning: wandb online init failed ({err}); logging offline instead",
+                  file=sys.stderr, flush=True)
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def config(self, values: dict) -> None:
+        self.run.config.update(values, allow_val_change=True)
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_mode(requested: str) -> str:
+    """auto: $WANDB_MODE when set, else online when an API key is configured, else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    return "online" if has_wandb_key() else "offline"
+
+
+def has_wandb_key() -> bool:
+    """WANDB_API_KEY, or a netrc entry for the wandb host (where `wandb login` stores the key).
+    Reads local files only: no network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for fragment, tflops in PEAK_BF16_TFLOPS:
+        if fragment in device_name:
+            return tflops
+    return None
+
+
+def flops_utilisation(units_per_s: float, flops_per_unit: float, n_devices: int,
+                      device_name: str) -> dict:
+    """Achieved model TFLOP/s per device (forward + backward, recompute not counted, as in MFU)
+    and MFU against the device's bf16 dense peak, when the table knows the device."""
+    achieved = flops_per_unit * units_per_s / n_devices / 1e12
+    values = {"tflops_per_device": achieved}
+    peak = peak_tflops(device_name)
+    if peak:
+        values["mfu"] = achieved / peak
+    return values
 
 
 def _duration(seconds: float) -> str:
@@ -80,3 +167,25 @@ class MetricsLogger:
     def close(self) -> None:
         for backend in self.backends:
             backend.close()
+
+
+def config_record(cfg, balance: list[int]) -> dict:
+    """What a run logs once: every config field, and the partition plan under 'plan'."""
+    params = models.count_layer_params(cfg)
+    ranges = stage_ranges(balance)
+    plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
+            "stage_params": [sum(params[i] for i in r) for r in ranges],
+            "bubble_theory": bubble_fraction(len(balance), cfg.microbatches)}
+    return {**cfg.to_dict(), "plan": plan}
+
+
+def make_logger(cfg, rank: int) -> MetricsLogger:
+    """Rank 0: console, plus JSONL with --metrics-jsonl, plus wandb unless --wandb disabled."""
+    if rank != 0:
+        return MetricsLogger([])
+    backends = [ConsoleBackend(cfg.steps, cfg.log_every)]
+    if cfg.metrics_jsonl:
+        backends.append(JsonlBackend(cfg.metrics_jsonl))
+    if wandb_mode(cfg.wandb) != "disabled":
+        backends.append(WandbBackend(cfg))
+    return MetricsLogger(backends)

@@ -3,6 +3,7 @@
 `layer_factories(cfg)` returns one zero-argument constructor per global layer index;
 `build_layers(cfg, indices)` builds some of them, each under its own seed derived from
 (cfg.seed, "init", i), so any cut of the model holds bitwise the same weights.
+`load_exported(path)` rebuilds the whole trained model from `python -m minipipe.export` output.
 """
 from typing import Callable, Iterable
 
@@ -81,3 +82,24 @@ def loss_fn(cfg, backend: str = "torch"):
 def count_loss_units(cfg, targets) -> int:
     """How many units (tokens or samples) of `targets` the mean loss divides by."""
     return FAMILIES[cfg.model].count_loss_units(targets)
+
+
+def load_exported(path) -> tuple:
+    """(Config, nn.Sequential of every layer) from a `python -m minipipe.export` directory, for
+    inference or analysis on one device: element i is global layer i, with its trained weights
+    and buffers, in eval mode."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from minipipe.build import PARAM_DTYPES
+    from minipipe.config import make_config
+    from minipipe.export import EXPORTED_CONFIG, EXPORTED_WEIGHTS
+    directory = Path(path)
+    cfg = make_config(**json.loads((directory / EXPORTED_CONFIG).read_text()))
+    layers = build_layers(cfg, range(len(layer_factories(cfg))))
+    model = nn.Sequential(*layers.values()).to(PARAM_DTYPES[cfg.dtype])
+    tensors = load_file(directory / EXPORTED_WEIGHTS)
+    model.load_state_dict({name.removeprefix("layers."): t for name, t in tensors.items()})
+    return cfg, model.eval()

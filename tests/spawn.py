@@ -138,7 +138,7 @@ def run_torchrun(script_args: list[str], nproc: int, timeout_s: float = 300, env
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts each worker in its own session
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts each worker in its own session
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -149,7 +149,7 @@ def run_torchrun(script_args: list[str], nproc: int, timeout_s: float = 300, env
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All live descendants of pid (Linux /proc), found before anything is killed."""
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):

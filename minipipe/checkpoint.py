@@ -1,0 +1,400 @@
+"""Sharded safetensors checkpoints: save, verify, load into any cut of the model, atomically.
+
+    ckpt-dir/latest                     the name of the newest complete checkpoint
+    ckpt-dir/step-000100/               the state after 100 optimizer steps
+        model-00001-of-00002.safetensors     one shard per stage: parameters and buffers
+        optimizer-00001-of-00002.safetensors per parameter: `{name}.step`, `.exp_avg`, `.exp_avg_sq`
+        model.safetensors.index.json         {"metadata": {"total_size"}, "weight_map": {name: file}}
+        optimizer.safetensors.index.json     the same for the optimizer shards
+        trainer_state.json                   step, config, cut, data cursor, RNG, sha256 per file
+
+Invariants:
+- Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
+  any K' x dp': each stage reads only its own tensors, finding their files through the index.
+- A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
+  `step-N`, and only then named by `latest` (itself replaced atomically).
+- Loading verifies everything this rank reads (config, names, shapes, sizes, sha256), and all
+  ranks agree on the verdict, before anything is copied into the model. Only safetensors and JSON
+  are read: nothing is unpickled.
+"""
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minipipe.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MODEL_SHAPE_FIELDS = ("model", "layers", "d_model", "heads", "max_seq_len", "vocab", "cells",
+                      "filters", "image_size", "classes", "channels")
+INDEX_FILES = {"model": "model.safetensors.index.json",
+               "optimizer": "optimizer.safetensors.index.json"}
+TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE_KEYS = ("step", "config", "world", "data_cursor", "rng", "files")
+LATEST = "latest"
+STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+# ---- the training loop's view ----------------------------------------------------------------
+class Checkpointer:
+    """Resume at the start; save every --ckpt-every steps, at the end, and at the step boundary
+    after a SIGTERM. Saving (and the SIGTERM handler) is on only with --ckpt-dir."""
+
+    def __init__(self, run, cursor):
+        self.run, self.cursor, self.cfg = run, cursor, run.cfg
+        self.enabled = self.cfg.ckpt_dir is not None
+        self.sigterm_received = False  # on this rank
+        self.stopped = False  # agreed by every rank: the run ended early at a step boundary
+        self._previous_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
+                                  if self.enabled else None)
+
+    def _on_sigterm(self, signum, frame):
+        self.sigterm_received = True
+
+    def resume(self) -> int:
+        """Restore the checkpoint --resume names (if any); returns the first step to run."""
+        path = resume_path(self.cfg)
+        if path is None:
+            return 0
+        step = load_checkpoint(self.run, self.cursor, path)
+        if self.run.layout.rank == 0:
+            print(f"resumed from {path} after step {step}", flush=True)
+        return step + 1
+
+    def after_step(self, step: int, lr: float) -> bool:
+        """Save if due; True when the run must stop here (a SIGTERM reached any rank)."""
+        if not self.enabled:
+            return False
+        self.stopped = self._any_rank_stopping()
+        done, every = step + 1, self.cfg.ckpt_every
+        if self.stopped or done == self.cfg.steps or (every and done % every == 0):
+            path = save_checkpoint(self.run, self.cursor, step, lr)
+            if self.run.layout.rank == 0:
+                print(f"saved checkpoint {path}", flush=True)
+        return self.stopped
+
+    def _any_rank_stopping(self) -> bool:
+        """One tiny all-reduce per step, so every rank stops at the same step boundary."""
+        if self.run.layout.world_size == 1:
+            return self.sigterm_received
+        flag = torch.tensor([float(self.sigterm_received)], device=self.run.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
+    """Every rank calls this after step `step`; returns the path once the checkpoint is complete
+    and `latest` names it (older ones beyond --keep are then pruned)."""
+    lay, root = run.layout, Path(run.cfg.ckpt_dir)
+    final = root / f"step-{step + 1:06d}"
+    tmp = root / f".tmp-{final.name}"
+    if lay.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed at this step
+        tmp.mkdir(parents=True)
+    _barrier(lay)
+    report = {"rng": _rng_state(lay.device)}
+    if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
+        shards = {"model": run.stage.state_dict(),
+                  "optimizer": optimizer_tensors(run.stage, run.optimizer)}
+        for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
+            file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
+            report[kind] = _write_shard(tmp, file_name, tensors)
+    reports = _gather_to_rank0(report, lay)
+    if lay.rank == 0:
+        _write_trainer_state(run, cursor, step, lr, tmp, reports)
+        _publish(root, tmp, final)
+        _prune(root, run.cfg.keep)
+    _barrier(lay)
+    return final
+
+
+def optimizer_tensors(stage, optimizer) -> dict:
+    """AdamW state under global names: `{param name}.{state key}`."""
+    names = {id(p): name for name, p in stage.named_parameters()}
+    return {f"{names[id(p)]}.{key}": value for p, state in optimizer.state.items()
+            for key, value in state.items()}
+
+
+def _write_shard(directory: Path, file_name: str, tensors: dict) -> dict:
+    path = directory / file_name
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    _fsync(path)  # save_file renames into place but does not fsync
+    return {"file": file_name, "names": sorted(tensors), **_digest(path),
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) -> None:
+    files = {}
+    for kind, index_name in INDEX_FILES.items():
+        shards = [r[kind] for r in reports if kind in r]
+        index = {"metadata": {"total_size": sum(s["tensor_bytes"] for s in shards)},
+                 "weight_map": {name: s["file"] for s in shards for name in s["names"]}}
+        _write_json(directory / index_name, index)
+        files.update({s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in shards})
+        files[index_name] = _digest(directory / index_name)
+    lay = run.layout
+    _write_json(directory / TRAINER_STATE, {
+        "format_version": FORMAT_VERSION,
+        "step": step,  # the last completed step (0-based, as in the metrics); resume runs step + 1
+        "lr": lr,  # the schedule's value at `step`; lr_at(step, config) recomputes it
+        "config": run.cfg.to_dict(),
+        "balance": run.balance,  # layers per stage: the layer -> stage map of this run
+        "world": {"stages": lay.n_stages, "dp": lay.dp},
+        "data_cursor": cursor.state_dict(),
+        "rng": [r["rng"] for r in reports],  # by rank
+        "files": dict(sorted(files.items())),
+    })
+    _fsync(directory)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists():  # this step was saved by an earlier run in the same directory
+        stale = root / f".old-{final.name}"
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+    tmp.rename(final)
+    pointer = root / f"{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, root / LATEST)
+    _fsync(root)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 = all), never the one `latest` names; drop leftovers
+    of killed saves."""
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not keep:
+        return
+    latest = (root / LATEST).read_text().strip()
+    others = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.name != latest),
+                    key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    for old in others[:max(len(others) - (keep - 1), 0)]:
+        shutil.rmtree(old)
+
+
+# ---- resume and load -------------------------------------------------------------------------
+def resume_path(cfg) -> Path | None:
+    """The checkpoint --resume asks for: none; auto = `latest` of --ckpt-dir if there is one;
+    or a PATH (a step directory, or a checkpoint directory whose `latest` is taken)."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        if cfg.ckpt_dir is None or not (Path(cfg.ckpt_dir) / LATEST).exists():
+            return None
+        return checkpoint_path(cfg.ckpt_dir)
+    return checkpoint_path(cfg.resume)
+
+
+def checkpoint_path(path) -> Path:
+    """A step directory as given, or the one a checkpoint directory's `latest` names."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}); pass a "
+                              f"step-N directory or a --ckpt-dir holding `{LATEST}`, or --resume none")
+    return path
+
+
+def load_checkpoint(run, cursor, path: Path) -> int:
+    """Verify, then restore weights, buffers, optimizer state, data cursor and (same layout only)
+    RNG states; returns the checkpoint's step. A problem found by any rank raises the same
+    CheckpointError on every rank before anything is copied into the model."""
+    lay = run.layout
+    try:
+        state = read_trainer_state(path)
+        check_model_shape(state, run.cfg, path)
+        weights, optimizer_state = _read_stage_tensors(path, state, run.stage)
+        problem = None
+    except CheckpointError as err:
+        problem = f"rank {lay.rank} (stage {lay.stage}): {err}"
+    problems = [problem] if lay.world_size == 1 else [None] * lay.world_size
+    if lay.world_size > 1:
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise CheckpointError(first)
+    cursor.load_state_dict(state["data_cursor"])
+    run.stage.load_state_dict(weights)
+    _load_optimizer_tensors(run.stage, run.optimizer, optimizer_state)
+    if state["world"] == {"stages": lay.n_stages, "dp": lay.dp}:
+        _set_rng_state(state["rng"][lay.rank], lay.device)
+    return state["step"]
+
+
+def read_trainer_state(path: Path) -> dict:
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: {path} is not a complete checkpoint")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format version {state.get('format_version')!r}, this "
+                              f"minipipe reads version {FORMAT_VERSION}")
+    absent = [key for key in TRAINER_STATE_KEYS if key not in state]
+    if absent:
+        raise CheckpointError(f"{file} lacks {', '.join(absent)}: the checkpoint is corrupt")
+    return state
+
+
+def check_model_shape(state: dict, cfg, path: Path) -> None:
+    saved = state["config"]
+    differ = [f"{name}={saved.get(name)} (this run: {getattr(cfg, name)})"
+              for name in MODEL_SHAPE_FIELDS if saved.get(name) != getattr(cfg, name)]
+    if differ:
+        raise CheckpointError(f"{path} holds another model: {', '.join(differ)}; pass the "
+                              f"checkpoint's model flags, or start fresh with --resume none")
+
+
+def read_index(path: Path, kind: str, state: dict) -> dict:
+    """The weight_map (name -> file) of the `kind` index, after checking the index file itself."""
+    index_name = INDEX_FILES[kind]
+    verify_file(path, index_name, state)
+    try:
+        return json.loads((path / index_name).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{path / index_name} is not a safetensors index ({err})")
+
+
+def read_tensors(path: Path, kind: str, weight_map: dict, state: dict, wanted: dict) -> dict:
+    """The tensors `wanted` (name -> expected shape, or None for any), read lazily from only the
+    files that hold them, each file verified against trainer_state.json before it is opened."""
+    index_name = INDEX_FILES[kind]
+    absent = sorted(set(wanted) - set(weight_map))
+    if absent:
+        raise CheckpointError(f"{path / index_name} has no tensor {absent[0]} ({len(absent)} "
+                              f"missing): the checkpoint belongs to another model")
+    by_file = {}
+    for name in sorted(wanted):
+        by_file.setdefault(weight_map[name], []).append(name)
+    tensors = {}
+    for file_name, names in sorted(by_file.items()):
+        verify_file(path, file_name, state)
+        with safe_open(path / file_name, framework="pt", device="cpu") as shard:
+            held = set(shard.keys())
+            for name in names:
+                if name not in held:
+                    raise CheckpointError(f"{path / index_name} maps {name} to {file_name}, "
+                                          f"which does not hold it: the index is corrupt")
+                shape = shard.get_slice(name).get_shape()
+                if wanted[name] is not None and shape != list(wanted[name]):
+                    raise CheckpointError(f"{path / file_name}: {name} has shape {shape}, this "
+                                          f"model needs {list(wanted[name])}: another model shape")
+                tensors[name] = shard.get_tensor(name)
+    return tensors
+
+
+def verify_file(path: Path, file_name: str, state: dict) -> None:
+    """The file exists with the size and sha256 that trainer_state.json recorded at save time."""
+    record = state["files"].get(file_name)
+    file = path / file_name
+    if record is None:
+        raise CheckpointError(f"{file} is named by an index but not recorded in {TRAINER_STATE}: "
+                              f"the checkpoint is inconsistent")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; resume from "
+                              f"another one (--resume PATH) or start fresh (--resume none)")
+    size = file.stat().st_size
+    if size != record["bytes"]:
+        raise CheckpointError(f"{file} is {size} bytes but was saved with {record['bytes']}: "
+                              f"truncated or overwritten; resume from another checkpoint")
+    if _digest(file)["sha256"] != record["sha256"]:
+        raise CheckpointError(f"{file}: sha256 mismatch with {TRAINER_STATE}: the file is "
+                              f"corrupt; resume from another checkpoint")
+
+
+def _read_stage_tensors(path: Path, state: dict, stage) -> tuple[dict, dict]:
+    """This stage's weights and buffers, and the optimizer state of its parameters."""
+    shapes = {name: t.shape for name, t in stage.state_dict().items()}
+    weights = read_tensors(path, "model", read_index(path, "model", state), state, shapes)
+    params = dict(stage.named_parameters())
+    optimizer_map = read_index(path, "optimizer", state)
+    wanted = {}
+    for name in optimizer_map:
+        param_name, key = name.rsplit(".", 1)
+        if param_name in params:  # AdamW: a scalar step, moments shaped like the parameter
+            wanted[name] = () if key == "step" else params[param_name].shape
+    return weights, read_tensors(path, "optimizer", optimizer_map, state, wanted)
+
+
+def _load_optimizer_tensors(stage, optimizer, tensors: dict) -> None:
+    """Through optimizer.load_state_dict, which casts moments to each parameter's device/dtype."""
+    params = dict(stage.named_parameters())
+    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    per_param = {}
+    for name, value in tensors.items():
+        param_name, key = name.rsplit(".", 1)
+        per_param.setdefault(position[id(params[param_name])], {})[key] = value
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = per_param
+    optimizer.load_state_dict(state_dict)
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def _rng_state(device: torch.device) -> dict:
+    def encode(state):
+        return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+    return {"torch": encode(torch.get_rng_state()),
+            "cuda": encode(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None}
+
+
+def _set_rng_state(saved: dict, device: torch.device) -> None:
+    def decode(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    torch.set_rng_state(decode(saved["torch"]))
+    if saved["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(decode(saved["cuda"]), device)
+
+
+def _digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+    return {"sha256": sha.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(lay) -> None:
+    if lay.world_size > 1:
+        dist.barrier()
+
+
+def _gather_to_rank0(report: dict, lay) -> list:
+    if lay.world_size == 1:
+        return [report]
+    reports = [None] * lay.world_size if lay.rank == 0 else None
+    dist.gather_object(report, reports, dst=0)
+    return reports

@@ -1,0 +1,346 @@
+"""Plan a run without launching it: each stage's memory, the bubble, the FLOPs, and the largest
+model that fits a memory budget (the question of GPipe's Table 1).
+
+    python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --memory-budget 80GiB
+    python -m minipipe.plan --preset gpipe --stages 8 --memory-budget 16GiB --largest
+
+Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device (no
+memory, no data, no processes): parameters are counted, activations are the bytes autograd saves
+for backward while one micro-batch runs through the layers (saved_tensors_hooks, each storage
+counted once), FLOPs come from torch's FlopCounterMode over a forward and backward.
+
+Bytes of a stage (GPipe section 2.3), per device:
+    state        weights + gradients + AdamW's two moments: 4 copies of each parameter
+    boundary     the stage's input for one micro-batch (what crosses from the previous stage)
+    intermediate what the stage's layers (and, on the last stage, the loss) save for backward,
+                 for one micro-batch, its input excluded
+    activations with re-materialisation    M x boundary + intermediate   (also except_last)
+    activations without                    M x (boundary + intermediate)
+Not counted: communication buffers, the allocator's slack, one op's temporary workspace, the CUDA
+context. Estimates follow the plain-torch ops (Triton's flash attention saves no T x T scores);
+under bf16/fp16 autocast the layers are traced in that dtype (an approximation). Identical layers
+are traced once.
+"""
+import argparse
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+from minipipe import partition
+from minipipe.config import Config, build_parser, parse_config
+from minipipe.errors import ConfigError
+from minipipe.schedule import bubble_fraction
+
+STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
+PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
+TRACE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_TRACES: dict = {}  # (previous layer, layer, input) signature -> traced numbers; layers repeat
+
+
+@dataclass
+class LayerProfile:
+    params: int
+    input_bytes: int  # the value the layer receives, one micro-batch
+    alone_bytes: int  # saved for backward when the layer starts a stage (its input excluded)
+    chained_bytes: int  # saved for backward and not already saved by the previous layer
+    flops: float  # forward + backward, one micro-batch
+
+
+@dataclass
+class StagePlan:
+    layers: range
+    params: int
+    state_bytes: int
+    boundary_bytes: int
+    intermediate_bytes: int
+    n_microbatches: int
+
+    def activation_bytes(self, remat: bool) -> int:
+        if remat:
+            return self.n_microbatches * self.boundary_bytes + self.intermediate_bytes
+        return self.n_microbatches * (self.boundary_bytes + self.intermediate_bytes)
+
+    def total_bytes(self, recompute: str) -> int:
+        return self.state_bytes + self.activation_bytes(recompute != "never")
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    stages: list[StagePlan]
+    flops_per_unit: float  # per token (Transformer) or sample (AmoebaNet), forward + backward
+    unit: str
+
+    def peak_bytes(self) -> int:
+        return max(stage.total_bytes(self.cfg.recompute) for stage in self.stages)
+
+
+# ---- tracing layers on the meta device -------------------------------------------------------
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _spec(value) -> tuple:
+    return isinstance(value, tuple), tuple((tuple(t.shape), t.dtype) for t in _as_tuple(value))
+
+
+def _fresh(spec, requires_grad: bool):
+    is_tuple, entries = spec
+    tensors = tuple(torch.empty(shape, dtype=dtype, device="meta").requires_grad_(
+        requires_grad and dtype.is_floating_point) for shape, dtype in entries)
+    return tensors if is_tuple else tensors[0]
+
+
+def _storage(t: torch.Tensor):
+    return t.untyped_storage()._cdata  # the storage's identity: views of one tensor share it
+
+
+def _signature(layer: nn.Module) -> tuple:
+    """What decides a layer's saved bytes and FLOPs: its structure, shapes, dtypes and settings."""
+    settings = tuple((name, str(value)) for module in layer.modules() for name, value in
+                     sorted(vars(module).items()) if isinstance(value, (int, float, str, list, tuple)))
+    dtypes = tuple(p.dtype for p in layer.parameters())
+    return repr(layer), settings, dtypes
+
+
+def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool) -> tuple:
+    """(alone bytes, chained bytes, output spec) of `layer` fed from `previous` (if any)."""
+    saved = {"previous": {}, "layer": {}}
+    params = {_storage(p) for m in (previous, layer) if m is not None for p in m.parameters()}
+    phase = "previous"
+
+    def pack(tensor):
+        if _storage(tensor) not in params:
+            saved[phase][_storage(tensor)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = _fresh(spec, requires_grad=not model_input)
+        kept = [value]  # storages stay alive (and their identities unique) until counted
+        if previous is not None:
+            value = previous(value)
+            kept.append(value)
+        phase = "layer"
+        inputs = {_storage(t) for t in _as_tuple(value)}
+        output = layer(value)
+    layer_saved = saved["layer"]
+    alone = sum(b for s, b in layer_saved.items() if s not in inputs)
+    chained = sum(b for s, b in layer_saved.items() if s not in saved["previous"])
+    return alone, chained, _spec(output)
+
+
+def _flops(layer: nn.Module, spec, model_input: bool) -> float:
+    with FlopCounterMode(display=False) as counter:
+        output = layer(_fresh(spec, requires_grad=not model_input))
+        outputs = [t for t in _as_tuple(output) if t.requires_grad]
+        if outputs:
+            torch.autograd.backward([t.sum() for t in outputs])
+    return float(counter.get_total_flops())
+
+
+class _Loss(nn.Module):
+    """The loss as the last 'layer' of the last stage: what it saves counts there too."""
+
+    def __init__(self, cfg, targets_shape):
+        super().__init__()
+        self.loss_sum, self.targets_shape = models.loss_fn(cfg), targets_shape
+
+    def forward(self, output):
+        return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long, device="meta"))
+
+
+def resolve_data_fields(cfg) -> Config:
+    """A copy of cfg with the data-dependent fields filled as the default data would fill them
+    (bytes: vocab 256; digits: 1 channel, 10 classes), so planning reads no data."""
+    cfg = dataclasses.replace(cfg)
+    if cfg.model == "transformer":
+        cfg.vocab = cfg.vocab or 256
+    else:
+        cfg.classes = cfg.classes or 10
+        cfg.channels = cfg.channels or (1 if (cfg.data or "digits") == "digits" else 3)
+    return cfg
+
+
+def profile_layers(cfg) -> list[LayerProfile]:
+    """One profile per global layer, plus the loss last, for one micro-batch of cfg."""
+    cfg = resolve_data_fields(cfg)
+    micro = cfg.batch_size // cfg.dp // cfg.microbatches
+    dtype = TRACE_DTYPES[cfg.dtype]
+    built = {}  # one module per distinct factory: the Transformer's blocks share one
+    with torch.device("meta"):
+        layers = []
+        for factory in models.layer_factories(cfg):
+            if id(factory) not in built:
+                built[id(factory)] = factory().to(dtype)
+            layers.append(built[id(factory)])
+        targets = (micro, cfg.seq_len) if cfg.model == "transformer" else (micro,)
+        layers.append(_Loss(cfg, targets))
+    shape = (micro, cfg.seq_len) if cfg.model == "transformer" else (
+        micro, cfg.channels, cfg.image_size, cfg.image_size)
+    spec = (False, ((shape, torch.long if cfg.model == "transformer" else dtype),))
+    profiles, previous, previous_spec = [], None, None
+    signatures = {id(layer): _signature(layer) for layer in layers}
+    for i, layer in enumerate(layers):
+        key = (signatures[id(previous)] if previous is not None else None, previous_spec,
+               signatures[id(layer)], spec)
+        if key not in _TRACES:
+            first = previous is None
+            alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
+                                                 model_input=first)
+            _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first)
+        alone, chained, out_spec, flops = _TRACES[key]
+        input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])
+        params = sum(p.numel() for p in layer.parameters())
+        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops))
+        previous, previous_spec, spec = layer, spec, out_spec
+    return profiles
+
+
+# ---- plans --------------------------------------------------------------------------------
+def _balance(cfg, profiles: list[LayerProfile], n_stages: int) -> list[int]:
+    layers = profiles[:-1]
+    if cfg.balance:
+        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers), n_stages)
+    # The planner profiles nothing: 'time' cuts by FLOPs, 'memory' by state + saved bytes.
+    costs = {"params": [p.params for p in layers], "time": [p.flops for p in layers],
+             "memory": [STATE_COPIES * p.params + p.chained_bytes for p in layers]}[cfg.balance_by]
+    return partition.balance_by_cost([float(c) for c in costs], n_stages)
+
+
+def plan_run(cfg, n_stages: int) -> Plan:
+    profiles = profile_layers(cfg)
+    param_bytes = PARAM_BYTES.get(cfg.dtype, 4)
+    ranges = partition.stage_ranges(_balance(cfg, profiles, n_stages))
+    stages = []
+    for s, layer_range in enumerate(ranges):
+        own = [profiles[i] for i in layer_range] + ([profiles[-1]] if s == n_stages - 1 else [])
+        params = sum(p.params for p in own)
+        intermediate = own[0].alone_bytes + sum(p.chained_bytes for p in own[1:])
+        stages.append(StagePlan(layer_range, params, STATE_COPIES * param_bytes * params,
+                                own[0].input_bytes, intermediate, cfg.microbatches))
+    return Plan(cfg, stages, _flops_per_unit(cfg, profiles),
+                "token" if cfg.model == "transformer" else "sample")
+
+
+def _flops_per_unit(cfg, profiles: list[LayerProfile]) -> float:
+    micro = cfg.batch_size // cfg.dp // cfg.microbatches
+    return sum(p.flops for p in profiles) / (micro * cfg.seq_len if cfg.model == "transformer" else micro)
+
+
+def model_flops_per_unit(cfg) -> float:
+    """Training FLOPs (forward + backward, no recompute) per token or sample, as MFU counts them."""
+    return _flops_per_unit(cfg, profile_layers(cfg))
+
+
+def largest_that_fits(cfg, n_stages: int, budget: int) -> Plan | None:
+    """The deepest model of cfg's shape (Transformer blocks or AmoebaNet cells) whose every stage
+    fits `budget` bytes, found by doubling then bisection; None when even the smallest does not."""
+    field = "layers" if cfg.model == "transformer" else "cells"
+    extra, per_unit = (2, 1) if cfg.model == "transformer" else (4, 3)
+    smallest = max(1, -(-(n_stages - extra) // per_unit))  # enough layers for n_stages stages
+
+    def fitting(depth):
+        plan = plan_run(dataclasses.replace(cfg, **{field: depth}), n_stages)
+        return plan if plan.peak_bytes() <= budget else None
+
+    best = fitting(smallest)
+    if best is None:
+        return None
+    low, high = smallest, 2 * smallest
+    while (plan := fitting(high)) is not None:
+        best, low, high = plan, high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if (plan := fitting(middle)) is not None:
+            best, low = plan, middle
+        else:
+            high = middle
+    return best
+
+
+# ---- the command --------------------------------------------------------------------------
+def parse_bytes(text: str) -> int:
+    """'80GiB', '16GB', '512MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kmgtKMGT][iI]?)?[bB]?\s*", text)
+    try:
+        return int(float(match.group(1)) * UNITS.get((match.group(2) or "").lower(), 1))
+    except (AttributeError, ValueError):
+        raise ConfigError(f"--memory-budget {text!r}: give bytes with a unit, e.g. 80GiB or 16GB")
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def format_plan(plan: Plan, budget: int | None) -> str:
+    cfg, k = plan.cfg, len(plan.stages)
+    shape = (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads, seq {cfg.seq_len}"
+             if cfg.model == "transformer" else
+             f"AmoebaNet-D(L={cfg.cells}, D={cfg.filters}), {cfg.image_size}x{cfg.image_size}")
+    micro = cfg.batch_size // cfg.dp // cfg.microbatches
+    rows = [("stage", "layers", "params", "weights+grads+adam", "act. re-mat", "act. no re-mat",
+             f"total ({cfg.recompute})") + (("fits",) if budget else ())]
+    for s, stage in enumerate(plan.stages):
+        total = stage.total_bytes(cfg.recompute)
+        rows.append((str(s), f"{stage.layers.start}-{stage.layers.stop - 1}", f"{stage.params:,}",
+                     _size(stage.state_bytes), _size(stage.activation_bytes(True)),
+                     _size(stage.activation_bytes(False)), _size(total))
+                    + (("yes" if total <= budget else "NO",) if budget else ()))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    params = sum(stage.params for stage in plan.stages)
+    lines = [f"{cfg.model}: {shape}; {params:,} parameters; K={k}, M={cfg.microbatches}, "
+             f"micro-batch {micro}, {cfg.dtype}", table,
+             f"bubble (K-1)/(M+K-1) = {k - 1}/{cfg.microbatches + k - 1} = "
+             f"{bubble_fraction(k, cfg.microbatches):.3f}",
+             f"model FLOPs per {plan.unit} (forward + backward): {plan.flops_per_unit / 1e9:.4g} GFLOP"]
+    if budget:
+        verdict = "fits" if plan.peak_bytes() <= budget else "does NOT fit"
+        lines.append(f"largest stage needs {_size(plan.peak_bytes())}: {verdict} in {_size(budget)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    parser.description = "minipipe planner: per-stage memory, bubble and FLOPs; launches nothing"
+    own = argparse.ArgumentParser(add_help=False)
+    for p in (parser, own):
+        p.add_argument("--memory-budget", help="bytes per device, e.g. 80GiB; marks what fits")
+        p.add_argument("--largest", action="store_true",
+                       help="search the most layers (Transformer) or cells (AmoebaNet) that fit the budget")
+    parser.parse_args(argv)  # --help, and every flag checked against the full list
+    args, rest = own.parse_known_args(argv)
+    try:
+        cfg = parse_config(rest)
+        n_stages = cfg.stages or 1
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+        if args.largest:
+            if budget is None:
+                raise ConfigError("--largest needs --memory-budget, e.g. --memory-budget 16GiB")
+            plan = largest_that_fits(cfg, n_stages, budget)
+            if plan is None:
+                print(f"even the smallest model does not fit {_size(budget)} with K={n_stages}")
+                return 1
+            field = "layers" if cfg.model == "transformer" else "cells"
+            print(f"largest that fits {_size(budget)} with K={n_stages}: --{field} "
+                  f"{getattr(plan.cfg, field)}")
+        else:
+            plan = plan_run(cfg, n_stages)
+        print(format_plan(plan, budget))
+    except ConfigError as err:
+        print(f"minipipe plan error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The planner: its activation estimate matches the bytes a real 2-stage train step holds, for
+both model families and recompute modes; --largest finds the deepest model that fits."""
+import weakref
+
+import pytest
+import torch
+
+from minipipe import plan
+from minipipe.build import build_run
+from minipipe.config import make_config
+from minipipe.optim import lr_at
+from tests.spawn import run_workers
+
+CASES = {
+    "transformer": dict(model="transformer", layers=4, d_model=32, heads=2, seq_len=32),
+    "amoebanet": dict(model="amoebanet", cells=1, filters=8, image_size=16, channels=3),
+}
+COMMON = dict(data="synthetic", batch_size=16, microbatches=4)
+
+
+class HeldActivations:
+    """Peak bytes a stage holds for backward during a step: tensors autograd saved (parameters
+    excluded), stashed stage inputs and the inputs of kept graphs; each storage counted once."""
+
+    def __init__(self, engine):
+        self.engine, self.peak, self.refs, self.sizes = engine, 0, {}, {}
+        self.params = {p.untyped_storage().data_ptr() for p in engine.stage.parameters()}
+
+    def pack(self, tensor):
+        holder = _Holder(tensor)
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in self.params:
+            self.refs[ptr] = self.refs.get(ptr, 0) + 1
+            self.sizes[ptr] = tensor.untyped_storage().nbytes()
+            weakref.finalize(holder, self._release, ptr)
+            self.sample()
+        return holder
+
+    def _release(self, ptr):
+        self.refs[ptr] -= 1
+
+    def sample(self):
+        held = {ptr: self.sizes[ptr] for ptr, count in self.refs.items() if count}
+        inputs = list(self.engine.stash.values()) + [leaf for leaf, _ in self.engine.graphs.values()]
+        for value in inputs:
+            for t in (value if isinstance(value, tuple) else (value,)):
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        self.peak = max(self.peak, sum(held.values()))
+
+
+class _Holder:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def _measured_and_planned(family: str, recompute: str) -> tuple[int, int]:
+    cfg = make_config(**CASES[family], **COMMON, recompute=recompute)
+    run = build_run(cfg)
+    held = HeldActivations(run.engine)
+    real_forward = run.engine._forward
+
+    def forward_and_sample(m):
+        real_forward(m)
+        held.sample()
+
+    run.engine._forward = forward_and_sample
+    inputs, targets = run.dataset.batch(0, cfg.batch_size)
+    with torch.autograd.graph.saved_tensors_hooks(held.pack, lambda holder: holder.tensor):
+        run.engine.train_step(inputs, targets, 0, lr_at(0, cfg), cfg.grad_clip)
+    planned = plan.plan_run(cfg, run.layout.n_stages)
+    assert [len(s.layers) for s in planned.stages] == run.balance  # the same cut as the run
+    stage = planned.stages[run.layout.stage]
+    return held.peak, stage.activation_bytes(remat=recompute != "never")
+
+
+def _plan_worker(rank, world_size):
+    return {(family, mode): _measured_and_planned(family, mode)
+            for family in CASES for mode in ("always", "never")}
+
+
+def test_activation_estimate_is_within_20_percent_of_a_real_step():
+    for rank, results in enumerate(run_workers(_plan_worker, 2, timeout_s=180)):
+        for (family, mode), (measured, planned) in results.items():
+            assert abs(planned - measured) <= 0.2 * measured, (rank, family, mode, measured, planned)
+
+
+def test_largest_model_is_the_deepest_that_fits():
+    for family, depth_field in (("transformer", "layers"), ("amoebanet", "cells")):
+        cfg = make_config(**CASES[family], **COMMON)
+        budget = plan.plan_run(make_config(**{**CASES[family], depth_field: 3}, **COMMON), 2).peak_bytes()
+        found = plan.largest_that_fits(cfg, 2, budget)
+        depth = getattr(found.cfg, depth_field)
+        assert depth >= 3 and found.peak_bytes() <= budget
+        deeper = make_config(**{**CASES[family], depth_field: depth + 1}, **COMMON)
+        assert plan.plan_run(deeper, 2).peak_bytes() > budget
+
+
+def test_planner_cli_prints_every_stage_and_whether_it_fits(capsys):
+    assert plan.main(["--layers", "4", "--d-model", "32", "--heads", "2", "--seq-len", "32",
+                      "--stages", "3", "--memory-budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "bubble (K-1)/(M+K-1) = 2/6" in out and "FLOPs per token" in out
+    assert sum(line.strip().endswith("yes") for line in out.splitlines()) == 3
+
+
+@pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("16GB", 16e9), ("512 MiB", 2**29),
+                                            ("1e9", 1e9)])
+def test_memory_budget_parses_units(text, expected):
+    assert plan.parse_bytes(text) == expected

@@ -1,0 +1,81 @@
+"""Experiment tracking: one logger interface carries the config and every value to each backend;
+wandb runs offline without a key or network, and `--wandb disabled` writes nothing."""
+import glob
+
+import train
+from minipipe.config import Config, make_config
+from minipipe.metrics import MetricsLogger, wandb_mode
+
+TINY = dict(model="transformer", layers=2, d_model=32, heads=2, seq_len=32, data="synthetic",
+            batch_size=8, microbatches=2, steps=4, log_every=2, eval_every=0, eval_batches=1)
+STEP_FIELDS = {"loss": float, "lr": float, "grad_norm": float, "step_time_s": float,
+               "tokens_per_s": float}
+INTERVAL_FIELDS = {"bubble_measured": float, "bubble_theory": float, "peak_mem_gib/stage0": float,
+                   "tflops_per_device": float}
+
+
+class RecordingBackend:
+    def __init__(self):
+        self.configs, self.records, self.closed = [], [], False
+
+    def config(self, values):
+        self.configs.append(values)
+
+    def log(self, step, values):
+        self.records.append((step, dict(values)))
+
+    def close(self):
+        self.closed = True
+
+
+def test_config_plan_and_every_value_reach_every_backend(tmp_path):
+    backends = [RecordingBackend(), RecordingBackend()]
+    train.train(make_config(**TINY, out_dir=str(tmp_path)), logger=MetricsLogger(backends))
+    first, second = backends
+    assert first.configs == second.configs and first.records == second.records and first.closed
+    config = first.configs[0]
+    assert set(Config.__dataclass_fields__) <= set(config)
+    assert config["plan"]["balance"] == [4] and config["plan"]["stage_params"][0] > 0
+    assert [step for step, _ in first.records] == [0, 1, 2, 3]  # one record per step
+    for step, values in first.records:
+        expected = {**STEP_FIELDS, **(INTERVAL_FIELDS if step in (1, 3) else {})}
+        for key, kind in expected.items():
+            assert isinstance(values[key], kind), (step, key, values)
+    assert isinstance(first.records[-1][1]["val_loss"], float)  # validation at the end
+
+
+def test_wandb_offline_writes_its_run_under_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    train.train(make_config(**TINY, out_dir=str(out), wandb="offline", wandb_group="g",
+                            run_name="smoke"))
+    assert glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_wandb_disabled_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.train(make_config(**TINY, out_dir=str(tmp_path / "out"), wandb="disabled"))
+    assert not glob.glob(str(tmp_path / "**" / "wandb"), recursive=True)
+
+
+def test_auto_is_online_only_with_an_api_key(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode("auto") == "offline"  # no key, no netrc file
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"
+
+
+def test_failed_online_init_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # online without a key fails at once
+    out = tmp_path / "out"
+    train.train(make_config(**{**TINY, "steps": 1}, out_dir=str(out), wandb="online"))
+    assert "logging offline instead" in capsys.readouterr().err
+    assert glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
