@@ -249,8 +249,8 @@ class Engine:
         if m in self.stash:
             start = time.perf_counter()
             with self._autocast():
-                leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index, self._global_microbatch(m),
-                                                 input_grad=not self.first)
+                leaf, output = recompute_forward(self.stage, self.stash.pop(m), self.step_index,
+                                                 self._global_microbatch(m), input_grad=not self.first)
             if self.last:
                 output = self._loss(output, m)
             self.spans.append(("recompute", m, start, self._now()))  # nested in backward(m)
