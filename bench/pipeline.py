@@ -5,8 +5,8 @@ torch.distributed.pipelining.ScheduleGPipe on the same stages, measured side by 
     python bench/pipeline.py --stages 1,2,4 --microbatches 4,8 --recompute always
 
 Each (K, M) launches one torchrun job of K processes (one thread each on CPU). Inside it, every
-rank builds its stage once and times minipipe's train_step, then ScheduleGPipe.step + AdamW on a
-fresh copy of the same stage (same weights, same batches). Throughput is tokens/s of the median
+rank builds its stage once and times minipipe's train_step and ScheduleGPipe.step + AdamW on a
+fresh copy of the same stage (same weights, same batches), alternating step by step. Throughput is tokens/s of the median
 step; the measured bubble is the idle share of a stage's step (1 - busy compute / step time),
 averaged over stages, beside the theoretical (K-1)/(M+K-1). Prints a markdown table.
 """
@@ -28,13 +28,15 @@ MODEL = dict(model="transformer", layers=8, d_model=128, heads=4, max_seq_len=64
 COMPUTE = {"forward", "backward"}
 
 
-def _time_steps(step_fn, n_warmup: int, n_steps: int) -> list[float]:
-    times = []
+def _time_interleaved(step_fns, n_warmup: int, n_steps: int) -> list[list[float]]:
+    """Step i of every contender back to back, so a change in machine load hits all alike."""
+    times = [[] for _ in step_fns]
     for i in range(n_warmup + n_steps):
-        started = time.perf_counter()
-        step_fn(i)
-        if i >= n_warmup:
-            times.append(time.perf_counter() - started)
+        for fn, kept in zip(step_fns, times):
+            started = time.perf_counter()
+            fn(i)
+            if i >= n_warmup:
+                kept.append(time.perf_counter() - started)
     return times
 
 
@@ -56,11 +58,6 @@ def worker(args) -> None:
     def minipipe_step(i):
         engine.train_step(*batches[i], i, cfg.lr, cfg.grad_clip)
 
-    ours = _time_steps(minipipe_step, args.warmup, args.steps)
-    busy = sum(end - start for kind, _, start, end in engine.spans if kind in COMPUTE)
-    wall = engine.spans[-1][3] - engine.spans[0][2]
-    bubble = torch.tensor([1.0 - busy / wall])
-
     stage = PipelineStage(reference_stage, lay.stage, lay.n_stages, lay.device)
     schedule = ScheduleGPipe(stage, args.m, loss_fn=lambda logits, y: F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
@@ -73,7 +70,10 @@ def worker(args) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    theirs = _time_steps(torch_step, args.warmup, args.steps)
+    ours, theirs = _time_interleaved([minipipe_step, torch_step], args.warmup, args.steps)
+    busy = sum(end - start for kind, _, start, end in engine.spans if kind in COMPUTE)
+    wall = engine.spans[-1][3] - engine.spans[0][2]
+    bubble = torch.tensor([1.0 - busy / wall])
     if lay.world_size > 1:
         dist.all_reduce(bubble)
     if lay.rank == 0:
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--microbatches", default="1,2,4,8")
     parser.add_argument("--recompute", default="never", choices=("always", "except_last", "never"))
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-microbatches", dest="m", type=int, help=argparse.SUPPRESS)

@@ -62,6 +62,7 @@ class StageComm:
         self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
         self._pending = []  # (work, tensors kept alive, what) of sends not yet waited
+        self._early_headers = {}  # src -> (work, header) of a header receive posted ahead
 
     # --- sending -------------------------------------------------------------------------------
     def send(self, value, dst: int, what: str) -> None:
@@ -69,8 +70,20 @@ class StageComm:
         is_tuple = isinstance(value, tuple)
         tensors = tuple(t.detach().contiguous() for t in (value if is_tuple else (value,)))
         header = torch.tensor(self._encode(tensors, is_tuple, what), dtype=torch.int64, device=self.device)
+        self._release_completed_sends()
         for tensor in (header, *tensors):
             self._pending.append((self._start(dist.isend, tensor, dst, what), tensor, what))
+
+    def _release_completed_sends(self) -> None:
+        """Drop finished sends so their tensors can be freed (re-materialisation keeps only stage
+        inputs: a stage must not also hold every activation it sent until the end of the step)."""
+        still = []
+        for work, tensor, what in self._pending:
+            if work.is_completed():
+                self._wait(work, f"sending {what}", microbatch=None)  # surfaces a failed send
+            else:
+                still.append((work, tensor, what))
+        self._pending = still
 
     def wait_sends(self) -> None:
         """Wait for every outstanding send (bounded); after this the sent tensors may be reused."""
@@ -99,14 +112,24 @@ class StageComm:
         structure, shapes and dtypes the received value must match exactly (e.g. the activation
         this stage sent, when receiving its gradient).
         """
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._wait(self._start(dist.irecv, header, src, what), f"receiving {what}", microbatch)
+        work, header = self._early_headers.pop(src, None) or self._post_header(src, what)
+        self._wait(work, f"receiving {what}", microbatch)
         is_tuple, tensors = self._decode(header.tolist(), what, microbatch)
         for tensor in tensors:
             self._wait(self._start(dist.irecv, tensor, src, what), f"receiving {what}", microbatch)
         # validated after the payload, so the channel stays in step even when we refuse a value
         self._validate(tensors, is_tuple, what, microbatch, expect_batch, expect_like)
         return tensors if is_tuple else tensors[0]
+
+    def expect(self, src: int, what: str) -> None:
+        """Post the header receive of the next message from src now, so it can land while this
+        stage computes; the next recv from src picks it up. Only for a message that will come."""
+        if src not in self._early_headers:
+            self._early_headers[src] = self._post_header(src, what)
+
+    def _post_header(self, src, what):
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        return self._start(dist.irecv, header, src, what), header
 
     def _decode(self, header, what, microbatch):
         count, is_tuple = header[0], bool(header[1])

@@ -191,8 +191,11 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _recv_act(self, m):
-        self.inbox[m] = self.comm.recv(self.layout.prev_rank, microbatch=m, expect_batch=self.micro_sizes[m],
+        prev = self.layout.prev_rank
+        self.inbox[m] = self.comm.recv(prev, microbatch=m, expect_batch=self.micro_sizes[m],
                                        what=f"activation of micro-batch {m} from stage {self.layout.stage - 1}")
+        if m + 1 < self.n_microbatches:  # the next activation's header may land while we compute
+            self.comm.expect(prev, f"activation of micro-batch {m + 1}")
 
     def _stage_input(self, m):
         return self.micro_inputs[m] if self.first else self.inbox.pop(m)
@@ -244,6 +247,8 @@ class Engine:
         self.grads_out[m] = self.comm.recv(
             self.layout.next_rank, microbatch=m, expect_like=self.sent_spec.pop(m),
             what=f"gradient of micro-batch {m} from stage {self.layout.stage + 1}")
+        if m > 0:
+            self.comm.expect(self.layout.next_rank, f"gradient of micro-batch {m - 1}")
 
     def _backward(self, m):
         if m in self.stash:
