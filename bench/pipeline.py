@@ -6,7 +6,8 @@ torch.distributed.pipelining.ScheduleGPipe on the same stages, measured side by 
 
 Each (K, M) launches one torchrun job of K processes (one thread each on CPU). Inside it, every
 rank builds its stage once and times minipipe's train_step and ScheduleGPipe.step + AdamW on a
-fresh copy of the same stage (same weights, same batches), alternating step by step. Throughput is tokens/s of the median
+fresh copy of the same stage (same weights, same batches), alternating step by step; with
+--recompute always/except_last the torch stage is wrapped in torch.utils.checkpoint. Throughput is tokens/s of the median
 step; the measured bubble is the idle share of a stage's step (1 - busy compute / step time),
 averaged over stages, beside the theoretical (K-1)/(M+K-1). Prints a markdown table.
 """
@@ -40,6 +41,21 @@ def _time_interleaved(step_fns, n_warmup: int, n_steps: int) -> list[list[float]
     return times
 
 
+def _recomputed_module():
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    class Recomputed(torch.nn.Module):
+        """torch.utils.checkpoint around a whole stage: keep its input, recompute in backward."""
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, value):
+            return checkpoint(self.stage, value, use_reentrant=False)
+    return Recomputed
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -53,11 +69,14 @@ def worker(args) -> None:
     run = build_run(cfg)
     lay, engine = run.layout, run.engine
     reference_stage = copy.deepcopy(run.stage)  # the same weights for the torch schedule
+    Recomputed = _recomputed_module()
     batches = [run.dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps)]
 
     def minipipe_step(i):
         engine.train_step(*batches[i], i, cfg.lr, cfg.grad_clip)
 
+    if args.recompute != "never":  # the same re-materialisation for the torch schedule
+        reference_stage = Recomputed(reference_stage)
     stage = PipelineStage(reference_stage, lay.stage, lay.n_stages, lay.device)
     schedule = ScheduleGPipe(stage, args.m, loss_fn=lambda logits, y: F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
