@@ -11,6 +11,7 @@ the issue's H100 targets say whether it was met.
 """
 import argparse
 import csv
+import datetime
 import math
 import sys
 from pathlib import Path
@@ -239,12 +240,11 @@ def bench_adamw(rows, quick):
                speedup, 1.0)
 
 
-def print_markdown(rows):
+def markdown_table(rows) -> str:
     columns = [f for f in FIELDS if f != "gpu"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def main():
@@ -252,6 +252,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a small subset of the shapes")
     parser.add_argument("--csv", default=str(Path(__file__).with_name("kernels.csv")),
                         help="where to append one row per case")
+    parser.add_argument("--markdown", default=str(Path(__file__).parents[1] / "BENCHMARKS.md"),
+                        help="where to append the table, headed with the GPU and date")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (none found): nothing to measure.")
@@ -270,9 +272,12 @@ def main():
         if new_file:
             writer.writeheader()
         writer.writerows(dict(row, gpu=gpu) for row in rows)
-    print(f"## Kernel benchmark on {gpu}\n")
-    print_markdown(rows)
-    print(f"\nrows appended to {path}")
+    section = (f"\n### Triton kernels on {gpu}, {datetime.date.today()} "
+               f"(`python bench/kernels.py{' --quick' if args.quick else ''}`)\n\n{markdown_table(rows)}\n")
+    print(section)
+    with open(args.markdown, "a") as f:
+        f.write(section)
+    print(f"rows appended to {path}; table appended to {args.markdown}")
     return 0
 
 
