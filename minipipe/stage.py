@@ -11,6 +11,14 @@ from torch import nn
 from minipipe.seeding import derive_seed
 
 
+def _seed_generators(seed: int) -> None:
+    """The CPU generator and this process's current CUDA device's (not every GPU's, as
+    torch.manual_seed would): dropout draws from the device its tensor lives on."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
+
+
 def _is_stochastic(layer: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in layer.modules())
 
@@ -26,6 +34,6 @@ class Stage(nn.Module):
     def forward(self, value, step: int = 0, microbatch: int = 0):
         for i, layer in zip(self.indices, self.layers.values()):
             if self.training and i in self._stochastic:
-                torch.manual_seed(derive_seed(self.seed, "dropout", step, i, microbatch))
+                _seed_generators(derive_seed(self.seed, "dropout", step, i, microbatch))
             value = layer(value)
         return value
