@@ -30,6 +30,8 @@ class Run:
     layout: Layout
     dataset: object
     balance: list
+    costs: list  # per layer, what chose the cut
+    cost_kind: str  # params | time | memory
     stage: Stage
     optimizer: torch.optim.Optimizer
     engine: Engine
@@ -57,7 +59,7 @@ def build_run(cfg) -> Run:
         partition.balance_by_cost([1.0] * n_layers, n_stages)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
     backend = kernels.resolve_backend(cfg.kernels, layout.device)
-    balance = _choose_balance(cfg, layout, dataset, backend, n_layers)
+    balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers)
     indices = partition.stage_ranges(balance)[layout.stage]
     stage = Stage(models.build_layers(cfg, indices, backend), cfg.seed)
     stage.to(device=layout.device, dtype=PARAM_DTYPES[cfg.dtype])
@@ -67,15 +69,16 @@ def build_run(cfg) -> Run:
                     cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
                     cfg.deferred_bn, [len(n) for n in models.layer_param_numels(cfg)],
                     PARAM_DTYPES[cfg.dtype])
-    return Run(cfg, layout, dataset, balance, stage, optimizer, engine, backend)
+    return Run(cfg, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
 
 
-def _choose_balance(cfg, layout, dataset, backend, n_layers) -> list[int]:
+def _choose_balance(cfg, layout, dataset, backend, n_layers) -> tuple[list[int], list[float], str]:
+    """(layers per stage, the per-layer costs that chose the cut, what those costs measure)."""
+    params = [float(c) for c in models.count_layer_params(cfg)]
     if cfg.balance:
-        return [int(x) for x in cfg.balance.split(",")]
+        return [int(x) for x in cfg.balance.split(",")], params, "params"
     if cfg.balance_by == "params":
-        costs = [float(c) for c in models.count_layer_params(cfg)]
-        return partition.balance_by_cost(costs, layout.n_stages)
+        return partition.balance_by_cost(params, layout.n_stages), params, "params"
     # Profiled costs differ run to run: rank 0 measures, everyone uses its cut.
     plan = [None]
     if layout.rank == 0:
@@ -84,14 +87,13 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers) -> list[int]:
         inputs, _ = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
         inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
         costs = partition.profile_costs(stack, inputs, cfg.balance_by, layout.device)
-        plan = [partition.balance_by_cost(costs, layout.n_stages)]
+        plan = [(partition.balance_by_cost(costs, layout.n_stages), costs)]
     if layout.world_size > 1:
         dist.broadcast_object_list(plan, src=0)
-    return plan[0]
+    balance, costs = plan[0]
+    return balance, costs, cfg.balance_by
 
 
 def plan_table(run: Run) -> str:
-    cfg = run.cfg
-    params = models.count_layer_params(cfg)
-    return partition.format_plan(run.balance, [float(p) for p in params], params, cfg.balance_by
-                                 if cfg.balance_by == "params" or cfg.balance else "params")
+    params = models.count_layer_params(run.cfg)
+    return partition.format_cut(run.balance, run.costs, params, run.cost_kind)

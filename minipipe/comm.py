@@ -106,7 +106,8 @@ class StageComm:
     # --- receiving -----------------------------------------------------------------------------
     def recv(self, src: int, what: str, microbatch: int, expect_batch: int | None = None,
              expect_like=None):
-        """Receive the next Tensor-or-tuple from rank src, waiting at most timeout_s per message.
+        """Receive the next Tensor-or-tuple from rank src; the header and each tensor are each
+        awaited at most timeout_s.
 
         expect_batch: every tensor's dim 0 must equal it. expect_like: a Tensor or tuple whose
         structure, shapes and dtypes the received value must match exactly (e.g. the activation

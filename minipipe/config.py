@@ -34,7 +34,7 @@ class Config:
     max_seq_len: Optional[int] = _f(None, "positions the model can attend over")
     seq_len: Optional[int] = _f(None, "training context length (default: max-seq-len)")
     vocab: Optional[int] = _f(None, "vocabulary size (default: from the data; required for .bin ids)")
-    cells: Optional[int] = _f(None, "AmoebaNet-D L: normal cells per group")
+    cells: Optional[int] = _f(None, "AmoebaNet-D normal cells per group (the paper's L = 3 x cells)")
     filters: Optional[int] = _f(None, "AmoebaNet-D D: filters of the first group")
     image_size: Optional[int] = _f(None, "AmoebaNet input height = width")
     classes: Optional[int] = _f(None, "AmoebaNet classes (default: from the data)")
@@ -64,7 +64,7 @@ class Config:
     eval_batches: int = _f(4, "validation batches per evaluation")
     log_every: int = _f(10, "console line every N steps")
     metrics_jsonl: Optional[str] = _f(None, "write one JSON line of metrics per step here")
-    out_dir: str = _f("out", "directory for run outputs")
+    out_dir: str = _f("out", "directory for run outputs (wandb files)")
     sample: int = _f(0, "after training, generate and print N bytes (Transformer)")
     # pipeline
     stages: Optional[int] = _f(None, "pipeline stages K (default: world size / dp)")
@@ -162,8 +162,9 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.steps < 0:
-        raise ConfigError(f"--steps must be >= 0 (got {cfg.steps})")
+    for name in ("steps", "warmup", "eval_every", "sample", "grad_clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.batch_size % cfg.dp:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {cfg.dp}; "
                           f"choose a batch size that is a multiple of {cfg.dp}")

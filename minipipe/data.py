@@ -248,10 +248,11 @@ def _synthetic_images(classes: int, channels: int, size: int, n: int = 2048):
 def _npz(path: Path):
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
-    arrays = np.load(path, allow_pickle=False)
-    if "x" not in arrays or "y" not in arrays:
-        raise DataError(f"--data {path}: needs arrays 'x' (N, C, H, W) and 'y' (N,); found {list(arrays)}")
-    x, y = torch.from_numpy(arrays["x"]).float(), torch.from_numpy(arrays["y"]).long()
+    with np.load(path, allow_pickle=False) as arrays:
+        if "x" not in arrays or "y" not in arrays:
+            raise DataError(f"--data {path}: needs arrays 'x' (N, C, H, W) and 'y' (N,); "
+                            f"found {list(arrays)}")
+        x, y = torch.from_numpy(arrays["x"]).float(), torch.from_numpy(arrays["y"]).long()
     if x.ndim != 4 or y.shape != (x.shape[0],) or len(y) == 0:
         raise DataError(f"--data {path}: x must be (N, C, H, W) and y (N,); got {tuple(x.shape)} "
                         f"and {tuple(y.shape)}")

@@ -205,14 +205,14 @@ class Engine:
             with self._autocast():
                 return self.stage(value, self.step_index, self._global_microbatch(m))
         except RuntimeError as err:
-            if self.first:
+            if self.first or isinstance(err, torch.OutOfMemoryError):
                 raise
-            shapes = [tuple(t.shape) for t in mb.as_tuple(value)]
+            received = [(tuple(t.shape), str(t.dtype)) for t in mb.as_tuple(value)]
             raise PipelineError(f"rank {self.layout.rank} (stage {self.layout.stage}, micro-batch {m}): "
-                                f"could not run micro-batch {m} received from stage "
-                                f"{self.layout.stage - 1} with shapes {shapes}: {err}. The stages "
-                                f"disagree on the boundary value; check that every rank runs the "
-                                f"same model flags.") from err
+                                f"the stage failed on micro-batch {m} received from stage "
+                                f"{self.layout.stage - 1} as {received}: {err}. If this is a shape "
+                                f"or dtype error, the stages disagree on the boundary value: check "
+                                f"that every rank runs the same model flags.") from err
 
     def _loss(self, output, m):
         with self._autocast():
@@ -319,8 +319,13 @@ class Engine:
         self.spans.append(("norm_allreduce", None, start, self.sync_point))
         grad_norm = float(torch.linalg.vector_norm(param_norms)) / self.loss_scale
         self.result = {"loss": float(packed[-1]), "grad_norm": grad_norm, "skipped": False}
-        if not math.isfinite(grad_norm):  # float16 overflow: every rank skips and lowers the scale
-            self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(grad_norm):  # every rank sees the same norm, so all agree
+            if self.autocast_dtype != torch.float16:
+                raise FloatingPointError(
+                    f"step {self.step_index}: the gradient norm is {grad_norm} (loss "
+                    f"{self.result['loss']}); training diverged. Lower --lr, raise --warmup, "
+                    f"keep --grad-clip on, or resume from an earlier checkpoint.")
+            self.optimizer.zero_grad(set_to_none=True)  # float16 overflow: skip, lower the scale
             self.loss_scale, self.steps_at_scale = self.loss_scale / 2, 0
             self.result["skipped"] = True
             return

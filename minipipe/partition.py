@@ -3,8 +3,8 @@
 A balance is a list of K layer counts, each >= 1, summing to the number of layers; stage s holds
 the global layers `stage_ranges(balance)[s]`. `balance_by_cost` minimises the largest stage cost
 exactly: the slowest stage sets the pipeline's clock (GPipe section 2.2), so the max is what
-matters, not the variance. Costs come from parameter counts (`param_costs`, works on 'meta'
-modules) or from profiling one micro-batch (`profile_costs`, by 'time' or 'memory').
+matters, not the variance. Costs come from parameter counts (models.count_layer_params) or from
+profiling one micro-batch (`profile_costs`, by 'time' or 'memory').
 """
 import statistics
 import time
@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from minipipe.errors import ConfigError
+from minipipe.microbatch import as_tuple
+from minipipe.recompute import grad_leaf
 
 PROFILE_RUNS = 5  # timed runs per layer after one warm-up; the median is the cost
 
@@ -83,22 +85,18 @@ def stage_ranges(balance: Sequence[int]) -> list[range]:
     return ranges
 
 
-def param_costs(layers: Sequence[nn.Module]) -> list[float]:
-    """Parameter count per layer (no data touched: works on the 'meta' device)."""
-    return [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
-
-
 def profile_costs(layers: Sequence[nn.Module], sample_input, by: str, device) -> list[float]:
     """Profile each layer on one micro-batch: by='time' (seconds of forward+backward, median of
     PROFILE_RUNS after a warm-up) or by='memory' (bytes saved for backward + parameter bytes).
 
-    Layer i is fed layer i-1's output. Profiling leaves no trace: parameter .grad, buffers (e.g.
-    BatchNorm running stats) and the RNG state are as they were.
+    Layer i is fed layer i-1's output, a Tensor or a tuple passed as one argument (the layer
+    contract). Profiling leaves no trace: parameter .grad, buffers (e.g. BatchNorm running stats)
+    and the RNG state are as they were.
     """
     if by not in ("time", "memory"):
         raise ConfigError(f"unknown profiling mode {by!r}; use 'time' or 'memory'")
     device = torch.device(device)
-    value = tuple(t.to(device) for t in _as_tuple(sample_input))
+    value = _map(lambda t: t.to(device), sample_input)
     costs = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for layer in layers:
@@ -108,26 +106,28 @@ def profile_costs(layers: Sequence[nn.Module], sample_input, by: str, device) ->
             else:
                 costs.append(_memory_layer(layer, value))
             with torch.no_grad():
-                value = tuple(t.detach() for t in _as_tuple(layer(*value)))
+                value = _map(torch.Tensor.detach, layer(value))
                 for buffer, saved in saved_buffers:
                     buffer.copy_(saved)
     return costs
 
 
-def _as_tuple(value):
-    return value if isinstance(value, tuple) else (value,)
+def _map(fn, value):
+    """fn applied to a Tensor, or to each entry of a tuple of Tensors (the structure is kept)."""
+    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
 
 
-def _forward_backward(layer: nn.Module, value: tuple) -> None:
+def _forward_backward(layer: nn.Module, value) -> None:
     """One forward and backward; gradients are returned by autograd.grad, not accumulated in .grad."""
-    inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
-    outputs = [t for t in _as_tuple(layer(*inputs)) if t.is_floating_point() and t.requires_grad]
-    wrt = [t for t in inputs if t.requires_grad] + [p for p in layer.parameters() if p.requires_grad]
+    inputs = grad_leaf(value)
+    outputs = [t for t in as_tuple(layer(inputs)) if t.is_floating_point() and t.requires_grad]
+    wrt = ([t for t in as_tuple(inputs) if t.requires_grad]
+           + [p for p in layer.parameters() if p.requires_grad])
     if outputs and wrt:
         torch.autograd.grad(sum(t.sum() for t in outputs), wrt, allow_unused=True)
 
 
-def _time_layer(layer: nn.Module, value: tuple, device: torch.device) -> float:
+def _time_layer(layer: nn.Module, value, device: torch.device) -> float:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -143,7 +143,7 @@ def _time_layer(layer: nn.Module, value: tuple, device: torch.device) -> float:
     return statistics.median(durations)
 
 
-def _memory_layer(layer: nn.Module, value: tuple) -> float:
+def _memory_layer(layer: nn.Module, value) -> float:
     param_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = {}  # storage pointer -> bytes: a tensor saved twice (or views of it) counts once
 
@@ -154,13 +154,12 @@ def _memory_layer(layer: nn.Module, value: tuple) -> float:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
-        layer(*inputs)
+        layer(grad_leaf(value))
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     return float(sum(saved.values()) + param_bytes)
 
 
-def format_plan(balance: Sequence[int], costs: Sequence[float], params_per_layer: Sequence[float],
+def format_cut(balance: Sequence[int], costs: Sequence[float], params_per_layer: Sequence[float],
                 by: str) -> str:
     """A table of the cut: stage, its global layers, parameters, cost and share of the total cost."""
     total = sum(costs) or 1.0

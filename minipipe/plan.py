@@ -35,6 +35,7 @@ import models
 from minipipe import partition
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
+from minipipe.microbatch import as_tuple
 from minipipe.schedule import bubble_fraction
 
 STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
@@ -84,12 +85,8 @@ class Plan:
 
 
 # ---- tracing layers on the meta device -------------------------------------------------------
-def _as_tuple(value):
-    return value if isinstance(value, tuple) else (value,)
-
-
 def _spec(value) -> tuple:
-    return isinstance(value, tuple), tuple((tuple(t.shape), t.dtype) for t in _as_tuple(value))
+    return isinstance(value, tuple), tuple((tuple(t.shape), t.dtype) for t in as_tuple(value))
 
 
 def _fresh(spec, requires_grad: bool):
@@ -129,7 +126,7 @@ def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool
             value = previous(value)
             kept.append(value)
         phase = "layer"
-        inputs = {_storage(t) for t in _as_tuple(value)}
+        inputs = {_storage(t) for t in as_tuple(value)}
         output = layer(value)
     layer_saved = saved["layer"]
     alone = sum(b for s, b in layer_saved.items() if s not in inputs)
@@ -140,7 +137,7 @@ def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool
 def _flops(layer: nn.Module, spec, model_input: bool) -> float:
     with FlopCounterMode(display=False) as counter:
         output = layer(_fresh(spec, requires_grad=not model_input))
-        outputs = [t for t in _as_tuple(output) if t.requires_grad]
+        outputs = [t for t in as_tuple(output) if t.requires_grad]
         if outputs:
             torch.autograd.backward([t.sum() for t in outputs])
     return float(counter.get_total_flops())
@@ -284,7 +281,7 @@ def format_plan(plan: Plan, budget: int | None) -> str:
     cfg, k = plan.cfg, len(plan.stages)
     shape = (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads, seq {cfg.seq_len}"
              if cfg.model == "transformer" else
-             f"AmoebaNet-D(L={cfg.cells}, D={cfg.filters}), {cfg.image_size}x{cfg.image_size}")
+             f"AmoebaNet-D(L={3 * cfg.cells}, D={cfg.filters}), {cfg.image_size}x{cfg.image_size}")
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
     rows = [("stage", "layers", "params", "weights+grads+adam", "act. re-mat", "act. no re-mat",
              f"total ({cfg.recompute})") + (("fits",) if budget else ())]

@@ -26,7 +26,7 @@ PRESETS = {
     "amoebanet": {
         "tiny": dict(cells=1, filters=8, image_size=32),
         "small": dict(cells=2, filters=32, image_size=32),
-        # AmoebaNet-D(18, 256) at 224x224, as in the GPipe paper's image experiments.
+        # AmoebaNet-D(18, 256) at 224x224 (L = 3 groups x 6 normal cells), as in GPipe's image runs.
         "gpipe": dict(cells=6, filters=256, image_size=224, classes=1000),
     },
 }

@@ -106,9 +106,3 @@ def count_loss_units(targets) -> int:
     """What the mean loss divides by: tokens whose target is not ignored."""
     return int((targets != IGNORE_INDEX).sum())
 
-
-def param_count(cfg) -> int:
-    """Closed form, for the preset tests: embeddings + L blocks + final LN + head."""
-    d, v = cfg.d_model, cfg.vocab
-    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    return v * d + cfg.max_seq_len * d + cfg.layers * block + 2 * d + d * v

@@ -47,10 +47,15 @@ def test_batches_are_independent_of_process_count():
 
 def test_image_epochs_visit_every_sample_once():
     data = load_dataset(make_config(model="amoebanet", data="synthetic"))
-    n = len(data.train_y)
-    seen = torch.cat([data.batch(step, 64)[1] for step in range(n // 64)])
-    firsts = torch.cat([data._permutation(0)[: (n // 64) * 64]])
-    assert torch.equal(seen, data.train_y[firsts])
+    n, batch = len(data.train_y), 5
+    assert n % batch == 0  # so one epoch is a whole number of steps
+    epoch = [data.batch(step, batch) for step in range(n // batch)]
+    images = torch.cat([x for x, _ in epoch]).flatten(1)
+    labels = torch.cat([y for _, y in epoch])
+    assert torch.unique(images, dim=0).shape[0] == n == torch.unique(data.train_x.flatten(1), dim=0).shape[0]
+    assert torch.equal(labels.sort().values, data.train_y.sort().values)
+    next_epoch = torch.cat([data.batch(n // batch + step, batch)[1] for step in range(n // batch)])
+    assert not torch.equal(next_epoch, labels)  # a fresh order each epoch
 
 
 def test_cursor_round_trip():

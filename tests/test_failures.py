@@ -33,8 +33,8 @@ def _sabotaged_worker(rank, world_size, sabotage):
 
 
 @pytest.mark.parametrize("sabotage,receiver_says", [
-    ("narrow", "could not run micro-batch 0 received from stage 0 with shapes [(2, 8, 15)]"),
-    ("short", "micro-batch 0"),
+    ("narrow", "failed on micro-batch 0 received from stage 0 as [((2, 8, 15), 'torch.float32')]"),
+    ("short", "activation of micro-batch 0 from stage 0: expected dim 0 = 2"),
 ])
 def test_wrong_shape_from_a_stage_fails_every_rank_within_the_timeout(sabotage, receiver_says):
     started = time.monotonic()

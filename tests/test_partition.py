@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+import models
+from minipipe.config import make_config
 from minipipe.errors import ConfigError
-from minipipe.partition import (balance_by_cost, check_balance, format_plan, param_costs,
+from minipipe.partition import (balance_by_cost, check_balance, format_cut,
                                 profile_costs, stage_ranges)
 
 
@@ -73,12 +75,6 @@ def test_stage_ranges_are_global_layer_indices():
     assert stage_ranges([3, 3, 2]) == [range(0, 3), range(3, 6), range(6, 8)]
 
 
-def test_param_costs_work_on_meta_device():
-    with torch.device("meta"):
-        layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2, bias=False)]
-    assert param_costs(layers) == [40.0, 0.0, 16.0]
-
-
 def tiny_stack():
     torch.manual_seed(0)
     return [nn.Linear(8, 8), nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 8)]
@@ -104,16 +100,19 @@ def test_profile_memory_grows_with_layer_width_and_leaves_no_trace():
 
 
 def test_profile_accepts_tuples_and_integer_inputs():
+    """A tuple is one argument, as Stage passes it (AmoebaNet's cells take a pair)."""
     class Embed(nn.Module):
         def __init__(self):
             super().__init__()
             self.table = nn.Embedding(10, 4)
 
-        def forward(self, ids, mask):
+        def forward(self, pair):
+            ids, mask = pair
             return self.table(ids), mask
 
     class Head(nn.Module):
-        def forward(self, hidden, mask):
+        def forward(self, pair):
+            hidden, mask = pair
             return hidden * mask.unsqueeze(-1)
 
     ids = torch.randint(0, 10, (2, 5))
@@ -121,7 +120,15 @@ def test_profile_accepts_tuples_and_integer_inputs():
     assert all(c > 0 for c in costs)
 
 
-def test_format_plan_lists_each_stage():
-    plan = format_plan([2, 1], [1.0, 1.0, 2.0], [10, 20, 30], by="time")
+def test_profile_runs_amoebanet_whose_cells_take_a_pair():
+    cfg = make_config(model="amoebanet", cells=1, filters=4, image_size=8, channels=3, classes=10)
+    layers = models.build_layers(cfg, range(len(models.layer_factories(cfg))))
+    for by in ("time", "memory"):
+        costs = profile_costs(list(layers.values()), torch.randn(2, 3, 8, 8), by=by, device="cpu")
+        assert len(costs) == 3 * cfg.cells + 4 and all(c > 0 for c in costs), (by, costs)
+
+
+def test_format_cut_lists_each_stage():
+    plan = format_cut([2, 1], [1.0, 1.0, 2.0], [10, 20, 30], by="time")
     lines = plan.splitlines()
     assert len(lines) == 3 and "0-1" in lines[1] and "30" in lines[1] and "50.0%" in lines[2]

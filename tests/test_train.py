@@ -80,7 +80,8 @@ def test_two_stage_torchrun_gives_the_one_process_losses_bitwise(tmp_path):
     two = run_torchrun([*args, "--metrics-jsonl", str(tmp_path / "two.jsonl")], nproc=2, timeout_s=120)
     assert two.returncode == 0, two.stderr
     assert "stage" in two.stdout and "0-1" in two.stdout  # rank 0 printed the partition plan
-    assert _losses(tmp_path / "two.jsonl") == _losses(tmp_path / "one.jsonl")
+    one_losses = _losses(tmp_path / "one.jsonl")
+    assert len(one_losses) == 4 and _losses(tmp_path / "two.jsonl") == one_losses
 
 
 def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
@@ -98,3 +99,14 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
     result = run.engine.train_step(*run.dataset.batch(1, 4), 1, lr_at(1, cfg), cfg.grad_clip)
     assert not result["skipped"] and 0 < result["grad_norm"] < 100
     assert any(not torch.equal(p, before[n]) for n, p in run.stage.named_parameters())
+
+
+def test_a_diverged_float32_step_raises_instead_of_skipping():
+    import pytest
+    from minipipe.build import build_run
+    cfg = make_config(**TINY, batch_size=4, microbatches=2)
+    run = build_run(cfg)
+    with torch.no_grad():
+        next(run.stage.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 0: the gradient norm is nan.*Lower --lr"):
+        run.engine.train_step(*run.dataset.batch(0, 4), 0, 1e-3, cfg.grad_clip)
