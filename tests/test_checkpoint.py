@@ -254,3 +254,14 @@ def test_every_rank_refuses_a_shard_only_one_stage_reads(straight, tmp_path):
     for outcome in outcomes:
         assert outcome.error == "CheckpointError", outcome
         assert "rank 1 (stage 1)" in outcome.message and "is missing" in outcome.message
+
+
+def test_float16_loss_scale_survives_a_resume(tmp_path):
+    cfg = make_config(**TINY, dtype="float16", ckpt_dir=str(tmp_path))
+    run = build_run(cfg)
+    run.engine.loss_scale, run.engine.steps_at_scale = 1024.0, 7
+    path = save_checkpoint(run, DataCursor(run.dataset, cfg.batch_size), 3, 1e-3)
+    resumed = build_run(cfg)
+    assert resumed.engine.loss_scale == 2.0 ** 16
+    load_checkpoint(resumed, DataCursor(resumed.dataset, cfg.batch_size), path)
+    assert (resumed.engine.loss_scale, resumed.engine.steps_at_scale) == (1024.0, 7)
