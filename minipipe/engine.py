@@ -59,8 +59,7 @@ class Engine:
         self.param_slots = torch.tensor([starts[i] + j for i, layer in zip(stage.indices, stage.layers.values())
                                          for j, p in enumerate(layer.parameters()) if p.requires_grad],
                                         dtype=torch.long, device=layout.device)
-        self.first = layout.stage == 0
-        self.last = layout.stage == layout.n_stages - 1
+        self.first, self.last = layout.is_first, layout.is_last
         self.device = layout.device
         self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
         # Dynamic loss scaling for float16 autocast, whose small gradients would underflow.
