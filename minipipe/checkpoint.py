@@ -105,7 +105,7 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     if lay.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed at this step
         tmp.mkdir(parents=True)
-    _barrier(lay)
+    _barrier(lay, f"start checkpoint {final.name}")
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
         shards = {"model": run.stage.state_dict(),
@@ -113,12 +113,12 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
         for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
             report[kind] = _write_shard(tmp, file_name, tensors)
-    reports = _gather_to_rank0(report, lay)
+    reports = _gather_to_rank0(report, lay, f"write its shards of {final.name}")
     if lay.rank == 0:
         _write_trainer_state(run, cursor, step, lr, tmp, reports)
         _publish(root, tmp, final)
         _prune(root, run.cfg.keep)
-    _barrier(lay)
+    _barrier(lay, f"see {final.name} published")
     return final
 
 
@@ -389,14 +389,25 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier(lay) -> None:
+def _barrier(lay, what: str) -> None:
     if lay.world_size > 1:
-        dist.barrier()
+        _agree(lay, what, dist.barrier)
 
 
-def _gather_to_rank0(report: dict, lay) -> list:
+def _gather_to_rank0(report: dict, lay, what: str) -> list:
     if lay.world_size == 1:
         return [report]
     reports = [None] * lay.world_size if lay.rank == 0 else None
-    dist.gather_object(report, reports, dst=0)
+    _agree(lay, what, lambda: dist.gather_object(report, reports, dst=0))
     return reports
+
+
+def _agree(lay, what: str, collective) -> None:
+    """A collective of the save; a rank that failed (disk full, killed) surfaces here, after at
+    most --timeout, as an error that says what this rank waited for."""
+    try:
+        collective()
+    except RuntimeError as err:
+        raise CheckpointError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
+                              f"{what} failed ({str(err).splitlines()[0]}); the first error is in "
+                              f"another rank's log, and the previous checkpoint is intact") from err

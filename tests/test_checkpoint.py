@@ -265,3 +265,20 @@ def test_float16_loss_scale_survives_a_resume(tmp_path):
     assert resumed.engine.loss_scale == 2.0 ** 16
     load_checkpoint(resumed, DataCursor(resumed.dataset, cfg.batch_size), path)
     assert (resumed.engine.loss_scale, resumed.engine.steps_at_scale) == (1024.0, 7)
+
+
+def _failing_save_worker(rank, world_size, ckpt_dir):
+    run = build_run(make_config(**TINY, ckpt_dir=ckpt_dir, timeout=5.0))
+    if rank == 1:
+        def disk_full(*args):
+            raise OSError(28, "No space left on device")
+        checkpoint._write_shard = disk_full
+    save_checkpoint(run, DataCursor(run.dataset, 8), 0, 1e-3)
+
+
+def test_a_rank_failing_mid_save_makes_the_others_say_what_they_waited_for(tmp_path):
+    outcomes = run_workers(_failing_save_worker, 2, str(tmp_path), expect_failure=True, timeout_s=60)
+    assert outcomes[1].error == "OSError"
+    assert outcomes[0].error == "CheckpointError", outcomes[0]
+    assert "rank 0 (stage 0): waiting for every rank to write its shards of step-000001" in outcomes[0].message
+    assert not (tmp_path / "latest").exists()
