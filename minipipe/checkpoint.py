@@ -13,35 +13,35 @@ Invariants:
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
-- Loading verifies everything this rank reads (config, names, shapes, sizes, sha256), and all
-  ranks agree on the verdict, before anything is copied into the model. Only safetensors and JSON
-  are read: nothing is unpickled.
+- Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
+  checkpoint_files.py), and all ranks agree on the verdict, before anything is copied into the
+  model. Only safetensors and JSON are read: nothing is unpickled.
 """
 import base64
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minipipe.checkpoint_files import (
+    FORMAT_VERSION,
+    INDEX_FILES,
+    LATEST,
+    STEP_DIR,
+    TRAINER_STATE,
+    check_model_shape,
+    checkpoint_path,
+    digest,
+    read_index,
+    read_tensors,
+    read_trainer_state,
+)
 from minipipe.errors import CheckpointError
-
-FORMAT_VERSION = 1
-MODEL_SHAPE_FIELDS = ("model", "layers", "d_model", "heads", "max_seq_len", "vocab", "cells",
-                      "filters", "image_size", "classes", "channels")
-INDEX_FILES = {"model": "model.safetensors.index.json",
-               "optimizer": "optimizer.safetensors.index.json"}
-TRAINER_STATE = "trainer_state.json"
-TRAINER_STATE_KEYS = ("step", "config", "world", "data_cursor", "rng", "files")
-LATEST = "latest"
-STEP_DIR = re.compile(r"step-(\d+)$")
 
 
 # ---- the training loop's view ----------------------------------------------------------------
@@ -134,7 +134,7 @@ def _write_shard(directory: Path, file_name: str, tensors: dict) -> dict:
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(tensors, path, metadata={"format": "pt"})
     _fsync(path)  # save_file renames into place but does not fsync
-    return {"file": file_name, "names": sorted(tensors), **_digest(path),
+    return {"file": file_name, "names": sorted(tensors), **digest(path),
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
@@ -146,7 +146,7 @@ def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) 
                  "weight_map": {name: s["file"] for s in shards for name in s["names"]}}
         _write_json(directory / index_name, index)
         files.update({s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in shards})
-        files[index_name] = _digest(directory / index_name)
+        files[index_name] = digest(directory / index_name)
     lay = run.layout
     _write_json(directory / TRAINER_STATE, {
         "format_version": FORMAT_VERSION,
@@ -203,17 +203,6 @@ def resume_path(cfg) -> Path | None:
     return checkpoint_path(cfg.resume)
 
 
-def checkpoint_path(path) -> Path:
-    """A step directory as given, or the one a checkpoint directory's `latest` names."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}); pass a "
-                              f"step-N directory or a --ckpt-dir holding `{LATEST}`, or --resume none")
-    return path
-
-
 def load_checkpoint(run, cursor, path: Path) -> int:
     """Verify, then restore weights, buffers, optimizer state, data cursor and (same layout only)
     RNG states; returns the checkpoint's step. A problem found by any rank raises the same
@@ -239,89 +228,6 @@ def load_checkpoint(run, cursor, path: Path) -> int:
     if state["world"] == {"stages": lay.n_stages, "dp": lay.dp}:
         _set_rng_state(state["rng"][lay.rank], lay.device)
     return state["step"]
-
-
-def read_trainer_state(path: Path) -> dict:
-    file = path / TRAINER_STATE
-    try:
-        state = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing: {path} is not a complete checkpoint")
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format version {state.get('format_version')!r}, this "
-                              f"minipipe reads version {FORMAT_VERSION}")
-    absent = [key for key in TRAINER_STATE_KEYS if key not in state]
-    if absent:
-        raise CheckpointError(f"{file} lacks {', '.join(absent)}: the checkpoint is corrupt")
-    return state
-
-
-def check_model_shape(state: dict, cfg, path: Path) -> None:
-    saved = state["config"]
-    differ = [f"{name}={saved.get(name)} (this run: {getattr(cfg, name)})"
-              for name in MODEL_SHAPE_FIELDS if saved.get(name) != getattr(cfg, name)]
-    if differ:
-        raise CheckpointError(f"{path} holds another model: {', '.join(differ)}; pass the "
-                              f"checkpoint's model flags, or start fresh with --resume none")
-
-
-def read_index(path: Path, kind: str, state: dict) -> dict:
-    """The weight_map (name -> file) of the `kind` index, after checking the index file itself."""
-    index_name = INDEX_FILES[kind]
-    verify_file(path, index_name, state)
-    try:
-        return json.loads((path / index_name).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{path / index_name} is not a safetensors index ({err})")
-
-
-def read_tensors(path: Path, kind: str, weight_map: dict, state: dict, wanted: dict) -> dict:
-    """The tensors `wanted` (name -> expected shape, or None for any), read lazily from only the
-    files that hold them, each file verified against trainer_state.json before it is opened."""
-    index_name = INDEX_FILES[kind]
-    absent = sorted(set(wanted) - set(weight_map))
-    if absent:
-        raise CheckpointError(f"{path / index_name} has no tensor {absent[0]} ({len(absent)} "
-                              f"missing): the checkpoint belongs to another model")
-    by_file = {}
-    for name in sorted(wanted):
-        by_file.setdefault(weight_map[name], []).append(name)
-    tensors = {}
-    for file_name, names in sorted(by_file.items()):
-        verify_file(path, file_name, state)
-        with safe_open(path / file_name, framework="pt", device="cpu") as shard:
-            held = set(shard.keys())
-            for name in names:
-                if name not in held:
-                    raise CheckpointError(f"{path / index_name} maps {name} to {file_name}, "
-                                          f"which does not hold it: the index is corrupt")
-                shape = shard.get_slice(name).get_shape()
-                if wanted[name] is not None and shape != list(wanted[name]):
-                    raise CheckpointError(f"{path / file_name}: {name} has shape {shape}, this "
-                                          f"model needs {list(wanted[name])}: another model shape")
-                tensors[name] = shard.get_tensor(name)
-    return tensors
-
-
-def verify_file(path: Path, file_name: str, state: dict) -> None:
-    """The file exists with the size and sha256 that trainer_state.json recorded at save time."""
-    record = state["files"].get(file_name)
-    file = path / file_name
-    if record is None:
-        raise CheckpointError(f"{file} is named by an index but not recorded in {TRAINER_STATE}: "
-                              f"the checkpoint is inconsistent")
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; resume from "
-                              f"another one (--resume PATH) or start fresh (--resume none)")
-    size = file.stat().st_size
-    if size != record["bytes"]:
-        raise CheckpointError(f"{file} is {size} bytes but was saved with {record['bytes']}: "
-                              f"truncated or overwritten; resume from another checkpoint")
-    if _digest(file)["sha256"] != record["sha256"]:
-        raise CheckpointError(f"{file}: sha256 mismatch with {TRAINER_STATE}: the file is "
-                              f"corrupt; resume from another checkpoint")
 
 
 def _read_stage_tensors(path: Path, state: dict, stage) -> tuple[dict, dict]:
@@ -365,14 +271,6 @@ def _set_rng_state(saved: dict, device: torch.device) -> None:
     torch.set_rng_state(decode(saved["torch"]))
     if saved["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(decode(saved["cuda"]), device)
-
-
-def _digest(path: Path) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(chunk)
-    return {"sha256": sha.hexdigest(), "bytes": path.stat().st_size}
 
 
 def _write_json(path: Path, value) -> None:

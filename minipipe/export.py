@@ -13,7 +13,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from minipipe.checkpoint import checkpoint_path, read_index, read_tensors, read_trainer_state
+from minipipe.checkpoint_files import (
+    checkpoint_path,
+    read_index,
+    read_tensors,
+    read_trainer_state,
+)
 from minipipe.errors import MinipipeError
 
 EXPORTED_WEIGHTS = "model.safetensors"

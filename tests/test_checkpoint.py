@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import models
 import train
-from minipipe import checkpoint
+from minipipe import checkpoint, checkpoint_files
 from minipipe.build import build_run
 from minipipe.checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
 from minipipe.config import make_config
@@ -198,7 +198,7 @@ def _corrupt(ckpt, case: str) -> dict:
         index_file.write_text(json.dumps(index))
         state_file = ckpt / "trainer_state.json"  # a consistent-looking but wrong checkpoint
         state = json.loads(state_file.read_text())
-        state["files"][index_file.name] = checkpoint._digest(index_file)
+        state["files"][index_file.name] = checkpoint_files.digest(index_file)
         state_file.write_text(json.dumps(state))
 
     shard = ckpt / "model-00001-of-00002.safetensors"
