@@ -7,6 +7,7 @@
 The loop is a straight line: batch from the data cursor -> one GPipe step on every stage ->
 metrics on rank 0 -> periodic validation -> optional sample at the end.
 """
+import os
 import sys
 import time
 
@@ -18,10 +19,11 @@ from minipipe.build import build_run, plan_table
 from minipipe.checkpoint import Checkpointer
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
-from minipipe.errors import MinipipeError
+from minipipe.errors import ConfigError, MinipipeError
 from minipipe.metrics import MetricsLogger, config_record, flops_utilisation, make_logger
 from minipipe.optim import lr_at
 from minipipe.plan import model_flops_per_unit
+from minipipe.preflight import check_before_work
 
 
 def validation_loss(run) -> float:
@@ -33,16 +35,27 @@ def validation_loss(run) -> float:
 def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     """Train up to cfg.steps (from a checkpoint's next step when resuming); returns {"losses",
     "val_losses", "sample"} of the steps run here (the same on every rank)."""
-    run = build_run(cfg)
+    check_before_work(cfg)  # environment and output paths, on every rank, before any wait
+    # Tracking starts before any rank waits on another: a slow wandb server delays rank 0 in the
+    # rendezvous (bounded by --timeout), never in the middle of a step the other ranks wait on.
+    logger = logger or make_logger(cfg, int(os.environ.get("RANK", "0")))
+    try:
+        run = build_run(cfg)
+    except BaseException:
+        logger.close()
+        raise
     rank = run.layout.rank
-    logger = logger or make_logger(cfg, rank)
     logger.config(config_record(cfg, run.balance))
     if rank == 0:
         print(plan_table(run), flush=True)
     cursor = DataCursor(run.dataset, cfg.batch_size)
-    checkpoints = Checkpointer(run, cursor)  # resumes now; saves on schedule, at the end, on SIGTERM
+    checkpoints = Checkpointer(run, cursor)  # saves on schedule, at the end, on SIGTERM/SIGINT
     try:
-        first_step = checkpoints.resume()
+        first_step = checkpoints.resume()  # claims --ckpt-dir first
+        if cfg.sample and first_step >= cfg.steps:
+            raise ConfigError(f"--sample generates after training, but the checkpoint already "
+                              f"holds all --steps {cfg.steps}: nothing is trained here; raise "
+                              f"--steps, or drop --sample")
         units_per_sample = cfg.seq_len if cfg.model == "transformer" else 1
         history = {"losses": [], "val_losses": [], "sample": None}
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
@@ -101,9 +114,16 @@ def main(argv=None) -> int:
         cfg = parse_config(argv)
         train(cfg)
     except MinipipeError as err:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        print(f"minipipe error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        # Before the process group starts, the launcher's RANK says which process this is.
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        where = f"(rank {rank}) " if world > 1 else ""
+        print(f"minipipe error: {where}{err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one without --ckpt-dir: stop, no traceback
+        print("minipipe: interrupted (nothing saved since the last checkpoint)", file=sys.stderr,
+              flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

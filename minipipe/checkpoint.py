@@ -22,10 +22,13 @@ import json
 import os
 import shutil
 import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from minipipe.checkpoint_files import (
@@ -34,6 +37,7 @@ from minipipe.checkpoint_files import (
     LATEST,
     STEP_DIR,
     TRAINER_STATE,
+    check_data_order,
     check_model_shape,
     checkpoint_path,
     digest,
@@ -41,31 +45,44 @@ from minipipe.checkpoint_files import (
     read_tensors,
     read_trainer_state,
 )
+from minipipe.checkpoint_dir import (DirectoryClaim, claim_checkpoint_dir, holds_only_checkpoint_files,
+                                     is_checkpoint)
 from minipipe.errors import CheckpointError
 
 
 # ---- the training loop's view ----------------------------------------------------------------
 class Checkpointer:
-    """Resume at the start; save every --ckpt-every steps, at the end, and at the step boundary
-    after a SIGTERM. Saving (and the SIGTERM handler) is on only with --ckpt-dir."""
+    """Claim --ckpt-dir and resume at the start; save every --ckpt-every steps, at the end, and at
+    the step boundary after a SIGTERM or a Ctrl-C (SIGINT; a second Ctrl-C stops at once, without
+    saving). Saving (and the signal handlers) is on only with --ckpt-dir."""
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, run, cursor):
         self.run, self.cursor, self.cfg = run, cursor, run.cfg
         self.enabled = self.cfg.ckpt_dir is not None
-        self.sigterm_received = False  # on this rank
+        self.sigterm_received = False  # on this rank: a SIGTERM or SIGINT asked to stop
         self.stopped = False  # agreed by every rank: the run ended early at a step boundary
-        self._previous_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
-                                  if self.enabled else None)
+        self.claim = DirectoryClaim(None, "")
+        self._previous_handlers = ({sig: signal.signal(sig, self._on_stop_signal)
+                                    for sig in self.STOP_SIGNALS} if self.enabled else {})
 
-    def _on_sigterm(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
         self.sigterm_received = True
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.write(2, b"interrupted: saving a checkpoint at the end of this step "
+                        b"(Ctrl-C again to stop without saving)\n")
 
     def resume(self) -> int:
-        """Restore the checkpoint --resume names (if any); returns the first step to run."""
+        """Restore the checkpoint --resume names (if any), then claim --ckpt-dir (see
+        checkpoint_dir.py); returns the first step to run."""
         path = resume_path(self.cfg)
+        step = None if path is None else load_checkpoint(self.run, self.cursor, path)  # read only
+        if self.enabled:
+            self.claim = claim_checkpoint_dir(self.cfg, self.run.layout, path)
         if path is None:
             return 0
-        step = load_checkpoint(self.run, self.cursor, path)
         if self.run.layout.rank == 0:
             print(f"resumed from {path} after step {step}", flush=True)
         return step + 1
@@ -91,8 +108,10 @@ class Checkpointer:
         return bool(flag.item())
 
     def close(self) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+        self.claim.release()
 
 
 # ---- save ---------------------------------------------------------------------------------------
@@ -112,10 +131,12 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
                   "optimizer": optimizer_tensors(run.stage, run.optimizer)}
         for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
-            report[kind] = _write_shard(tmp, file_name, tensors)
+            with _write_failure_reported(root, tmp / file_name, lay):
+                report[kind] = _write_shard(tmp, file_name, tensors)
     reports = _gather_to_rank0(report, lay, f"write its shards of {final.name}")
     if lay.rank == 0:
-        _write_trainer_state(run, cursor, step, lr, tmp, reports)
+        with _write_failure_reported(root, tmp / TRAINER_STATE, lay):
+            _write_trainer_state(run, cursor, step, lr, tmp, reports)
         _publish(root, tmp, final)
         _prune(root, run.cfg.keep)
     _barrier(lay, f"see {final.name} published")
@@ -163,7 +184,27 @@ def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) 
     _fsync(directory)
 
 
+@contextmanager
+def _write_failure_reported(root: Path, path: Path, lay):
+    """A failed write (disk full, quota, I/O error) becomes a CheckpointError that says the
+    previous checkpoint is intact; the partial file is removed so that it does not hold the space."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        path.unlink(missing_ok=True)
+        latest = root / LATEST
+        previous = (f"the previous checkpoint {root / latest.read_text().strip()} is intact and "
+                    f"`{LATEST}` still names it" if latest.is_file() else
+                    "no earlier checkpoint of this run exists")
+        raise CheckpointError(f"rank {lay.rank}: saving {path} failed ({err}); {previous}; free "
+                              f"disk space (or fix --ckpt-dir) and resume with --resume auto") from err
+
+
 def _publish(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists() and not is_checkpoint(final):
+        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that is "
+                              f"not a checkpoint is in the way; move it and resume (the step is "
+                              f"saved under {tmp})")
     if final.exists():  # this step was saved by an earlier run in the same directory
         stale = root / f".old-{final.name}"
         shutil.rmtree(stale, ignore_errors=True)
@@ -178,16 +219,22 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (0 = all), never the one `latest` names; drop leftovers
-    of killed saves."""
+    of killed saves. Only checkpoints count (is_checkpoint): a user's `step-7/notes.txt` or a file
+    named `step-1` is neither counted nor touched."""
     for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     if not keep:
         return
     latest = (root / LATEST).read_text().strip()
-    others = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.name != latest),
+    others = sorted((p for p in root.iterdir() if is_checkpoint(p) and p.name != latest),
                     key=lambda p: int(STEP_DIR.match(p.name).group(1)))
     for old in others[:max(len(others) - (keep - 1), 0)]:
-        shutil.rmtree(old)
+        if holds_only_checkpoint_files(old):
+            shutil.rmtree(old)
+        else:
+            print(f"note: --keep {keep} leaves {old} in place: it holds files that are not part of "
+                  f"the checkpoint", file=sys.stderr, flush=True)
 
 
 # ---- resume and load -------------------------------------------------------------------------
@@ -212,6 +259,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
         state = read_trainer_state(path)
         check_model_shape(state, run.cfg, path)
         weights, optimizer_state = _read_stage_tensors(path, state, run.stage)
+        check_data_order(state, run.cfg, path)  # after the shapes: another model says more
         problem = None
     except CheckpointError as err:
         problem = f"rank {lay.rank} (stage {lay.stage}): {err}"

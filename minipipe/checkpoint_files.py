@@ -15,6 +15,9 @@ from minipipe.errors import CheckpointError
 FORMAT_VERSION = 1
 MODEL_SHAPE_FIELDS = ("model", "layers", "d_model", "heads", "max_seq_len", "vocab", "cells",
                       "filters", "image_size", "classes", "channels")
+# The data order: batch s is a function of (seed, s, batch size, seq_len); resuming under other
+# values would skip or repeat samples, so they must match (dp and M split a batch, order kept).
+DATA_ORDER_FIELDS = ("seed", "batch_size", "seq_len")
 INDEX_FILES = {"model": "model.safetensors.index.json",
                "optimizer": "optimizer.safetensors.index.json"}
 TRAINER_STATE = "trainer_state.json"
@@ -58,6 +61,16 @@ def check_model_shape(state: dict, cfg, path: Path) -> None:
     if differ:
         raise CheckpointError(f"{path} holds another model: {', '.join(differ)}; pass the "
                               f"checkpoint's model flags, or start fresh with --resume none")
+
+
+def check_data_order(state: dict, cfg, path: Path) -> None:
+    saved = state["config"]
+    differ = [f"--{name.replace('_', '-')} {saved.get(name)} (this run: {getattr(cfg, name)})"
+              for name in DATA_ORDER_FIELDS if saved.get(name) != getattr(cfg, name)]
+    if differ:
+        raise CheckpointError(f"{path} was trained with {', '.join(differ)}, which set the data "
+                              f"order: resuming would skip or repeat samples; pass the "
+                              f"checkpoint's values, or start fresh with --resume none")
 
 
 def read_index(path: Path, kind: str, state: dict) -> dict:

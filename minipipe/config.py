@@ -4,14 +4,20 @@ TOML file. Precedence: field default < preset < --config FILE.toml < explicit fl
 Model-shape fields default to None and are filled from the preset, so `--preset small --layers 8`
 means "small, but 8 layers". Fields that depend on the data (vocab, classes, channels) stay None
 until `minipipe.data` has looked at the data.
+
+This module is a leaf: it imports neither torch nor the models, so importing it (or making a
+Config) has no side effects such as choosing the Triton interpreter. Each option's choices are
+defined once, here (the model families and presets come from minipipe.presets).
 """
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, get_args, get_origin, Union
 
 from minipipe.errors import ConfigError
+from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
 
 try:
     import tomllib
@@ -26,8 +32,8 @@ def _f(default, help, choices=None):
 @dataclass
 class Config:
     # model
-    model: str = _f("transformer", "model family", ("transformer", "amoebanet"))
-    preset: str = _f("tiny", "model size preset (see models.PRESETS)", ("tiny", "small", "gpipe"))
+    model: str = _f("transformer", "model family", MODEL_FAMILIES)
+    preset: str = _f("tiny", "model size preset (see minipipe/presets.py)", PRESET_NAMES)
     layers: Optional[int] = _f(None, "Transformer blocks")
     d_model: Optional[int] = _f(None, "Transformer width")
     heads: Optional[int] = _f(None, "attention heads")
@@ -88,6 +94,9 @@ class Config:
     ckpt_every: int = _f(0, "also save every N steps (0 = only at the end and on SIGTERM)")
     keep: int = _f(3, "complete checkpoints to keep in --ckpt-dir (0 = all)")
     resume: str = _f("auto", "auto = the latest checkpoint in --ckpt-dir, if any; none; or a checkpoint PATH")
+    # checkpoint-directory safety: a fresh run never mixes with (and prunes) another run's checkpoints
+    overwrite_ckpt: bool = _f(False, "start a fresh run in a --ckpt-dir that holds another run's "
+                                     "checkpoints (--keep may then prune them)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,12 +108,44 @@ def _base_type(tp):
     return tp
 
 
+def _field_type(f: dataclasses.Field):
+    return _base_type(eval(f.type) if isinstance(f.type, str) else f.type)
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_types(values: dict) -> dict:
+    """Values of the right type for their fields (a TOML or keyword value is not parsed by
+    argparse): `layers = "four"`, `steps = 2.5` or `deferred_bn = "false"` are refused, not cast.
+    A list of ints for balance is accepted as the flag's "2,2" form."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    checked = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name!r}; valid names are the flags of "
+                              f"`python train.py --help` (dashes or underscores)")
+        if (name == "balance" and isinstance(value, list)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            value = ",".join(map(str, value))
+        tp = _field_type(fields[name])
+        optional = fields[name].default is None
+        ok = ((value is None and optional)
+              or (isinstance(value, tp) and (tp is bool or not isinstance(value, bool)))
+              or (tp is float and isinstance(value, int) and not isinstance(value, bool)))
+        if not ok:
+            raise ConfigError(f"{name} = {value!r}: expected {TYPE_NAMES[tp]}, got "
+                              f"{type(value).__name__}")
+        checked[name] = float(value) if tp is float and value is not None else value
+    return checked
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="minipipe: GPipe training", allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(eval(f.type) if isinstance(f.type, str) else f.type)
+        tp = _field_type(f)
         kwargs = dict(help=f.metadata["help"], default=argparse.SUPPRESS, dest=f.name)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -127,7 +168,10 @@ def _from_toml(path: str) -> dict:
     if unknown:
         raise ConfigError(f"--config {path}: unknown settings {unknown}; valid names are the flags "
                           f"of `python train.py --help` without the leading dashes")
-    return values
+    try:
+        return _check_types(values)
+    except ConfigError as err:
+        raise ConfigError(f"--config {path}: {err}") from None
 
 
 def parse_config(argv=None) -> Config:
@@ -141,27 +185,50 @@ def parse_config(argv=None) -> Config:
 
 def make_config(**values) -> Config:
     """Config from keyword values (tests and tools use this): preset applied, then validated."""
-    from models import apply_preset  # the presets live beside the models they describe
-    try:
-        cfg = Config(**values)
-    except TypeError as err:
-        raise ConfigError(f"unknown setting: {err}")
+    cfg = Config(**_check_types(values))
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: "
                               f"choose one of {', '.join(choices)}")
+    if cfg.preset not in PRESETS[cfg.model]:
+        raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
+                          f"choose one of {', '.join(PRESETS[cfg.model])}")
     apply_preset(cfg)
     validate(cfg)
     return cfg
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data and no processes; every message says what to change."""
+    for f in dataclasses.fields(Config):  # nan or inf would train (or fail) far from the flag
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(f.name)} must be a finite number (got {value})")
     positive = ["batch_size", "microbatches", "dp", "eval_batches", "log_every"]
+    # model shape and cut: unset (None) until the preset or the data fills them
+    positive += ["layers", "d_model", "heads", "max_seq_len", "vocab", "cells", "filters",
+                 "image_size", "classes", "channels", "stages"]
     for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_flag(name)} must be >= 1 (got {value})")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1) (got {getattr(cfg, name)})")
+    if cfg.balance is not None:
+        if not all(p.strip().isdigit() and int(p) >= 1 for p in cfg.balance.split(",")):
+            raise ConfigError(f"--balance {cfg.balance!r}: give a layer count >= 1 per stage, "
+                              f"e.g. 3,3,2")
+    if cfg.sample and cfg.model != "transformer":
+        raise ConfigError(f"--sample generates text: it needs --model transformer (got {cfg.model})")
+    if cfg.sample and cfg.steps == 0:
+        raise ConfigError("--sample generates after training, and --steps 0 trains nothing; "
+                          "give --steps >= 1")
     for name in ("steps", "warmup", "eval_every", "sample", "grad_clip", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")

@@ -134,10 +134,9 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
     return TokenDataset(source, train, val, cfg.vocab, cfg.seq_len, cfg.seed)
 
 
-def _cache_dir() -> Path:
-    path = Path(os.environ.get("MINIPIPE_CACHE", Path.home() / ".cache" / "minipipe"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def cache_dir() -> Path:
+    """Where the stdlib corpus is cached: $MINIPIPE_CACHE, else ~/.cache/minipipe."""
+    return Path(os.environ.get("MINIPIPE_CACHE", Path.home() / ".cache" / "minipipe"))
 
 
 def _stdlib_corpus():
@@ -146,14 +145,20 @@ def _stdlib_corpus():
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
     listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p in files)
     key = hashlib.sha256(listing.encode()).hexdigest()[:16]
-    paths = {split: _cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
+    paths = {split: cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
     if not all(p.exists() for p in paths.values()):
         for split, chosen in (("train", [f for i, f in enumerate(files) if i % VAL_EVERY]),
                               ("val", files[::VAL_EVERY])):
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as out:
-                for f in chosen:
-                    out.write(f.read_bytes())
+            try:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as out:
+                    for f in chosen:
+                        out.write(f.read_bytes())
+            except OSError as err:  # disk full: a partial file would keep it full
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"caching the stdlib corpus in {tmp.parent} failed ({err}); free "
+                                f"space there or set MINIPIPE_CACHE to another directory") from None
             os.replace(tmp, paths[split])  # atomic: ranks building at once cannot see half a file
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
 
@@ -175,8 +180,14 @@ def _token_files(path: Path, vocab):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
-    if path.is_dir() and (path / "train.bin").exists() and (path / "val.bin").exists():
-        return (*(_read_bin(path / f"{s}.bin", vocab) for s in ("train", "val")), vocab)
+    if path.is_dir() and {"train.bin", "val.bin"} & {p.name for p in path.iterdir()}:
+        splits = {s: path / f"{s}.bin" for s in ("train", "val")}
+        absent = [str(p) for p in splits.values() if not p.is_file()]
+        if absent:  # one of the pair: reading the directory as text bytes would train on ids
+            raise DataError(f"--data {path}: holds nanoGPT token files but not {absent[0]}; add "
+                            f"it, or pass the one .bin file itself (its last 1/{VAL_EVERY} "
+                            f"becomes validation)")
+        return (*(_read_bin(splits[s], vocab) for s in ("train", "val")), vocab)
     if path.suffix == ".bin":
         tokens = _read_bin(path, vocab)
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
@@ -197,8 +208,12 @@ def _token_files(path: Path, vocab):
 def _read_bin(path: Path, vocab) -> np.ndarray:
     if vocab is None:
         raise DataError(f"--data {path}: token-id files need --vocab (the tokenizer's vocabulary size)")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError(f"--data {path}: the file is empty")
+    if size % 2:
+        raise DataError(f"--data {path}: {size} bytes is not a whole number of uint16 token ids; "
+                        f"the file is truncated or not a nanoGPT .bin")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     top = int(tokens.max())
     if top >= vocab:
@@ -217,6 +232,8 @@ def _load_images(source: str, cfg) -> ImageDataset:
     else:
         raise DataError(f"--data {source}: image models read digits, synthetic or a PATH.npz "
                         f"with arrays x (N, C, H, W) and y (N,)")
+    if not torch.isfinite(x).all():
+        raise DataError(f"--data {source}: the images hold NaN or infinite values; clean the data")
     if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     x = (x - x.mean()) / x.std().clamp_min(1e-8)
@@ -227,6 +244,9 @@ def _load_images(source: str, cfg) -> ImageDataset:
     if int(y.max()) >= cfg.classes or int(y.min()) < 0:
         raise DataError(f"labels span {int(y.min())}..{int(y.max())} but --classes is {cfg.classes}")
     val = torch.arange(len(y)) % VAL_EVERY == 0
+    if val.all():
+        raise DataError(f"--data {source}: {len(y)} sample(s); every {VAL_EVERY}th goes to "
+                        f"validation and none would be left to train on: give at least 2 samples")
     return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed)
 
 
@@ -248,11 +268,19 @@ def _synthetic_images(classes: int, channels: int, size: int, n: int = 2048):
 def _npz(path: Path):
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
-    with np.load(path, allow_pickle=False) as arrays:
-        if "x" not in arrays or "y" not in arrays:
-            raise DataError(f"--data {path}: needs arrays 'x' (N, C, H, W) and 'y' (N,); "
-                            f"found {list(arrays)}")
-        x, y = torch.from_numpy(arrays["x"]).float(), torch.from_numpy(arrays["y"]).long()
+    layout = "arrays x (N, C, H, W) of numbers and y (N,) of integer class ids"
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if not isinstance(arrays, np.lib.npyio.NpzFile) or not {"x", "y"} <= set(arrays):
+                raise DataError(f"--data {path}: needs {layout} (np.savez); found "
+                                f"{list(arrays) if isinstance(arrays, np.lib.npyio.NpzFile) else 'one array'}")
+            x, y = arrays["x"], arrays["y"]
+    except (ValueError, OSError, EOFError) as err:  # not a zip, or object arrays (need pickle)
+        raise DataError(f"--data {path}: not a readable .npz of {layout} ({err})") from None
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"--data {path}: x must hold numbers and y integer class ids; got x "
+                        f"{x.dtype} and y {y.dtype} (float labels would be truncated)")
+    x, y = torch.from_numpy(x).float(), torch.from_numpy(y).long()
     if x.ndim != 4 or y.shape != (x.shape[0],) or len(y) == 0:
         raise DataError(f"--data {path}: x must be (N, C, H, W) and y (N,); got {tuple(x.shape)} "
                         f"and {tuple(y.shape)}")

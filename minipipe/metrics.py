@@ -14,10 +14,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import models
+from minipipe.errors import ConfigError
 from minipipe.partition import stage_ranges
 from minipipe.schedule import bubble_fraction
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
+WANDB_MODES = ("online", "offline", "disabled")
 # Dense bf16 tensor-core peak per device, TFLOP/s, matched by substring of the CUDA device name in
 # this order (more specific names first). A device not listed gets TFLOP/s but no MFU.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -84,8 +86,11 @@ class WandbBackend:
         import wandb  # imported only when used: it takes ~1 s
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         mode = wandb_mode(cfg.wandb)
+        # Started before any rank waits on another (train.py), and bounded well below --timeout,
+        # so an unreachable server never shows up as a stage timeout on the other ranks.
+        init_timeout = min(WANDB_INIT_TIMEOUT_S, cfg.timeout / 4)
         kwargs = dict(project=cfg.wandb_project, group=cfg.wandb_group, name=cfg.run_name,
-                      dir=cfg.out_dir, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+                      dir=cfg.out_dir, settings=wandb.Settings(init_timeout=init_timeout))
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as err:  # wandb raises many types (UsageError, CommError, timeouts)
@@ -106,11 +111,16 @@ class WandbBackend:
 
 
 def wandb_mode(requested: str) -> str:
-    """auto: $WANDB_MODE when set, else online when an API key is configured, else offline."""
+    """auto: $WANDB_MODE when set, else online when an API key is configured, else offline.
+    wandb itself reads $WANDB_MODE too, so a value it would choke on is refused whatever --wandb."""
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode is not None and env_mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={env_mode!r} is not a wandb mode; set it to one of "
+                          f"{', '.join(WANDB_MODES)} or unset it (and choose with --wandb)")
     if requested != "auto":
         return requested
-    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
-        return os.environ["WANDB_MODE"]
+    if env_mode is not None:
+        return env_mode
     return "online" if has_wandb_key() else "offline"
 
 

@@ -10,41 +10,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from minipipe.errors import ConfigError
 from minipipe.seeding import derive_seed
 from models import amoebanet, transformer
 
-FAMILIES = {"transformer": transformer, "amoebanet": amoebanet}
-
-PRESETS = {
-    "transformer": {
-        "tiny": dict(layers=4, d_model=128, heads=4, max_seq_len=128),
-        "small": dict(layers=6, d_model=384, heads=6, max_seq_len=256),
-        # The GPipe paper's Transformer shape (Table 1: d_model 2048, d_ff 8192, 32 heads).
-        "gpipe": dict(layers=24, d_model=2048, heads=32, max_seq_len=1024, vocab=32000),
-    },
-    "amoebanet": {
-        "tiny": dict(cells=1, filters=8, image_size=32),
-        "small": dict(cells=2, filters=32, image_size=32),
-        # AmoebaNet-D(18, 256) at 224x224 (L = 3 groups x 6 normal cells), as in GPipe's image runs.
-        "gpipe": dict(cells=6, filters=256, image_size=224, classes=1000),
-    },
-}
-
-
-def apply_preset(cfg) -> None:
-    """Fill every model field the user left unset from the preset."""
-    if cfg.model not in FAMILIES:
-        raise ConfigError(f"--model {cfg.model!r}: choose one of {', '.join(FAMILIES)}")
-    presets = PRESETS[cfg.model]
-    if cfg.preset not in presets:
-        raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
-                          f"choose one of {', '.join(presets)}")
-    for name, value in presets[cfg.preset].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    if cfg.model == "transformer" and cfg.seq_len is None:
-        cfg.seq_len = cfg.max_seq_len
+FAMILIES = {"transformer": transformer, "amoebanet": amoebanet}  # keys: minipipe.presets.MODEL_FAMILIES
 
 
 def layer_factories(cfg, backend: str = "torch") -> list[Callable[[], nn.Module]]:

@@ -1,0 +1,210 @@
+"""A --ckpt-dir belongs to one run at a time, and minipipe deletes only what it wrote there.
+
+Claimed at start-up, before the first step, by `claim_checkpoint_dir` (every rank calls it):
+- the path must be (or become) a writable directory;
+- a fresh run (--resume none, or auto with nothing to resume) is refused in a directory that
+  holds another run's checkpoints, unless --overwrite-ckpt: the two runs would mix, and --keep
+  would prune the old run's checkpoints;
+- a lock file (`minipipe.lock`: host, pid, start time) refuses a second concurrent run. A lock
+  left by a dead process on this host is taken over, with a message; one from another host is
+  reported with the command to remove it;
+- every rank writes a probe file that rank 0 must then see: a --ckpt-dir that is not shared by
+  every node (multi-node runs need a shared filesystem) is refused here, not at the first save.
+
+A checkpoint is recognised by its trainer_state.json (see `is_checkpoint`): pruning and the fresh
+run check never count, move or delete anything else, such as a user's `step-7/notes.txt`.
+"""
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from minipipe.checkpoint_files import STEP_DIR, TRAINER_STATE
+from minipipe.errors import CheckpointError
+
+LOCK = "minipipe.lock"
+PROBE = ".probe-rank{}"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A step directory this layout wrote: `step-N/` holding trainer_state.json."""
+    return STEP_DIR.match(path.name) is not None and (path / TRAINER_STATE).is_file()
+
+
+def holds_only_checkpoint_files(path: Path) -> bool:
+    """The step directory holds nothing but the files its trainer_state.json records: safe to
+    delete whole. Anything else (a user's notes, an unreadable state) keeps it from pruning."""
+    try:
+        recorded = set(json.loads((path / TRAINER_STATE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.is_file() and p.name in recorded | {TRAINER_STATE} for p in path.iterdir())
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """The checkpoints directly under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if is_checkpoint(p)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+class DirectoryClaim:
+    """What rank 0 holds while the run lasts: the lock file, removed by `release`."""
+
+    def __init__(self, lock: Path | None, token: str):
+        self.lock, self.token = lock, token
+
+    def release(self) -> None:
+        if self.lock is None:
+            return
+        try:
+            if json.loads(self.lock.read_text()).get("token") == self.token:
+                self.lock.unlink()
+        except (OSError, ValueError):
+            pass  # already gone or replaced: nothing of ours to remove
+        self.lock = None
+
+
+def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClaim:
+    """Every rank: refuse (the same CheckpointError on every rank) or return the claim; rank 0
+    holds the lock. resume_from: the checkpoint this run continues, None for a fresh run."""
+    root = Path(cfg.ckpt_dir)
+    claim, problem = DirectoryClaim(None, ""), None
+    if layout.rank == 0:
+        try:
+            _check_directory(root)
+            _check_fresh_run(cfg, root, resume_from)
+            claim = _lock(root)
+        except CheckpointError as err:
+            problem = str(err)
+    token, problem = _from_rank0(layout, [claim.token, problem])
+    if problem:
+        raise CheckpointError(problem)
+    try:  # each rank says "I can write here"; rank 0 checks that it sees every rank's word
+        (root / PROBE.format(layout.rank)).write_text(token)
+        problem = None
+    except OSError as err:
+        problem = f"rank {layout.rank} cannot write in --ckpt-dir {root} ({err.strerror})"
+    problems = _gathered(layout, problem)
+    if layout.rank == 0:
+        problem = next((p for p in problems if p), None) or _check_probes(root, layout, token)
+    problem = _from_rank0(layout, [problem])[0]
+    if problem:
+        claim.release()
+        raise CheckpointError(problem)
+    return claim
+
+
+def _check_directory(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"--ckpt-dir {root} is a file, not a directory; pass a directory path")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"--ckpt-dir {root} cannot be created ({err.strerror}); pass a "
+                              f"writable directory") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--ckpt-dir {root} is not writable; pass a directory you can write to")
+
+
+def _check_fresh_run(cfg, root: Path, resume_from: Path | None) -> None:
+    """A run that does not continue this directory's checkpoints must not mix with them."""
+    if cfg.overwrite_ckpt:
+        return
+    if resume_from is not None and resume_from.resolve().parent == root.resolve():
+        return  # continuing (or branching from) this directory's own run
+    existing = checkpoints_in(root)
+    if not existing:
+        return
+    names = ", ".join(p.name for p in existing[-3:]) + (" ..." if len(existing) > 3 else "")
+    start = "starts fresh" if resume_from is None else f"resumes from {resume_from}"
+    raise CheckpointError(
+        f"--ckpt-dir {root} holds checkpoints of another run ({names}) and this run {start} "
+        f"(--resume {cfg.resume}); to continue that run pass --resume auto (or a step directory), "
+        f"or use another --ckpt-dir, or pass --overwrite-ckpt to start over there (--keep may "
+        f"then delete the old checkpoints)")
+
+
+def _lock(root: Path) -> DirectoryClaim:
+    host, pid = socket.gethostname(), os.getpid()
+    token = f"{host}:{pid}:{time.time_ns()}"
+    record = json.dumps({"host": host, "pid": pid, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "token": token}) + "\n"
+    lock = root / LOCK
+    for _ in range(2):  # a second try after taking over a dead process's lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_if_dead(lock, host)
+            continue
+        except OSError as err:
+            raise CheckpointError(f"--ckpt-dir {root}: cannot create the lock file ({err.strerror}); "
+                                  f"pass a writable directory") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(record)
+        return DirectoryClaim(lock, token)
+    raise CheckpointError(f"--ckpt-dir {root}: another run took the lock {lock} at the same time")
+
+
+def _take_over_if_dead(lock: Path, host: str) -> None:
+    """Remove a lock whose holder is a dead process on this host; refuse any other."""
+    try:
+        holder = json.loads(lock.read_text())
+        held_by = f"host {holder['host']}, pid {holder['pid']}, since {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        holder, held_by = None, "unreadable"
+    if holder and holder["host"] == host and not _alive(int(holder["pid"])):
+        print(f"note: --ckpt-dir lock {lock} was left by pid {holder['pid']}, which is no longer "
+              f"running; taking it over", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+        return
+    raise CheckpointError(
+        f"--ckpt-dir {lock.parent} is in use by another run (lock {lock}: {held_by}); wait for "
+        f"it to finish or use another --ckpt-dir; if that run is gone, delete {lock}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _check_probes(root: Path, layout, token: str) -> str | None:
+    """Rank 0: every rank's probe is visible here with this run's token; then remove them."""
+    missing = []
+    for rank in range(layout.world_size):
+        probe = root / PROBE.format(rank)
+        try:
+            seen = probe.read_text() == token
+            probe.unlink()
+        except OSError:
+            seen = False
+        if not seen:
+            missing.append(rank)
+    if missing:
+        return (f"--ckpt-dir {root}: rank 0 cannot see the files that ranks {missing} wrote "
+                f"there; a multi-node run needs a --ckpt-dir on a filesystem every node shares")
+    return None
+
+
+def _from_rank0(layout, values: list) -> list:
+    if layout.world_size > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def _gathered(layout, value) -> list:
+    if layout.world_size == 1:
+        return [value]
+    values = [None] * layout.world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -1,0 +1,219 @@
+"""Every bad input is refused before any training step with exit code 2 and one `minipipe error:`
+line that names what is wrong and what to do, and the user's files are left as they were.
+Each case runs train.main in this process (the `cli` fixture of conftest.py)."""
+import hashlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kernels.runtime
+from minipipe import data
+
+
+def _tree(root) -> dict:
+    """path -> sha256 of every file under root: what 'left as it was' compares."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(result, *needles) -> str:
+    code, line, _ = result
+    assert code == 2 and line.startswith("minipipe error: "), result
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--layers", "0"], ["--layers must be >= 1"]),
+    (["--layers", "-1"], ["--layers must be >= 1"]),
+    (["--stages", "0"], ["--stages must be >= 1"]),
+    (["--heads", "0"], ["--heads must be >= 1"]),
+    (["--d-model", "0"], ["--d-model must be >= 1"]),
+    (["--d-model", "30", "--heads", "4"], ["--d-model 30 is not divisible by --heads 4"]),
+    (["--lr", "nan"], ["--lr must be a finite number"]),
+    (["--grad-clip", "nan"], ["--grad-clip must be a finite number"]),
+    (["--beta2", "1.5"], ["--beta2 must be in [0, 1)"]),
+    (["--steps", "0", "--sample", "5"], ["--sample", "--steps 0 trains nothing"]),
+    (["--balance", "2,x"], ["--balance '2,x'", "e.g. 3,3,2"]),
+])
+def test_bad_flags(cli, flags, needles):
+    refused(cli(*flags), *needles)
+
+
+@pytest.mark.parametrize("toml,needles", [
+    ('layers = "four"', ["run.toml: layers = 'four': expected an integer"]),
+    ("steps = 2.5", ["run.toml: steps = 2.5: expected an integer"]),
+    ('deferred_bn = "false"', ["run.toml: deferred_bn = 'false': expected true or false"]),
+    ("balance = [2, 2]", ["--balance 2,2 has 2 entries but --stages is 1"]),  # a list is read
+])
+def test_toml_values_of_the_wrong_type(cli, tmp_path, toml, needles):
+    path = tmp_path / "run.toml"
+    path.write_text(toml + "\n")
+    refused(cli("--config", path), *needles)
+
+
+def test_a_config_error_before_the_process_group_names_the_launchers_rank(cli, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(cli("--layers", "0"), "(rank 1) --layers must be >= 1")
+
+
+@pytest.mark.parametrize("mode", ["", "bogus"])
+def test_a_wandb_mode_wandb_would_choke_on(cli, monkeypatch, mode):
+    monkeypatch.setenv("WANDB_MODE", mode)
+    refused(cli(), f"WANDB_MODE={mode!r} is not a wandb mode", "online, offline, disabled")
+
+
+def test_triton_kernels_without_triton(cli, monkeypatch):
+    monkeypatch.setattr(kernels.runtime, "HAVE_TRITON", False)
+    refused(cli("--kernels", "triton"), "--kernels triton needs the triton package", "--kernels torch")
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--metrics-jsonl", "--trace", "--ckpt-dir",
+                                  "MINIPIPE_CACHE"])
+def test_an_unwritable_output_path_is_refused_at_start(cli, tmp_path, monkeypatch, flag):
+    blocker = tmp_path / "a-file"  # as root, permissions do not stop a write; a file in the path does
+    blocker.write_text("mine\n")
+    target = blocker / "sub"
+    if flag == "MINIPIPE_CACHE":
+        monkeypatch.setenv("MINIPIPE_CACHE", str(target))
+        result = cli("--data", "stdlib")
+    else:
+        extra = ["--wandb", "offline"] if flag == "--out-dir" else []
+        result = cli(flag, target, *extra)
+    refused(result, str(target))
+    assert _tree(tmp_path) == {"a-file": hashlib.sha256(b"mine\n").hexdigest()}
+
+
+def test_a_ckpt_dir_that_is_a_file(cli, tmp_path):
+    (tmp_path / "ckpt").write_text("mine\n")
+    refused(cli("--ckpt-dir", tmp_path / "ckpt"), "is a file, not a directory")
+    assert (tmp_path / "ckpt").read_text() == "mine\n"
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("train.bin without val.bin", ["holds nanoGPT token files but not", "val.bin"]),
+    ("odd-length .bin", ["not a whole number of uint16 token ids"]),
+    ("ids over --vocab", ["holds token id 300, which is >= --vocab 100"]),
+    ("1-sample npz", ["1 sample(s)", "at least 2 samples"]),
+    ("object-array npz", ["not a readable .npz"]),
+    ("non-zip npz", ["not a readable .npz"]),
+    ("float labels", ["y integer class ids", "float"]),
+    ("NaN images", ["NaN or infinite"]),
+])
+def test_bad_data(cli, tmp_path, case, needles):
+    ids = np.arange(400, dtype=np.uint16) % 301
+    images = np.random.default_rng(0).normal(size=(40, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(40) % 3
+    if case == "train.bin without val.bin":
+        (tmp_path / "tokens").mkdir()
+        ids.tofile(tmp_path / "tokens" / "train.bin")
+        source, model = tmp_path / "tokens", []
+    elif case in ("odd-length .bin", "ids over --vocab"):
+        source, model = tmp_path / "ids.bin", []
+        source.write_bytes(ids.tobytes() + (b"\0" if case == "odd-length .bin" else b""))
+    else:
+        source, model = tmp_path / "images.npz", ["--model", "amoebanet", "--image-size", "8"]
+        if case == "1-sample npz":
+            _npz(source, x=images[:1], y=labels[:1])
+        elif case == "object-array npz":
+            _npz(source, x=np.array([images[0], "text"], dtype=object), y=labels)
+        elif case == "non-zip npz":
+            source.write_text("not a zip\n")
+        elif case == "float labels":
+            _npz(source, x=images, y=labels + 0.5)
+        else:
+            images[3, 0, 2, 2] = np.nan
+            _npz(source, x=images, y=labels)
+    before = _tree(tmp_path)
+    refused(cli(*model, "--data", source, "--vocab", "100"), *needles)
+    assert _tree(tmp_path) == before
+
+
+def test_a_full_disk_while_caching_the_corpus_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPIPE_CACHE", str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(data.DataError, match="caching the stdlib corpus .* failed"):
+            data._stdlib_corpus()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_exits_2_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "train.py", "--layers", "0"], capture_output=True,
+                          text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "minipipe error: --layers must be >= 1 (got 0)"
+
+
+# ---- nothing of the user's is lost or deleted in --ckpt-dir --------------------------------
+def test_keep_prunes_only_checkpoints_and_a_fresh_run_never_mixes_with_them(cli, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step-7").mkdir(parents=True)
+    (ckpt / "step-7" / "notes.txt").write_text("mine\n")
+    (ckpt / "step-1").write_text("also mine\n")
+    assert cli("--ckpt-dir", ckpt, "--steps", 3, "--ckpt-every", 1, "--keep", 1)[0] == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000003", "step-1", "step-7"]
+    (ckpt / "step-000003" / "notes.txt").write_text("mine too\n")  # now not ours alone
+    code, _, err = cli("--ckpt-dir", ckpt, "--steps", 4, "--keep", 1)
+    assert code == 0 and "--keep 1 leaves" in err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000003", "step-000004",
+                                                      "step-1", "step-7"]
+    before = _tree(tmp_path)
+    refused(cli("--ckpt-dir", ckpt, "--resume", "none"), "holds checkpoints of another run",
+            "step-000004", "--overwrite-ckpt")
+    assert _tree(tmp_path) == before
+    assert cli("--ckpt-dir", ckpt, "--resume", "none", "--overwrite-ckpt", "--steps", 1)[0] == 0
+    assert (ckpt / "step-7" / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_second_run_on_the_same_ckpt_dir_is_refused_and_a_dead_ones_lock_taken_over(cli, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    lock = ckpt / "minipipe.lock"
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now", "token": "t"}
+    lock.write_text(json.dumps(holder))  # this test process: alive
+    refused(cli("--ckpt-dir", ckpt), "is in use by another run", f"pid {os.getpid()}",
+            f"delete {lock}")
+    assert json.loads(lock.read_text()) == holder and [p.name for p in ckpt.iterdir()] == [lock.name]
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is now free (reuse within this test is vanishingly unlikely)
+    lock.write_text(json.dumps({**holder, "pid": dead.pid}))
+    code, _, err = cli("--ckpt-dir", ckpt)
+    assert code == 0 and f"left by pid {dead.pid}, which is no longer running" in err, err
+    assert not lock.exists()  # released at the end of the run
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", 7), ("--batch-size", 16)])
+def test_resuming_with_another_data_order_is_refused(cli, tmp_path, flag, value):
+    ckpt = tmp_path / "ckpt"
+    assert cli("--ckpt-dir", ckpt)[0] == 0
+    before = _tree(tmp_path)
+    original = {"--seed": 1337, "--batch-size": 8}[flag]
+    refused(cli("--ckpt-dir", ckpt, "--steps", 4, flag, value),
+            f"{flag} {original} (this run: {value})", "skip or repeat samples")
+    assert _tree(tmp_path) == before
+
+
+def test_sample_after_a_finished_job_is_refused(cli, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli("--ckpt-dir", ckpt)[0] == 0
+    refused(cli("--ckpt-dir", ckpt, "--sample", 5), "--sample", "already holds all --steps 2")
