@@ -1,8 +1,14 @@
 """Every field is a flag; presets fill what is unset; bad settings are refused with the fix."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from minipipe.config import Config, build_parser, make_config, parse_config
 from minipipe.errors import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_config_field_is_a_flag():
@@ -43,3 +49,16 @@ def test_bad_settings_name_what_to_change(kwargs, needle):
 def test_bad_choice_on_the_cli_exits_with_usage():
     with pytest.raises(SystemExit):
         parse_config(["--recompute", "sometimes"])
+
+
+def test_the_config_is_a_leaf_without_side_effects():
+    """Importing the config and making one imports neither torch nor the models (nor triton's
+    interpreter switch): tools and tests can read settings without choosing a backend."""
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "from minipipe.config import make_config, parse_config\n"
+            "make_config(model='amoebanet'); parse_config(['--layers', '3'])\n"
+            "loaded = [m for m in ('torch', 'models', 'kernels', 'triton') if m in sys.modules]\n"
+            "assert not loaded and 'TRITON_INTERPRET' not in os.environ, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr

@@ -1,11 +1,13 @@
 """A run survives being stopped: a worker killed under `torchrun --max-restarts` resumes from the
 latest complete checkpoint and finishes with the uninterrupted losses; a SIGTERM to one worker
-makes every rank save at the same step boundary and exit cleanly."""
+(or a Ctrl-C's SIGINT) makes every rank save at the same step boundary and exit cleanly."""
 import json
 import os
 import signal
 import threading
 import time
+
+import pytest
 
 import train
 from minipipe.config import make_config
@@ -76,11 +78,12 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_with_the_straight_los
     assert [logged[step] for step in range(steps)] == _reference_losses(steps)
 
 
-def test_sigterm_to_one_worker_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: a Ctrl-C
+def test_a_stop_signal_to_one_worker_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path, sig):
     ckpt, jsonl = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     sent = []
     started = lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3  # noqa: E731
-    watcher = _signal_worker_when(started, 1, signal.SIGTERM, sent)
+    watcher = _signal_worker_when(started, 1, sig, sent)
     done = run_torchrun(["train.py", *SHAPE, "--steps", "5000", "--ckpt-dir", str(ckpt),
                          "--metrics-jsonl", str(jsonl)], nproc=2, env=RESTART_ENV, timeout_s=180)
     watcher.join()
