@@ -79,3 +79,33 @@ def test_failed_online_init_falls_back_to_offline(tmp_path, monkeypatch, capsys)
     train.train(make_config(**{**TINY, "steps": 1}, out_dir=str(out), wandb="online"))
     assert "logging offline instead" in capsys.readouterr().err
     assert glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+
+
+def _unreachable_worker(rank, world_size, out_dir):
+    """wandb.init that blocks as long as its init_timeout allows, then fails (an unreachable
+    server); records whether any process group existed when rank 0 started tracking."""
+    import time
+
+    import torch.distributed as dist
+    import wandb
+    seen = {}
+    real_init = wandb.init
+
+    def unreachable(mode, settings, **kwargs):
+        if mode == "online":
+            seen.update(group_started=dist.is_initialized(), timeout=settings.init_timeout)
+            time.sleep(settings.init_timeout)
+            raise wandb.errors.CommError("server unreachable")
+        return real_init(mode=mode, settings=settings, **kwargs)
+
+    wandb.init = unreachable
+    train.train(make_config(**{**TINY, "steps": 1}, out_dir=out_dir, wandb="online", timeout=12.0))
+    return seen
+
+
+def test_an_unreachable_wandb_server_delays_no_stage_past_its_timeout(tmp_path):
+    """Rank 0 starts tracking before any rank waits on another, bounded well below --timeout:
+    rank 1 waits in the rendezvous, not in a step, and the run ends normally (offline)."""
+    from tests.spawn import run_workers
+    seen = run_workers(_unreachable_worker, 2, str(tmp_path / "out"))
+    assert seen[0] == {"group_started": False, "timeout": 3.0} and seen[1] == {}
