@@ -12,6 +12,7 @@ digits), a `.npz` with arrays x (N, C, H, W) and y (N,), and `synthetic` for bot
 import hashlib
 import os
 import sysconfig
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -242,7 +243,9 @@ def _load_images(source: str, cfg) -> ImageDataset:
     if cfg.channels != x.shape[1]:
         raise DataError(f"--channels {cfg.channels} but the images have {x.shape[1]}; drop --channels")
     if int(y.max()) >= cfg.classes or int(y.min()) < 0:
-        raise DataError(f"labels span {int(y.min())}..{int(y.max())} but --classes is {cfg.classes}")
+        raise DataError(f"--data {source}: labels span {int(y.min())}..{int(y.max())}, but class ids "
+                        f"must lie in 0..{cfg.classes - 1} (--classes {cfg.classes}); fix the labels "
+                        f"or raise --classes")
     val = torch.arange(len(y)) % VAL_EVERY == 0
     if val.all():
         raise DataError(f"--data {source}: {len(y)} sample(s); every {VAL_EVERY}th goes to "
@@ -269,13 +272,14 @@ def _npz(path: Path):
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
     layout = "arrays x (N, C, H, W) of numbers and y (N,) of integer class ids"
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"--data {path}: not an .npz (zip) archive; save {layout} with np.savez")
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            if not isinstance(arrays, np.lib.npyio.NpzFile) or not {"x", "y"} <= set(arrays):
-                raise DataError(f"--data {path}: needs {layout} (np.savez); found "
-                                f"{list(arrays) if isinstance(arrays, np.lib.npyio.NpzFile) else 'one array'}")
+            if not {"x", "y"} <= set(arrays):
+                raise DataError(f"--data {path}: needs {layout} (np.savez); found {list(arrays)}")
             x, y = arrays["x"], arrays["y"]
-    except (ValueError, OSError, EOFError) as err:  # not a zip, or object arrays (need pickle)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. object arrays
         raise DataError(f"--data {path}: not a readable .npz of {layout} ({err})") from None
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.integer)):
         raise DataError(f"--data {path}: x must hold numbers and y integer class ids; got x "

@@ -53,6 +53,8 @@ def _probe(directory: Path) -> str | None:
         probe = directory / f".minipipe-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        return "part of the path is a file, not a directory"
     except OSError as err:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     return None

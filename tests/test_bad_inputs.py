@@ -110,7 +110,9 @@ def _npz(path, **arrays):
     ("ids over --vocab", ["holds token id 300, which is >= --vocab 100"]),
     ("1-sample npz", ["1 sample(s)", "at least 2 samples"]),
     ("object-array npz", ["not a readable .npz"]),
-    ("non-zip npz", ["not a readable .npz"]),
+    ("non-zip npz", ["not an .npz (zip) archive"]),
+    ("npy named npz", ["not an .npz (zip) archive"]),
+    ("negative labels", ["labels span -1..1", "class ids must lie in 0..1"]),
     ("float labels", ["y integer class ids", "float"]),
     ("NaN images", ["NaN or infinite"]),
 ])
@@ -133,6 +135,11 @@ def test_bad_data(cli, tmp_path, case, needles):
             _npz(source, x=np.array([images[0], "text"], dtype=object), y=labels)
         elif case == "non-zip npz":
             source.write_text("not a zip\n")
+        elif case == "npy named npz":
+            np.save(tmp_path / "images.npy", images)
+            (tmp_path / "images.npy").rename(source)
+        elif case == "negative labels":
+            _npz(source, x=images, y=labels - 1)
         elif case == "float labels":
             _npz(source, x=images, y=labels + 0.5)
         else:
