@@ -47,7 +47,7 @@ from minipipe.checkpoint_files import (
 )
 from minipipe.checkpoint_dir import (DirectoryClaim, claim_checkpoint_dir, holds_only_checkpoint_files,
                                      is_checkpoint)
-from minipipe.errors import CheckpointError
+from minipipe.errors import CheckpointError, PipelineError
 
 
 # ---- the training loop's view ----------------------------------------------------------------
@@ -103,8 +103,15 @@ class Checkpointer:
         """One tiny all-reduce per step, so every rank stops at the same step boundary."""
         if self.run.layout.world_size == 1:
             return self.sigterm_received
-        flag = torch.tensor([float(self.sigterm_received)], device=self.run.layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        lay = self.run.layout
+        flag = torch.tensor([float(self.sigterm_received)], device=lay.device)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        except RuntimeError as err:  # a peer died after the step: say so, not a raw gloo error
+            raise PipelineError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
+                                f"agree whether to stop after this step failed "
+                                f"({str(err).splitlines()[0]}); the first error is in another "
+                                f"rank's log") from err
         return bool(flag.item())
 
     def close(self) -> None:

@@ -198,7 +198,7 @@ def _check_probes(root: Path, layout, token: str) -> str | None:
 
 def _from_rank0(layout, values: list) -> list:
     if layout.world_size > 1:
-        dist.broadcast_object_list(values, src=0)
+        _collective(layout, lambda: dist.broadcast_object_list(values, src=0))
     return values
 
 
@@ -206,5 +206,15 @@ def _gathered(layout, value) -> list:
     if layout.world_size == 1:
         return [value]
     values = [None] * layout.world_size
-    dist.all_gather_object(values, value)
+    _collective(layout, lambda: dist.all_gather_object(values, value))
     return values
+
+
+def _collective(layout, run) -> None:
+    """A rank that died (or failed before this point) surfaces here within --timeout."""
+    try:
+        run()
+    except RuntimeError as err:
+        raise CheckpointError(f"rank {layout.rank}: waiting for every rank to claim --ckpt-dir "
+                              f"failed ({str(err).splitlines()[0]}); the first error is in another "
+                              f"rank's log") from err
