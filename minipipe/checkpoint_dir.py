@@ -89,11 +89,17 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
         (root / PROBE.format(layout.rank)).write_text(token)
         problem = None
     except OSError as err:
-        problem = f"rank {layout.rank} cannot write in --ckpt-dir {root} ({err.strerror})"
+        problem = (f"rank {layout.rank} cannot write in --ckpt-dir {root}, which rank 0 created "
+                   f"({err.strerror}); a multi-node run needs a --ckpt-dir on a filesystem every "
+                   f"node shares, writable by every rank")
     problems = _gathered(layout, problem)
     if layout.rank == 0:
         problem = next((p for p in problems if p), None) or _check_probes(root, layout, token)
     problem = _from_rank0(layout, [problem])[0]
+    try:  # a probe rank 0 could not see (another node's filesystem) is its writer's to remove
+        (root / PROBE.format(layout.rank)).unlink(missing_ok=True)
+    except OSError:
+        pass
     if problem:
         claim.release()
         raise CheckpointError(problem)

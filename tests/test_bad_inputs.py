@@ -224,3 +224,26 @@ def test_sample_after_a_finished_job_is_refused(cli, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert cli("--ckpt-dir", ckpt)[0] == 0
     refused(cli("--ckpt-dir", ckpt, "--sample", 5), "--sample", "already holds all --steps 2")
+
+
+def _claim_worker(rank, world_size, ckpt_dirs):
+    """Each rank sees its own --ckpt-dir: what ranks on nodes without a shared filesystem see."""
+    import train
+    from minipipe.config import make_config
+    from minipipe.metrics import MetricsLogger
+    cfg = make_config(model="transformer", layers=2, d_model=16, heads=2, max_seq_len=8,
+                      data="synthetic", batch_size=8, microbatches=2, steps=1, eval_every=0,
+                      ckpt_dir=ckpt_dirs[rank], timeout=30.0)
+    train.train(cfg, logger=MetricsLogger([]))
+
+
+def test_a_ckpt_dir_not_shared_by_every_rank_is_refused_before_training(tmp_path):
+    from tests.spawn import run_workers
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    (tmp_path / "node1").mkdir()  # the same path on the other node exists, but is another disk
+    outcomes = run_workers(_claim_worker, 2, dirs, expect_failure=True, timeout_s=90)
+    for outcome in outcomes:
+        assert outcome.error == "CheckpointError", outcome
+        assert "cannot see the files that ranks [1] wrote" in outcome.message
+        assert "filesystem every node shares" in outcome.message
+    assert _tree(tmp_path) == {}  # no step saved, lock released, every probe removed
