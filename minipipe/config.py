@@ -189,7 +189,7 @@ def make_config(**values) -> Config:
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: "
+            raise ConfigError(f"{_flag(f.name)} {getattr(cfg, f.name)!r}: "
                               f"choose one of {', '.join(choices)}")
     if cfg.preset not in PRESETS[cfg.model]:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
@@ -229,9 +229,10 @@ def validate(cfg: Config) -> None:
     if cfg.sample and cfg.steps == 0:
         raise ConfigError("--sample generates after training, and --steps 0 trains nothing; "
                           "give --steps >= 1")
-    for name in ("steps", "warmup", "eval_every", "sample", "grad_clip", "weight_decay"):
+    for name in ("steps", "warmup", "eval_every", "sample", "grad_clip", "weight_decay",
+                 "ckpt_every", "keep"):
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+            raise ConfigError(f"{_flag(name)} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.batch_size % cfg.dp:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {cfg.dp}; "
                           f"choose a batch size that is a multiple of {cfg.dp}")
@@ -259,9 +260,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":
         raise ConfigError("--dtype float64 is for exactness tests on CPU; use --device cpu")
-    for name in ("ckpt_every", "keep"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
 
 
 def traced_steps(cfg: Config) -> set[int]:
