@@ -88,6 +88,12 @@ class Config:
     ckpt_every: int = _f(0, "also save every N steps (0 = only at the end and on SIGTERM)")
     keep: int = _f(3, "complete checkpoints to keep in --ckpt-dir (0 = all)")
     resume: str = _f("auto", "auto = the latest checkpoint in --ckpt-dir, if any; none; or a checkpoint PATH")
+    # GPT-2 in and out (issue 12: minipipe/tied.py, minipipe/hf_gpt2.py)
+    tie_embeddings: Optional[bool] = _f(None, "the head's weight is the token embedding, as in GPT-2 "
+                                              "(default: off, or as the --init-from model is)")
+    init_from: Optional[str] = _f(None, "start from a Hugging Face GPT-2 directory (config.json + "
+                                        "safetensors); its config sets the shape; a checkpoint in "
+                                        "--ckpt-dir wins")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,8 +181,8 @@ def validate(cfg: Config) -> None:
                           f"make --batch-size a multiple of dp x microbatches = {cfg.dp * cfg.microbatches}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise ConfigError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr={cfg.lr}, min-lr={cfg.min_lr})")
+    if cfg.lr < 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:  # lr 0 keeps the weights (a round trip)
+        raise ConfigError(f"need 0 <= --min-lr <= --lr (got lr={cfg.lr}, min-lr={cfg.min_lr})")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {cfg.timeout})")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
