@@ -1,6 +1,10 @@
 """GPT-style decoder LM as a list of layers: [Embedding, Block x L, Head].
 
-Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V).
+Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V) in eval mode.
+In training the Head hands the loss (normalised hidden (B, T, D), its weight (V, D)) instead of
+logits, and the loss runs kernels.linear_cross_entropy, which goes through the tokens a chunk at a
+time: the (tokens x vocab) logits never exist whole. The weight in that tuple is the Parameter
+itself, so the loss's gradient reaches it through autograd like any other use.
 Pre-LN blocks (LayerNorm -> causal attention -> residual, LayerNorm -> GELU MLP -> residual),
 final LayerNorm + bias-free linear head. The hot ops go through `kernels` (Triton or the plain
 torch reference, chosen by `backend`).
@@ -95,7 +99,10 @@ class Head(nn.Module):
         _init_linear(self.proj, 0.02)
 
     def forward(self, x):
-        return self.proj(self.ln(x))
+        hidden = self.ln(x)
+        if self.training:  # the loss multiplies by the weight chunk by chunk (make_loss)
+            return hidden, self.proj.weight
+        return self.proj(hidden)
 
 
 def layer_factories(cfg, backend: str):
@@ -106,9 +113,20 @@ def layer_factories(cfg, backend: str):
 
 
 def make_loss(backend: str):
-    def loss_sum(logits, targets):
-        """Token cross-entropy summed over the counted (non-ignored) tokens."""
-        logits = logits.reshape(-1, logits.shape[-1])
+    def loss_sum(output, targets):
+        """Token cross-entropy summed over the counted (non-ignored) tokens, of the Head's
+        (hidden, weight) in training (fused: no whole logits) or of its logits in evaluation."""
+        if isinstance(output, tuple):
+            hidden, weight = output
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            device = hidden.device.type
+            if device != "meta" and torch.is_autocast_enabled(device):  # F.linear's dtype there
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return kernels.linear_cross_entropy(hidden, weight, None, targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum",
+                                                backend=backend)
+        logits = output.reshape(-1, output.shape[-1])
         if logits.element_size() < 4:  # half-precision logits: reduce in fp32
             logits = logits.float()
         return kernels.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -76,7 +76,8 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
             inputs = inputs.to(dtype)
         total = 0.0
         for x, y in zip(inputs.chunk(cfg.microbatches), targets.chunk(cfg.microbatches)):
-            logits = model(x)
+            output = model(x)  # a training Transformer head hands over (hidden, weight)
+            logits = F.linear(*output) if isinstance(output, tuple) else output
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    reduction="sum") / targets.numel()
             loss.backward()

@@ -43,7 +43,11 @@ def test_transformer_shapes_through_every_layer():
     value = layers[0](value)
     assert value.shape == (3, 16, 32)
     value = layers[2](layers[1](value))
-    assert layers[3](value).shape == (3, 16, 256)
+    hidden, weight = layers[3](value)  # training: what the fused loss multiplies, chunk by chunk
+    assert hidden.shape == (3, 16, 32) and weight is layers[3].proj.weight
+    logits = layers[3].eval()(value)
+    assert logits.shape == (3, 16, 256)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, weight), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("preset,cells,filters", [("tiny", 1, 8), ("small", 2, 32)])
