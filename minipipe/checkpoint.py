@@ -11,6 +11,7 @@
 Invariants:
 - Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
+  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/tied.py).
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
 - Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from minipipe import tied
 from minipipe.checkpoint_files import (
     FORMAT_VERSION,
     INDEX_FILES,
@@ -41,7 +43,6 @@ from minipipe.checkpoint_files import (
     read_tensors,
     read_trainer_state,
 )
-from minipipe import tied
 from minipipe.errors import CheckpointError
 
 

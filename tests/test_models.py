@@ -107,3 +107,20 @@ def test_lm_loss_at_init_is_ln_vocab():
             value = layers[i](value)
     loss = models.loss_fn(cfg)(value, targets) / models.count_loss_units(cfg, targets)
     assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_the_transformer_training_loss_runs_the_fused_linear_cross_entropy(monkeypatch):
+    """Training never asks the head for whole logits: the loss gets (hidden, weight) and calls
+    kernels.linear_cross_entropy (chunked on the Triton path), once per micro-batch forward."""
+    import kernels
+    from tests.harness import run_steps
+    calls = []
+    fused = kernels.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        calls.append((tuple(hidden.shape), tuple(weight.shape)))
+        return fused(hidden, weight, *args, **kwargs)
+    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
+    run_steps(1, model="transformer", layers=1, d_model=16, heads=2, max_seq_len=8, data="synthetic",
+              batch_size=4, microbatches=2, recompute="never")
+    assert calls == [((2 * 8, 16), (256, 16))] * 2
