@@ -18,7 +18,7 @@ from minipipe.config import make_config  # noqa: E402
 from minipipe.data import load_dataset  # noqa: E402
 from minipipe.errors import DataError, MinipipeError  # noqa: E402
 from minipipe.export import export  # noqa: E402
-from minipipe.hf_gpt2 import HFModelError  # noqa: E402
+from minipipe.hf_gpt2 import HFModelError, read_stage_weights  # noqa: E402
 from minipipe.metrics import MetricsLogger  # noqa: E402
 from tests.spawn import run_workers  # noqa: E402
 
@@ -154,3 +154,24 @@ def test_bad_gpt2_directories_and_flags_are_refused_by_name_before_training(gpt2
     with pytest.raises(DataError, match="token id 400"):
         _train(init_from=str(tied), data=str(too_big), steps=1)
     assert issubclass(HFModelError, MinipipeError)
+
+
+def test_a_stage_opens_only_the_files_that_hold_its_own_layers(gpt2, tmp_path):
+    """Layer 0 loads from a sharded directory whose other shards are gone; layer 1 then names
+    the missing file. (The K=2 run above reads the complete directory.)"""
+    directory = tmp_path / "partial"
+    shutil.copytree(gpt2["sharded"], directory)
+    weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {weight_map["transformer.wte.weight"], weight_map["transformer.wpe.weight"]}
+    removed = set(weight_map.values()) - needed
+    assert removed, "the fixture's shards are too large to test this"
+    for file in removed:
+        (directory / file).unlink()
+    cfg = make_config(init_from=str(directory))
+    layers = models.build_layers(cfg, [0, 1])
+    shapes = {i: {f"layers.{i}.{n}": p.shape for n, p in layers[i].named_parameters()} for i in (0, 1)}
+    tensors = read_stage_weights(directory, cfg, shapes[0])
+    original = _hf_tensors(gpt2["sharded"])
+    assert torch.equal(tensors["layers.0.tokens.weight"], original["transformer.wte.weight"])
+    with pytest.raises(HFModelError, match="is missing"):
+        read_stage_weights(directory, cfg, shapes[1])
