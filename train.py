@@ -20,6 +20,7 @@ from minipipe.checkpoint import Checkpointer
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import ConfigError, MinipipeError
+from minipipe.hf_gpt2 import load_into_stage
 from minipipe.metrics import MetricsLogger, config_record, flops_utilisation, make_logger
 from minipipe.optim import lr_at
 from minipipe.plan import model_flops_per_unit
@@ -56,6 +57,10 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             raise ConfigError(f"--sample generates after training, but the checkpoint already "
                               f"holds all --steps {cfg.steps}: nothing is trained here; raise "
                               f"--steps, or drop --sample")
+        if first_step == 0 and cfg.init_from:  # a checkpoint to resume wins: a restarted fine-tune goes on
+            load_into_stage(run)
+            if rank == 0:
+                print(f"initialised from {cfg.init_from}", flush=True)
         units_per_sample = cfg.seq_len if cfg.model == "transformer" else 1
         history = {"losses": [], "val_losses": [], "sample": None}
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"

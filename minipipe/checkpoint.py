@@ -11,6 +11,7 @@
 Invariants:
 - Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
+  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/tied.py).
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
 - Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from minipipe import tied
 from minipipe.checkpoint_files import (
     FORMAT_VERSION,
     INDEX_FILES,
@@ -134,8 +136,8 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     _barrier(lay, f"start checkpoint {final.name}")
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
-        shards = {"model": run.stage.state_dict(),
-                  "optimizer": optimizer_tensors(run.stage, run.optimizer)}
+        shards = {"model": tied.drop_copy(run.cfg, run.stage.state_dict()),  # a tied weight once
+                  "optimizer": tied.drop_copy(run.cfg, optimizer_tensors(run.stage, run.optimizer))}
         for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
             with _write_failure_reported(root, tmp / file_name, lay):
@@ -265,7 +267,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
     try:
         state = read_trainer_state(path)
         check_model_shape(state, run.cfg, path)
-        weights, optimizer_state = _read_stage_tensors(path, state, run.stage)
+        weights, optimizer_state = _read_stage_tensors(path, state, run.stage, run.cfg)
         check_data_order(state, run.cfg, path)  # after the shapes: another model says more
         problem = None
     except CheckpointError as err:
@@ -285,18 +287,26 @@ def load_checkpoint(run, cursor, path: Path) -> int:
     return state["step"]
 
 
-def _read_stage_tensors(path: Path, state: dict, stage) -> tuple[dict, dict]:
-    """This stage's weights and buffers, and the optimizer state of its parameters."""
-    shapes = {name: t.shape for name, t in stage.state_dict().items()}
-    weights = read_tensors(path, "model", read_index(path, "model", state), state, shapes)
-    params = dict(stage.named_parameters())
+def _read_stage_tensors(path: Path, state: dict, stage, cfg) -> tuple[dict, dict]:
+    """This stage's weights and buffers, and the optimizer state of its parameters, under this
+    stage's names (a tied head's copy is read from the tied weight's one stored name)."""
+    stored = {name: tied.stored_name(cfg, name) for name in stage.state_dict()}
+    shapes = {stored[name]: t.shape for name, t in stage.state_dict().items()}
+    read = read_tensors(path, "model", read_index(path, "model", state), state, shapes)
+    weights = {name: read[stored[name]] for name in stored}
+    own = dict(stage.named_parameters())
+    param_of = {tied.stored_name(cfg, name): name for name in own}  # stored name -> this stage's
     optimizer_map = read_index(path, "optimizer", state)
     wanted = {}
     for name in optimizer_map:
         param_name, key = name.rsplit(".", 1)
-        if param_name in params:  # AdamW: a scalar step, moments shaped like the parameter
-            wanted[name] = () if key == "step" else params[param_name].shape
-    return weights, read_tensors(path, "optimizer", optimizer_map, state, wanted)
+        if param_name in param_of:  # AdamW: a scalar step, moments shaped like the parameter
+            wanted[name] = () if key == "step" else own[param_of[param_name]].shape
+    optimizer_state = {}
+    for name, value in read_tensors(path, "optimizer", optimizer_map, state, wanted).items():
+        param_name, key = name.rsplit(".", 1)
+        optimizer_state[f"{param_of[param_name]}.{key}"] = value
+    return weights, optimizer_state
 
 
 def _load_optimizer_tensors(stage, optimizer, tensors: dict) -> None:

@@ -14,7 +14,8 @@ from minipipe.errors import CheckpointError
 
 FORMAT_VERSION = 1
 MODEL_SHAPE_FIELDS = ("model", "layers", "d_model", "heads", "max_seq_len", "vocab", "cells",
-                      "filters", "image_size", "classes", "channels")
+                      "filters", "image_size", "classes", "channels", "tie_embeddings")
+SHAPE_FIELD_DEFAULTS = {"tie_embeddings": False}  # what a checkpoint saved before the field means
 # The data order: batch s is a function of (seed, s, batch size, seq_len); resuming under other
 # values would skip or repeat samples, so they must match (dp and M split a batch, order kept).
 DATA_ORDER_FIELDS = ("seed", "batch_size", "seq_len")
@@ -56,8 +57,9 @@ def read_trainer_state(path: Path) -> dict:
 
 def check_model_shape(state: dict, cfg, path: Path) -> None:
     saved = state["config"]
-    differ = [f"{name}={saved.get(name)} (this run: {getattr(cfg, name)})"
-              for name in MODEL_SHAPE_FIELDS if saved.get(name) != getattr(cfg, name)]
+    differ = [f"{name}={saved.get(name, SHAPE_FIELD_DEFAULTS.get(name))} (this run: {getattr(cfg, name)})"
+              for name in MODEL_SHAPE_FIELDS
+              if saved.get(name, SHAPE_FIELD_DEFAULTS.get(name)) != getattr(cfg, name)]
     if differ:
         raise CheckpointError(f"{path} holds another model: {', '.join(differ)}; pass the "
                               f"checkpoint's model flags, or start fresh with --resume none")

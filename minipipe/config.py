@@ -97,6 +97,12 @@ class Config:
     # checkpoint-directory safety: a fresh run never mixes with (and prunes) another run's checkpoints
     overwrite_ckpt: bool = _f(False, "start a fresh run in a --ckpt-dir that holds another run's "
                                      "checkpoints (--keep may then prune them)")
+    # GPT-2 in and out (issue 12: minipipe/tied.py, minipipe/hf_gpt2.py)
+    tie_embeddings: Optional[bool] = _f(None, "the head's weight is the token embedding, as in GPT-2 "
+                                              "(default: off, or as the --init-from model is)")
+    init_from: Optional[str] = _f(None, "start from a Hugging Face GPT-2 directory (config.json + "
+                                        "safetensors); its config sets the shape; a checkpoint in "
+                                        "--ckpt-dir wins")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,6 +200,12 @@ def make_config(**values) -> Config:
     if cfg.preset not in PRESETS[cfg.model]:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
+    if cfg.init_from:  # the imported model's config.json sets the shape before any preset
+        from minipipe.hf_gpt2 import apply_config  # (torch comes with it only for an import)
+        apply_config(cfg)
+    if cfg.tie_embeddings and cfg.model != "transformer":
+        raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")
+    cfg.tie_embeddings = bool(cfg.tie_embeddings)
     apply_preset(cfg)
     validate(cfg)
     return cfg
@@ -243,8 +255,8 @@ def validate(cfg: Config) -> None:
                           f"make --batch-size a multiple of dp x microbatches = {cfg.dp * cfg.microbatches}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise ConfigError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr={cfg.lr}, min-lr={cfg.min_lr})")
+    if cfg.lr < 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:  # lr 0 keeps the weights (a round trip)
+        raise ConfigError(f"need 0 <= --min-lr <= --lr (got lr={cfg.lr}, min-lr={cfg.min_lr})")
     if cfg.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {cfg.timeout})")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):

@@ -19,6 +19,7 @@ from minipipe.comm import StageComm
 from minipipe.errors import PipelineError
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.schedule import Action, forward_actions, gpipe_actions
+from minipipe.tied import TiedEmbedding
 from models.batchnorm import PipelineBatchNorm2d, commit_deferred_stats
 
 LOSS_SCALE_GROWTH_INTERVAL = 2000  # float16: double the loss scale after this many finite steps
@@ -56,9 +57,11 @@ class Engine:
         counts = layer_param_counts or [len(list(layer.parameters())) for layer in stage.layers.values()]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.n_param_slots = sum(counts)
-        self.param_slots = torch.tensor([starts[i] + j for i, layer in zip(stage.indices, stage.layers.values())
-                                         for j, p in enumerate(layer.parameters()) if p.requires_grad],
-                                        dtype=torch.long, device=layout.device)
+        self.tied = TiedEmbedding(stage, layout, timeout_s)  # issue 12: a tied head's copy has no slot
+        counted = [(starts[i] + j, p) for i, layer in zip(stage.indices, stage.layers.values())
+                   for j, p in enumerate(self.tied.counted(i, layer)) if p.requires_grad]
+        self.norm_params = [p for _, p in counted]  # issue 12: what the global gradient norm counts
+        self.param_slots = torch.tensor([slot for slot, _ in counted], dtype=torch.long, device=layout.device)
         self.first, self.last = layout.is_first, layout.is_last
         self.device = layout.device
         self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
@@ -290,6 +293,7 @@ class Engine:
                 grad.copy_(synced)
             for p, grad in zip(self._params(), grads):
                 p.grad = grad
+        self.tied.sum_copies()  # issue 12: the tied embedding's two copies get their summed gradient
         if self.has_batchnorm:
             if self.deferred_bn:
                 commit_deferred_stats(self.stage, lay.stage_group if lay.dp > 1 else None)
@@ -306,7 +310,7 @@ class Engine:
         params = self._params()
         packed = torch.zeros(self.n_param_slots + 1, dtype=torch.float64, device=self.device)
         if self.layout.dp_rank == 0:  # replicas hold equal gradients after the all-reduce: count one
-            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.norm_params]
             packed[self.param_slots] = torch.stack(torch._foreach_norm(grads)).double()
         packed[-1] = self.loss_total
         start = time.perf_counter()

@@ -1,10 +1,13 @@
 """Consolidate a sharded checkpoint into one `model.safetensors` and its `config.json`.
 
-    python -m minipipe.export out/ckpt exported/          # a --ckpt-dir (its latest) or a step-N
-    cfg, model = models.load_exported("exported/")       # the whole model as one nn.Sequential
+    python -m minipipe.export out/ckpt exported/              # a --ckpt-dir (its latest) or a step-N
+    cfg, model = models.load_exported("exported/")           # the whole model as one nn.Sequential
+    python -m minipipe.export out/ckpt gpt2/ --format hf      # GPT2LMHeadModel.from_pretrained("gpt2/")
 
-Every shard is verified against trainer_state.json (size, sha256) before it is read; tensor
-names stay global (`layers.7.qkv.weight`).
+Every shard is verified against trainer_state.json (size, sha256) before it is read. The minipipe
+format keeps the global names (`layers.7.qkv.weight`; a tied embedding once, as
+`layers.0.tokens.weight`); `--format hf` writes GPT-2's names, layouts and config.json
+(minipipe/hf_gpt2.py), for a Transformer checkpoint.
 """
 import argparse
 import json
@@ -13,28 +16,39 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from minipipe import hf_gpt2
 from minipipe.checkpoint_files import (
     checkpoint_path,
     read_index,
     read_tensors,
     read_trainer_state,
 )
-from minipipe.errors import MinipipeError
+from minipipe.config import make_config
+from minipipe.errors import CheckpointError, MinipipeError
 
 EXPORTED_WEIGHTS = "model.safetensors"
 EXPORTED_CONFIG = "config.json"
+FORMATS = ("minipipe", "hf")
 
 
-def export(checkpoint, out_dir) -> Path:
+def export(checkpoint, out_dir, format: str = "minipipe") -> Path:
     """Write out_dir/model.safetensors (every tensor of the model) and out_dir/config.json."""
     path = checkpoint_path(checkpoint)
     state = read_trainer_state(path)
+    # The weights are all here: the --init-from directory the run started from is not needed.
+    config = {**state["config"], "init_from": None}
+    if format == "hf" and config.get("model") != "transformer":
+        raise CheckpointError(f"{path}: --format hf writes GPT-2, which needs a Transformer "
+                              f"checkpoint; this one holds {config.get('model')!r}")
     weight_map = read_index(path, "model", state)
     tensors = read_tensors(path, "model", weight_map, state, dict.fromkeys(weight_map))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if format == "hf":
+        hf_gpt2.write_hf(make_config(**config), tensors, out)
+        return out
     save_file(tensors, out / EXPORTED_WEIGHTS, metadata={"format": "pt", "step": str(state["step"])})
-    (out / EXPORTED_CONFIG).write_text(json.dumps(state["config"], indent=1) + "\n")
+    (out / EXPORTED_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 
@@ -42,9 +56,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="one model.safetensors + config.json from a checkpoint")
     parser.add_argument("checkpoint", help="a --ckpt-dir (its latest checkpoint) or a step-N directory")
     parser.add_argument("out_dir", help="where to write model.safetensors and config.json")
+    parser.add_argument("--format", choices=FORMATS, default="minipipe",
+                        help="minipipe (models.load_exported) or hf (transformers' GPT-2)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir)
+        out = export(args.checkpoint, args.out_dir, args.format)
     except MinipipeError as err:
         print(f"minipipe error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from minipipe import partition
+from minipipe import partition, tied
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
 from minipipe.microbatch import as_tuple
@@ -220,6 +220,8 @@ def plan_run(cfg, n_stages: int) -> Plan:
     for s, layer_range in enumerate(ranges):
         own = [profiles[i] for i in layer_range] + ([profiles[-1]] if s == n_stages - 1 else [])
         params = sum(p.params for p in own)
+        if 0 in layer_range and s == n_stages - 1:  # one stage holds the whole model: a tied weight once
+            params -= tied.copy_numel(cfg)
         intermediate = own[0].alone_bytes + sum(p.chained_bytes for p in own[1:])
         stages.append(StagePlan(layer_range, params, STATE_COPIES * param_bytes * params,
                                 own[0].input_bytes, intermediate, cfg.microbatches))
@@ -293,7 +295,10 @@ def format_plan(plan: Plan, budget: int | None) -> str:
                     + (("yes" if total <= budget else "NO",) if budget else ()))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-    params = sum(stage.params for stage in plan.stages)
+    params = sum(stage.params for stage in plan.stages) - (tied.copy_numel(cfg) if k > 1 else 0)
+    if tied.is_tied(cfg):
+        shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
+                  else ", tied embedding")
     lines = [f"{cfg.model}: {shape}; {params:,} parameters; K={k}, M={cfg.microbatches}, "
              f"micro-batch {micro}, {cfg.dtype}", table,
              f"bubble (K-1)/(M+K-1) = {k - 1}/{cfg.microbatches + k - 1} = "

@@ -1,9 +1,24 @@
 """GPT-style decoder LM as a list of layers: [Embedding, Block x L, Head].
 
-Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V).
+Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V) in eval mode.
+In training the Head hands the loss (normalised hidden (B, T, D), its weight (V, D)) instead of
+logits, and the loss runs kernels.linear_cross_entropy, which goes through the tokens a chunk at a
+time: the (tokens x vocab) logits never exist whole. The weight in that tuple is the Parameter
+itself, so the loss's gradient reaches it through autograd like any other use.
 Pre-LN blocks (LayerNorm -> causal attention -> residual, LayerNorm -> GELU MLP -> residual),
-final LayerNorm + untied linear head. The hot ops go through `kernels` (Triton or the plain
+final LayerNorm + bias-free linear head. The hot ops go through `kernels` (Triton or the plain
 torch reference, chosen by `backend`).
+
+The math is GPT-2's (transformers' GPT2LMHeadModel), term by term, so weights convert both ways
+(minipipe/hf_gpt2.py): token + learned position embeddings; LayerNorm eps 1e-5; q, k, v from one
+biased linear in that order, heads split as (head, head_dim); softmax(q k^T / sqrt(head_dim));
+GELU with the tanh approximation (GPT-2's gelu_new); biased linears; a final LayerNorm; a head
+without bias. Dropout sits where GPT-2's embd_pdrop and resid_pdrop do (after the embedding sum
+and after each residual branch's projection); GPT-2's attn_pdrop (on the attention
+probabilities) has no counterpart here, so exports say attn_pdrop 0.
+
+With `tie_embeddings` the Embedding's token matrix is also the Head's weight (both layers carry
+`tied = True`; minipipe/tied.py keeps the copies one weight when they sit on different stages).
 """
 import math
 
@@ -34,8 +49,9 @@ class LayerNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, d_model: int, max_seq_len: int, dropout: float):
+    def __init__(self, vocab: int, d_model: int, max_seq_len: int, dropout: float, tied: bool = False):
         super().__init__()
+        self.tied = tied
         self.tokens = nn.Embedding(vocab, d_model)
         self.positions = nn.Embedding(max_seq_len, d_model)
         self.dropout = nn.Dropout(dropout)
@@ -75,26 +91,42 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, d_model: int, vocab: int, backend: str):
+    def __init__(self, d_model: int, vocab: int, backend: str, tied: bool = False):
         super().__init__()
+        self.tied = tied  # proj.weight is the Embedding's tokens.weight (models.build_layers)
         self.ln = LayerNorm(d_model, backend)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         _init_linear(self.proj, 0.02)
 
     def forward(self, x):
-        return self.proj(self.ln(x))
+        hidden = self.ln(x)
+        if self.training:  # the loss multiplies by the weight chunk by chunk (make_loss)
+            return hidden, self.proj.weight
+        return self.proj(hidden)
 
 
 def layer_factories(cfg, backend: str):
     blocks = [lambda: Block(cfg.d_model, cfg.heads, cfg.dropout, cfg.layers, backend)] * cfg.layers
-    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.max_seq_len, cfg.dropout)]
-            + blocks + [lambda: Head(cfg.d_model, cfg.vocab, backend)])
+    tied = bool(cfg.tie_embeddings)
+    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.max_seq_len, cfg.dropout, tied)]
+            + blocks + [lambda: Head(cfg.d_model, cfg.vocab, backend, tied)])
 
 
 def make_loss(backend: str):
-    def loss_sum(logits, targets):
-        """Token cross-entropy summed over the counted (non-ignored) tokens."""
-        logits = logits.reshape(-1, logits.shape[-1])
+    def loss_sum(output, targets):
+        """Token cross-entropy summed over the counted (non-ignored) tokens, of the Head's
+        (hidden, weight) in training (fused: no whole logits) or of its logits in evaluation."""
+        if isinstance(output, tuple):
+            hidden, weight = output
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            device = hidden.device.type
+            if device != "meta" and torch.is_autocast_enabled(device):  # F.linear's dtype there
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return kernels.linear_cross_entropy(hidden, weight, None, targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum",
+                                                backend=backend)
+        logits = output.reshape(-1, output.shape[-1])
         if logits.element_size() < 4:  # half-precision logits: reduce in fp32
             logits = logits.float()
         return kernels.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -10,7 +10,8 @@ from minipipe.data import load_dataset
 from minipipe.optim import lr_at
 
 
-def run_steps(n_steps: int = 1, **cfg_values) -> dict:
+def run_steps(n_steps: int = 1, watch: tuple = (), **cfg_values) -> dict:
+    """`watch`: tensor names of this stage's state_dict recorded after every step ("watched")."""
     cfg = make_config(**cfg_values)
     run = build_run(cfg)
     names = {id(p): n for n, p in run.stage.named_parameters()}
@@ -25,13 +26,14 @@ def run_steps(n_steps: int = 1, **cfg_values) -> dict:
         return real_step(*args, **kwargs)
 
     run.optimizer.step = recording_step
-    losses = []
+    losses, watched = [], []
     for step in range(n_steps):
         inputs, targets = run.dataset.batch(step, cfg.batch_size)
         losses.append(run.engine.train_step(inputs, targets, step, lr_at(step, cfg), cfg.grad_clip)["loss"])
+        watched.append({n: t.detach().clone() for n, t in run.stage.state_dict().items() if n in watch})
     weights = {n: t.detach().clone() for n, t in run.stage.state_dict().items()}
     return {"losses": losses, "grads": grads, "weights": weights, "stage": run.layout.stage,
-            "executed": [str(a) for a in run.engine.executed]}
+            "executed": [str(a) for a in run.engine.executed], "watched": watched}
 
 
 def assert_close_tensors(actual: dict, expected: dict, rtol: float, what: str) -> None:
@@ -74,7 +76,8 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
             inputs = inputs.to(dtype)
         total = 0.0
         for x, y in zip(inputs.chunk(cfg.microbatches), targets.chunk(cfg.microbatches)):
-            logits = model(x)
+            output = model(x)  # a training Transformer head hands over (hidden, weight)
+            logits = F.linear(*output) if isinstance(output, tuple) else output
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    reduction="sum") / targets.numel()
             loss.backward()

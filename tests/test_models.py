@@ -43,7 +43,11 @@ def test_transformer_shapes_through_every_layer():
     value = layers[0](value)
     assert value.shape == (3, 16, 32)
     value = layers[2](layers[1](value))
-    assert layers[3](value).shape == (3, 16, 256)
+    hidden, weight = layers[3](value)  # training: what the fused loss multiplies, chunk by chunk
+    assert hidden.shape == (3, 16, 32) and weight is layers[3].proj.weight
+    logits = layers[3].eval()(value)
+    assert logits.shape == (3, 16, 256)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, weight), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("preset,cells,filters", [("tiny", 1, 8), ("small", 2, 32)])
@@ -103,3 +107,20 @@ def test_lm_loss_at_init_is_ln_vocab():
             value = layers[i](value)
     loss = models.loss_fn(cfg)(value, targets) / models.count_loss_units(cfg, targets)
     assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_the_transformer_training_loss_runs_the_fused_linear_cross_entropy(monkeypatch):
+    """Training never asks the head for whole logits: the loss gets (hidden, weight) and calls
+    kernels.linear_cross_entropy (chunked on the Triton path), once per micro-batch forward."""
+    import kernels
+    from tests.harness import run_steps
+    calls = []
+    fused = kernels.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        calls.append((tuple(hidden.shape), tuple(weight.shape)))
+        return fused(hidden, weight, *args, **kwargs)
+    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
+    run_steps(1, model="transformer", layers=1, d_model=16, heads=2, max_seq_len=8, data="synthetic",
+              batch_size=4, microbatches=2, recompute="never")
+    assert calls == [((2 * 8, 16), (256, 16))] * 2
