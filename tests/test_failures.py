@@ -19,8 +19,8 @@ def _sabotaged_worker(rank, world_size, sabotage):
     if rank == 0 and sabotage != "dies":
         real_forward = run.stage.forward
 
-        def broken_forward(value, step, microbatch):
-            out = real_forward(value, step, microbatch)
+        def broken_forward(value, step, microbatch, chunk=0):
+            out = real_forward(value, step, microbatch, chunk)
             return out[..., :-1] if sabotage == "narrow" else out[:-1]
 
         run.stage.forward = broken_forward

@@ -41,7 +41,7 @@ class HeldActivations:
 
     def sample(self):
         held = {ptr: self.sizes[ptr] for ptr, count in self.refs.items() if count}
-        inputs = list(self.engine.stash.values()) + [leaf for leaf, _ in self.engine.graphs.values()]
+        inputs = list(self.engine.state.stashed_inputs.values()) + [leaf for leaf, _ in self.engine.state.graphs.values()]
         for value in inputs:
             for t in (value if isinstance(value, tuple) else (value,)):
                 held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -59,8 +59,8 @@ def _measured_and_planned(family: str, recompute: str) -> tuple[int, int]:
     held = HeldActivations(run.engine)
     real_forward = run.engine._forward
 
-    def forward_and_sample(m):
-        real_forward(m)
+    def forward_and_sample(action):
+        real_forward(action)
         held.sample()
 
     run.engine._forward = forward_and_sample
