@@ -167,3 +167,25 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
         got = merge_stages(per_rank[2 * replica: 2 * replica + 2])
         assert_close_tensors(got["grads"], single["grads"], 1e-10, f"dp replica {replica} gradients")
         assert_close_tensors(got["weights"], single["weights"], 1e-10, f"dp replica {replica} weights")
+
+
+GENERATE = dict(MODELS["transformer"], **COMMON, batch_size=8, microbatches=2)
+
+
+def _generate_worker(rank, world_size):
+    tokens = {}
+    for schedule, v in (("gpipe", 1), ("interleaved", 2)):
+        run = build_run(make_config(**GENERATE, schedule=schedule, virtual_stages=v))
+        prompt = run.dataset.batch(0, 1)[0][:, :4]
+        tokens[schedule] = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
+    return tokens
+
+
+def test_generation_samples_the_same_tokens_through_any_chunking():
+    """K=2 under gpipe and interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0)
+    sample what one process samples with the whole model."""
+    run = build_run(make_config(**GENERATE))
+    prompt = run.dataset.batch(0, 1)[0][:, :4]
+    single = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
+    for rank, tokens in enumerate(run_workers(_generate_worker, 2)):
+        assert tokens == {"gpipe": single, "interleaved": single}, rank
