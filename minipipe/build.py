@@ -52,6 +52,10 @@ def build_run(cfg) -> Run:
     check_schedule(cfg.schedule, n_stages, cfg.microbatches, cfg.virtual_stages)
     n_chunks = n_stages * cfg.virtual_stages
     n_layers = len(models.layer_factories(cfg))
+    if cfg.virtual_stages > 1 and n_chunks > n_layers:
+        raise ConfigError(f"--virtual-stages {cfg.virtual_stages} x {n_stages} stages = {n_chunks} model "
+                          f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
+                          "add layers")
     if cfg.balance:
         try:
             explicit = [int(x) for x in cfg.balance.split(",")]
