@@ -59,7 +59,6 @@ def _detached(value):
 class StepState:
     """What one step holds between actions, keyed by (chunk, micro-batch); names say which way
     each value flows. Everything is emptied by the step's own actions."""
-    step: int
     units: int  # counted units of the global batch: the loss normaliser
     batch_inputs: list | None  # this replica's micro-batch inputs (only where the first chunk runs)
     targets: list | None  # this replica's micro-batch targets (only where the last chunk runs)
@@ -159,13 +158,13 @@ class Engine:
 
     def _begin(self, inputs, targets, step):
         """Every rank holds the global batch; take this replica's rows, split into micro-batches."""
-        lay, v_last = self.layout, self.last_chunk
+        lay = self.layout
         rows = mb.batch_size(targets) // lay.dp
         own = slice(lay.dp_rank * rows, (lay.dp_rank + 1) * rows)
         self.step_index = step
-        first, last = lay.stage == 0, lay.stage == v_last % lay.n_stages
+        first, last = lay.stage == 0, lay.stage == self.last_chunk % lay.n_stages
         self.state = StepState(
-            step=step, units=self.count_units(targets),
+            units=self.count_units(targets),
             batch_inputs=mb.split(self._to_device(inputs, own), self.n_microbatches) if first else None,
             targets=mb.split(targets[own].to(self.device), self.n_microbatches) if last else None,
             sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)])

@@ -12,14 +12,15 @@ from tests.spawn import run_workers
 
 MODELS = {
     "transformer": dict(model="transformer", layers=6, d_model=16, heads=2, max_seq_len=8,
-                        data="synthetic", dropout=0.1),  # 8 layers
+                        data="synthetic"),  # 8 layers
     "amoebanet": dict(model="amoebanet", cells=1, filters=4, image_size=8, channels=3,
                       data="synthetic"),  # 7 layers
 }
 # BatchNorm on a micro-batch of one sample is degenerate (its variance is 0): AmoebaNet stops at
 # M=4 of 8 samples; and 7 layers cannot be cut into K*V = 8 chunks, the Transformer covers that.
 MICROBATCHES = {"transformer": (1, 2, 3, 4, 8), "amoebanet": (1, 2, 3, 4)}
-COMMON = dict(dtype="float64", lr=1e-2, warmup=0)
+COMMON = dict(dtype="float64", batch_size=8, lr=1e-2, warmup=0)
+GRID_DROPOUT = {"transformer": dict(dropout=0.1), "amoebanet": {}}  # the grid runs with dropout on
 UNEVEN = {("transformer", 1): "1,4,3", ("amoebanet", 1): "3,1,3",  # K=3: layers per chunk
           ("transformer", 2): "1,2,1,2,1,1", ("amoebanet", 2): "2,1,1,1,1,1"}
 STEPS = 3
@@ -45,8 +46,8 @@ def _grid(n_stages):
 
 def _case(n_stages, family, schedule, v, m, recompute):
     balance = UNEVEN[family, v] if n_stages == 3 else None
-    return dict(**MODELS[family], **COMMON, batch_size=12 if m == 3 else 8, microbatches=m,
-                recompute=recompute, balance=balance, schedule=schedule, virtual_stages=v)
+    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+                microbatches=m, recompute=recompute, balance=balance, schedule=schedule, virtual_stages=v)
 
 
 def _grid_worker(rank, world_size, cases):
@@ -62,7 +63,8 @@ def references():
 
 def _reference(references, family, m):
     if (family, m) not in references:
-        case = dict(MODELS[family], **COMMON, batch_size=12 if m == 3 else 8, microbatches=m)
+        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+                    microbatches=m)
         references[family, m] = reference_steps(STEPS, **case)
     return references[family, m]
 
@@ -135,7 +137,7 @@ def _balance_worker(rank, world_size, by):
 @pytest.mark.parametrize("by", ["time", "memory"])
 def test_profiled_balance_is_one_cut_shared_by_every_rank(by):
     balances = run_workers(_balance_worker, 2, by)
-    assert balances[0] == balances[1] and sum(balances[0]) == 6 and min(balances[0]) >= 1
+    assert balances[0] == balances[1] and sum(balances[0]) == 8 and min(balances[0]) >= 1
 
 
 BN = dict(MODELS["amoebanet"], **COMMON, microbatches=4)
@@ -169,7 +171,7 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
         assert_close_tensors(got["weights"], single["weights"], 1e-10, f"dp replica {replica} weights")
 
 
-GENERATE = dict(MODELS["transformer"], **COMMON, batch_size=8, microbatches=2)
+GENERATE = dict(MODELS["transformer"], **COMMON, microbatches=2)
 
 
 def _generate_worker(rank, world_size):
