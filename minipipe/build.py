@@ -17,6 +17,7 @@ from minipipe.dist import Layout, check_world, init_process_groups
 from minipipe.engine import Engine
 from minipipe.errors import ConfigError
 from minipipe.optim import build_optimizer
+from minipipe.schedule import check_schedule
 from minipipe.stage import Stage
 
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -29,7 +30,7 @@ class Run:
     cfg: object
     layout: Layout
     dataset: object
-    balance: list
+    balance: list  # layers per model chunk (K*V chunks; chunk c runs on stage c mod K)
     costs: list  # per layer, what chose the cut
     cost_kind: str  # params | time | memory
     stage: Stage
@@ -48,37 +49,44 @@ def planned_stages(cfg) -> int:
 def build_run(cfg) -> Run:
     dataset = load_dataset(cfg)
     n_stages = planned_stages(cfg)
+    check_schedule(cfg.schedule, n_stages, cfg.microbatches, cfg.virtual_stages)
+    n_chunks = n_stages * cfg.virtual_stages
     n_layers = len(models.layer_factories(cfg))
+    if cfg.virtual_stages > 1 and n_chunks > n_layers:
+        raise ConfigError(f"--virtual-stages {cfg.virtual_stages} x {n_stages} stages = {n_chunks} model "
+                          f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
+                          "add layers")
     if cfg.balance:
         try:
             explicit = [int(x) for x in cfg.balance.split(",")]
         except ValueError:
             raise ConfigError(f"--balance {cfg.balance!r}: give layer counts per stage, e.g. 3,3,2")
-        partition.check_balance(explicit, n_layers, n_stages)
-    elif n_stages > n_layers:
-        partition.balance_by_cost([1.0] * n_layers, n_stages)  # raises the "more stages" error
+        partition.check_balance(explicit, n_layers, n_chunks)
+    elif n_chunks > n_layers:
+        partition.balance_by_cost([1.0] * n_layers, n_chunks)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
     backend = kernels.resolve_backend(cfg.kernels, layout.device)
-    balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers)
-    indices = partition.stage_ranges(balance)[layout.stage]
-    stage = Stage(models.build_layers(cfg, indices, backend), cfg.seed)
+    balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks)
+    chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
+    indices = [i for chunk in chunks for i in chunk]
+    stage = Stage(models.build_layers(cfg, indices, backend), cfg.seed, chunks)
     stage.to(device=layout.device, dtype=PARAM_DTYPES[cfg.dtype])
     optimizer = build_optimizer(stage, cfg, backend)
     engine = Engine(stage, layout, models.loss_fn(cfg, backend),
                     lambda targets: models.count_loss_units(cfg, targets), optimizer,
                     cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
                     cfg.deferred_bn, [len(n) for n in models.layer_param_numels(cfg)],
-                    PARAM_DTYPES[cfg.dtype])
+                    PARAM_DTYPES[cfg.dtype], cfg.schedule, cfg.virtual_stages)
     return Run(cfg, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
 
 
-def _choose_balance(cfg, layout, dataset, backend, n_layers) -> tuple[list[int], list[float], str]:
-    """(layers per stage, the per-layer costs that chose the cut, what those costs measure)."""
+def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[list[int], list[float], str]:
+    """(layers per chunk, the per-layer costs that chose the cut, what those costs measure)."""
     params = [float(c) for c in models.count_layer_params(cfg)]
     if cfg.balance:
         return [int(x) for x in cfg.balance.split(",")], params, "params"
     if cfg.balance_by == "params":
-        return partition.balance_by_cost(params, layout.n_stages), params, "params"
+        return partition.balance_by_cost(params, n_chunks), params, "params"
     # Profiled costs differ run to run: rank 0 measures, everyone uses its cut.
     plan = [None]
     if layout.rank == 0:
@@ -87,7 +95,7 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers) -> tuple[list[int],
         inputs, _ = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
         inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
         costs = partition.profile_costs(stack, inputs, cfg.balance_by, layout.device)
-        plan = [(partition.balance_by_cost(costs, layout.n_stages), costs)]
+        plan = [(partition.balance_by_cost(costs, n_chunks), costs)]
     if layout.world_size > 1:
         dist.broadcast_object_list(plan, src=0)
     balance, costs = plan[0]

@@ -1,8 +1,8 @@
 """Point-to-point of a Tensor or a tuple of Tensors between neighbouring stages.
 
     comm = StageComm(rank, prev_rank, next_rank, stage, device, timeout_s)
-    comm.send(value, dst, what)                      # non-blocking; keeps tensors alive until waited
-    value = comm.recv(src, what, microbatch,         # bounded wait; validated
+    comm.send(value, dst, what, tag)                 # non-blocking; keeps tensors alive until waited
+    value = comm.recv(src, what, microbatch, tag,    # bounded wait; validated
                       expect_batch=None, expect_like=None)
     comm.wait_sends()                                # bounded wait for every outstanding send
 
@@ -11,23 +11,24 @@ then per tensor: dtype code, ndim, dims padded to MAX_NDIM), so shapes may chang
 to message (a smaller last micro-batch, another sequence length) and the receiver allocates
 exactly what arrives. A 1-tuple stays a 1-tuple, a Tensor stays a Tensor. Transport is
 torch.distributed isend/irecv on the default group (gloo on CPU, NCCL on GPU) with global ranks;
-messages between one (src, dst) pair arrive in the order they were sent.
+messages between one (src, dst) pair with one tag arrive in the order they were sent. The tag
+separates the two channels of a pair: ACTIVATION and GRADIENT (under interleaving both flow
+between the same two ranks, e.g. K = 2, and each keeps its own order).
 
 Bounded waits: every receive and every send wait is bounded by timeout_s. A timeout, or a peer
 that died (gloo: RuntimeError "Connection closed by peer ... remote worker crashing"), becomes a
 PipelineError naming this rank, stage, micro-batch and the exchange waited on. Validation failures
 (dim 0 != expect_batch; count/shapes/dtypes != expect_like) are PipelineErrors too.
 
-Why the GPipe schedule cannot deadlock: sends never block (isend), so only receives can wait.
-Activations flow s -> s+1 and gradients s+1 -> s, each in one fixed order (ascending and
-descending micro-batch) that sender and receiver share, by construction of minipipe.schedule.
-Forward phase, by induction on s: stage 0 receives nothing, so it issues all its sends; if stage
-s-1 issues send_act(0..M-1), stage s's recv_act(0..M-1) each complete in turn, so stage s
-issues its sends too. Backward phase, by induction from the last stage down: the last stage
-receives no gradient; if stage s+1 issues send_grad(M-1..0), stage s's recv_grad(M-1..0)
-complete in the same order. Hence every stage reaches all-reduce, for every K and M (also
-simulated for small K, M in tests/test_schedule.py). On NCCL, Work.wait(timeout) is best-effort:
-the process-group timeout (minipipe.dist) is the backstop there.
+Why a schedule cannot deadlock: sends never block (isend), so only receives can wait, and a
+receive waits for a message its sender lists before anything that depends on this rank. For
+GPipe by induction: forward phase from stage 0 up (stage 0 receives nothing, so it issues all its
+sends; then stage s's receives complete in turn), backward phase from the last stage down. For
+any list (1f1b, interleaved, hand-made), minipipe.schedule_check simulates every rank with this
+transport and proves that all ranks reach the all-reduce and that the k-th send and receive of
+each channel name the same (chunk, micro-batch); tests/test_schedule.py runs it for K <= 8,
+M <= 16, V <= 4. On NCCL, Work.wait(timeout) is best-effort: the process-group timeout
+(minipipe.dist) is the backstop there.
 """
 from datetime import timedelta
 
@@ -42,6 +43,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
           torch.int64, torch.int32, torch.bool, torch.uint8)  # index = wire dtype code
 _FIELDS = 2 + MAX_NDIM  # per tensor: dtype code, ndim, dims
 HEADER_LEN = 2 + MAX_TENSORS * _FIELDS
+ACTIVATION, GRADIENT = 0, 1  # message tags: the two channels between a pair of ranks
 
 
 def _describe(tensors) -> str:
@@ -62,17 +64,17 @@ class StageComm:
         self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
         self._pending = []  # (work, tensors kept alive, what) of sends not yet waited
-        self._early_headers = {}  # src -> (work, header) of a header receive posted ahead
+        self._early_headers = {}  # (src, tag) -> (work, header) of a header receive posted ahead
 
     # --- sending -------------------------------------------------------------------------------
-    def send(self, value, dst: int, what: str) -> None:
+    def send(self, value, dst: int, what: str, tag: int = ACTIVATION) -> None:
         """Start sending `value` (Tensor or tuple of Tensors) to rank dst; returns at once."""
         is_tuple = isinstance(value, tuple)
         tensors = tuple(t.detach().contiguous() for t in (value if is_tuple else (value,)))
         header = torch.tensor(self._encode(tensors, is_tuple, what), dtype=torch.int64, device=self.device)
         self._release_completed_sends()
         for tensor in (header, *tensors):
-            self._pending.append((self._start(dist.isend, tensor, dst, what), tensor, what))
+            self._pending.append((self._start(dist.isend, tensor, dst, what, tag), tensor, what))
 
     def _release_completed_sends(self) -> None:
         """Drop finished sends so their tensors can be freed (re-materialisation keeps only stage
@@ -104,8 +106,8 @@ class StageComm:
         return header + [0] * (HEADER_LEN - len(header))
 
     # --- receiving -----------------------------------------------------------------------------
-    def recv(self, src: int, what: str, microbatch: int, expect_batch: int | None = None,
-             expect_like=None):
+    def recv(self, src: int, what: str, microbatch: int, tag: int = ACTIVATION,
+             expect_batch: int | None = None, expect_like=None):
         """Receive the next Tensor-or-tuple from rank src; the header and each tensor are each
         awaited at most timeout_s.
 
@@ -113,24 +115,25 @@ class StageComm:
         structure, shapes and dtypes the received value must match exactly (e.g. the activation
         this stage sent, when receiving its gradient).
         """
-        work, header = self._early_headers.pop(src, None) or self._post_header(src, what)
+        work, header = self._early_headers.pop((src, tag), None) or self._post_header(src, what, tag)
         self._wait(work, f"receiving {what}", microbatch)
         is_tuple, tensors = self._decode(header.tolist(), what, microbatch)
         for tensor in tensors:
-            self._wait(self._start(dist.irecv, tensor, src, what), f"receiving {what}", microbatch)
+            self._wait(self._start(dist.irecv, tensor, src, what, tag), f"receiving {what}", microbatch)
         # validated after the payload, so the channel stays in step even when we refuse a value
         self._validate(tensors, is_tuple, what, microbatch, expect_batch, expect_like)
         return tensors if is_tuple else tensors[0]
 
-    def expect(self, src: int, what: str) -> None:
-        """Post the header receive of the next message from src now, so it can land while this
-        stage computes; the next recv from src picks it up. Only for a message that will come."""
-        if src not in self._early_headers:
-            self._early_headers[src] = self._post_header(src, what)
+    def expect(self, src: int, what: str, tag: int = ACTIVATION) -> None:
+        """Post the header receive of the next message from src on channel `tag` now, so it can
+        land while this stage computes; the next recv there picks it up. Only for a message that
+        will come."""
+        if (src, tag) not in self._early_headers:
+            self._early_headers[src, tag] = self._post_header(src, what, tag)
 
-    def _post_header(self, src, what):
+    def _post_header(self, src, what, tag):
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        return self._start(dist.irecv, header, src, what), header
+        return self._start(dist.irecv, header, src, what, tag), header
 
     def _decode(self, header, what, microbatch):
         count, is_tuple = header[0], bool(header[1])
@@ -163,9 +166,9 @@ class StageComm:
                                               f"received {_structure(is_tuple, tensors)}")
 
     # --- bounded waits -------------------------------------------------------------------------
-    def _start(self, op, tensor, peer, what):
+    def _start(self, op, tensor, peer, what, tag):
         try:
-            return op(tensor, peer)
+            return op(tensor, peer, tag=tag)
         except RuntimeError as exc:
             raise self._error(None, f"could not start {what} with rank {peer}: {exc}") from exc
 

@@ -80,6 +80,11 @@ class Config:
     recompute: str = _f("always", "re-materialisation (GPipe 2.3)", ("always", "except_last", "never"))
     deferred_bn: bool = _f(False, "BatchNorm running stats over the whole mini-batch, not per micro-batch")
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
+    # pipeline schedules (issue 11): see minipipe/schedule.py
+    schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
+                                "interleaved (Megatron, needs --virtual-stages >= 2)",
+                       ("gpipe", "1f1b", "interleaved"))
+    virtual_stages: int = _f(1, "model chunks per stage V (interleaved); --balance then lists K*V chunks")
     # tracking
     wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
                             "key, else offline", ("auto", "online", "offline", "disabled"))

@@ -185,7 +185,8 @@ def config_record(cfg, balance: list[int]) -> dict:
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],
-            "bubble_theory": bubble_fraction(len(balance), cfg.microbatches)}
+            "bubble_theory": bubble_fraction(len(balance) // cfg.virtual_stages, cfg.microbatches,
+                                             cfg.virtual_stages)}  # balance: K*V chunks
     return {**cfg.to_dict(), "plan": plan}
 
 

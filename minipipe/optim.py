@@ -1,9 +1,12 @@
-"""AdamW with linear warm-up and cosine decay; the decay skips biases and norm weights."""
+"""AdamW with linear warm-up and cosine decay (the decay skips biases and norm weights), and the
+synchronous update the engine runs after the drain: `update` unscales, clips and steps."""
 import math
+from dataclasses import dataclass
 
 import torch
 
 import kernels
+from minipipe.errors import MinipipeError
 
 
 def lr_at(step: int, cfg) -> float:
@@ -24,3 +27,48 @@ def build_optimizer(module: torch.nn.Module, cfg, backend: str) -> torch.optim.O
     if backend == "triton":
         return kernels.AdamW(groups, backend="triton", **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+# ---- the synchronous update: loss scaling, clipping, the optimizer step ----------------------
+class DivergedError(MinipipeError):
+    """A float32/float64 step produced a non-finite gradient norm: training diverged."""
+
+
+@dataclass
+class LossScale:
+    """Dynamic loss scaling for float16 autocast, whose small gradients would underflow: the
+    loss is multiplied by `scale` before backward; an overflow halves it and skips the step,
+    GROWTH_INTERVAL finite steps double it. 1.0 (never changed) for the other dtypes."""
+    scale: float = 1.0
+    steps_at_scale: int = 0
+    dynamic: bool = False
+
+    GROWTH_INTERVAL = 2000
+
+
+def update(optimizer, params, grad_norm: float, loss: float, step: int, lr: float, grad_clip: float,
+           loss_scale: LossScale) -> bool:
+    """Unscale, clip by the global norm and step; True if the step was skipped (float16 overflow).
+    grad_norm: the whole model's gradient norm divided by the loss scale, the same on every rank
+    (so every rank takes the same branch)."""
+    if not math.isfinite(grad_norm):
+        if not loss_scale.dynamic:
+            raise DivergedError(f"step {step}: the gradient norm is {grad_norm} (loss {loss}); training "
+                                f"diverged. Lower --lr, raise --warmup, keep --grad-clip on, or resume "
+                                f"from an earlier checkpoint.")
+        optimizer.zero_grad(set_to_none=True)
+        loss_scale.scale, loss_scale.steps_at_scale = loss_scale.scale / 2, 0
+        return True
+    factor = 1.0 / loss_scale.scale  # unscale (float16) and clip in one multiply
+    if grad_clip > 0:
+        factor *= min(1.0, grad_clip / (grad_norm + 1e-6))  # torch's clip_grad_norm_ formula
+    if factor != 1.0:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_scale.steps_at_scale += 1
+    if loss_scale.dynamic and loss_scale.steps_at_scale == LossScale.GROWTH_INTERVAL:
+        loss_scale.scale, loss_scale.steps_at_scale = loss_scale.scale * 2, 0
+    return False

@@ -3,6 +3,7 @@ model that fits a memory budget (the question of GPipe's Table 1).
 
     python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --memory-budget 80GiB
     python -m minipipe.plan --preset gpipe --stages 8 --memory-budget 16GiB --largest
+    python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --schedule 1f1b
 
 Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device (no
 memory, no data, no processes): parameters are counted, activations are the bytes autograd saves
@@ -11,11 +12,14 @@ counted once), FLOPs come from torch's FlopCounterMode over a forward and backwa
 
 Bytes of a stage (GPipe section 2.3), per device:
     state        weights + gradients + AdamW's two moments: 4 copies of each parameter
-    boundary     the stage's input for one micro-batch (what crosses from the previous stage)
-    intermediate what the stage's layers (and, on the last stage, the loss) save for backward,
+    boundary     a chunk's input for one micro-batch (what crosses from the previous chunk)
+    intermediate what a chunk's layers (and, in the last chunk, the loss) save for backward,
                  for one micro-batch, its input excluded
-    activations with re-materialisation    M x boundary + intermediate   (also except_last)
-    activations without                    M x (boundary + intermediate)
+    activations  the peak over the stage's schedule (--schedule, --virtual-stages) of what the
+                 micro-batches in flight hold: with re-materialisation each keeps its boundary,
+                 plus one chunk's intermediate during a backward (gpipe: M x boundary +
+                 intermediate; 1f1b: (K - stage) x boundary + intermediate); without, each in
+                 flight keeps boundary + intermediate (gpipe: M x (boundary + intermediate)).
 Not counted: communication buffers, the allocator's slack, one op's temporary workspace, the CUDA
 context. Estimates follow the plain-torch ops (Triton's flash attention saves no T x T scores);
 under bf16/fp16 autocast the layers are traced in that dtype (an approximation). Identical layers
@@ -36,7 +40,7 @@ from minipipe import partition, tied
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
 from minipipe.microbatch import as_tuple
-from minipipe.schedule import bubble_fraction
+from minipipe.schedule import Kind, bubble_fraction, check_schedule, train_actions
 
 STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
@@ -57,17 +61,29 @@ class LayerProfile:
 
 @dataclass
 class StagePlan:
-    layers: range
+    chunks: list[range]  # global layers of each of the stage's model chunks
     params: int
     state_bytes: int
-    boundary_bytes: int
-    intermediate_bytes: int
-    n_microbatches: int
+    boundary_bytes: list[int]  # per chunk, one micro-batch
+    intermediate_bytes: list[int]  # per chunk, one micro-batch
+    order: list[tuple[bool, int]]  # the schedule's (is forward, chunk) sequence on this stage
+
+    @property
+    def layers(self) -> list[int]:
+        return [i for chunk in self.chunks for i in chunk]
 
     def activation_bytes(self, remat: bool) -> int:
-        if remat:
-            return self.n_microbatches * self.boundary_bytes + self.intermediate_bytes
-        return self.n_microbatches * (self.boundary_bytes + self.intermediate_bytes)
+        """Replay the schedule's forwards and backwards and keep the peak held bytes."""
+        held = peak = 0
+        for forward, v in self.order:
+            kept = self.boundary_bytes[v] + (0 if remat else self.intermediate_bytes[v])
+            if forward:
+                held += kept
+                peak = max(peak, held)
+            else:  # re-materialised: the chunk's intermediates live while its backward runs
+                peak = max(peak, held + (self.intermediate_bytes[v] if remat else 0))
+                held -= kept
+        return peak
 
     def total_bytes(self, recompute: str) -> int:
         return self.state_bytes + self.activation_bytes(recompute != "never")
@@ -202,29 +218,38 @@ def profile_layers(cfg) -> list[LayerProfile]:
 
 
 # ---- plans --------------------------------------------------------------------------------
-def _balance(cfg, profiles: list[LayerProfile], n_stages: int) -> list[int]:
+def _balance(cfg, profiles: list[LayerProfile], n_chunks: int) -> list[int]:
     layers = profiles[:-1]
     if cfg.balance:
-        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers), n_stages)
+        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers), n_chunks)
     # The planner profiles nothing: 'time' cuts by FLOPs, 'memory' by state + saved bytes.
     costs = {"params": [p.params for p in layers], "time": [p.flops for p in layers],
              "memory": [STATE_COPIES * p.params + p.chained_bytes for p in layers]}[cfg.balance_by]
-    return partition.balance_by_cost([float(c) for c in costs], n_stages)
+    return partition.balance_by_cost([float(c) for c in costs], n_chunks)
 
 
 def plan_run(cfg, n_stages: int) -> Plan:
+    """Per stage: its chunks (chunk c of K*V on stage c mod K, as build_run cuts them), state
+    bytes, and the activation peak of cfg's schedule."""
+    check_schedule(cfg.schedule, n_stages, cfg.microbatches, cfg.virtual_stages)
     profiles = profile_layers(cfg)
     param_bytes = PARAM_BYTES.get(cfg.dtype, 4)
-    ranges = partition.stage_ranges(_balance(cfg, profiles, n_stages))
+    ranges = partition.stage_ranges(_balance(cfg, profiles, n_stages * cfg.virtual_stages))
+    last = len(ranges) - 1
     stages = []
-    for s, layer_range in enumerate(ranges):
-        own = [profiles[i] for i in layer_range] + ([profiles[-1]] if s == n_stages - 1 else [])
-        params = sum(p.params for p in own)
-        if 0 in layer_range and s == n_stages - 1:  # one stage holds the whole model: a tied weight once
+    for s in range(n_stages):
+        chunks = ranges[s::n_stages]
+        owned = [[profiles[i] for i in r] + ([profiles[-1]] if c * n_stages + s == last else [])
+                 for c, r in enumerate(chunks)]
+        params = sum(p.params for own in owned for p in own)
+        if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
             params -= tied.copy_numel(cfg)
-        intermediate = own[0].alone_bytes + sum(p.chained_bytes for p in own[1:])
-        stages.append(StagePlan(layer_range, params, STATE_COPIES * param_bytes * params,
-                                own[0].input_bytes, intermediate, cfg.microbatches))
+        order = [(a.kind is Kind.FORWARD, a.v) for a in train_actions(
+            cfg.schedule, s, n_stages, cfg.microbatches, cfg.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
+        stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
+                                [own[0].input_bytes for own in owned],
+                                [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
+                                order))
     return Plan(cfg, stages, _flops_per_unit(cfg, profiles),
                 "token" if cfg.model == "transformer" else "sample")
 
@@ -289,7 +314,8 @@ def format_plan(plan: Plan, budget: int | None) -> str:
              f"total ({cfg.recompute})") + (("fits",) if budget else ())]
     for s, stage in enumerate(plan.stages):
         total = stage.total_bytes(cfg.recompute)
-        rows.append((str(s), f"{stage.layers.start}-{stage.layers.stop - 1}", f"{stage.params:,}",
+        layers = ",".join(f"{r.start}-{r.stop - 1}" for r in stage.chunks)
+        rows.append((str(s), layers, f"{stage.params:,}",
                      _size(stage.state_bytes), _size(stage.activation_bytes(True)),
                      _size(stage.activation_bytes(False)), _size(total))
                     + (("yes" if total <= budget else "NO",) if budget else ()))
@@ -299,10 +325,11 @@ def format_plan(plan: Plan, budget: int | None) -> str:
     if tied.is_tied(cfg):
         shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
                   else ", tied embedding")
-    lines = [f"{cfg.model}: {shape}; {params:,} parameters; K={k}, M={cfg.microbatches}, "
+    v, m = cfg.virtual_stages, cfg.microbatches
+    formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
+    lines = [f"{cfg.model}: {shape}; {params:,} parameters; {cfg.schedule}, K={k}, M={m}, V={v}, "
              f"micro-batch {micro}, {cfg.dtype}", table,
-             f"bubble (K-1)/(M+K-1) = {k - 1}/{cfg.microbatches + k - 1} = "
-             f"{bubble_fraction(k, cfg.microbatches):.3f}",
+             f"bubble {formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}",
              f"model FLOPs per {plan.unit} (forward + backward): {plan.flops_per_unit / 1e9:.4g} GFLOP"]
     if budget:
         verdict = "fits" if plan.peak_bytes() <= budget else "does NOT fit"

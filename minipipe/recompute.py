@@ -2,7 +2,8 @@
 
 With recompute, the forward of micro-batch m runs without autograd and the stage stashes only
 its input. Right before m's backward, the forward runs again with autograd and backprop follows
-at once, so at most one micro-batch's intermediates are alive per stage.
+at once, so at most one micro-batch's intermediates are alive per stage, under every schedule; how many
+stage inputs wait stashed is the schedule's micro-batches in flight (gpipe M, 1f1b K - stage).
 
 Replay is exact without saving RNG state: `Stage` seeds each stochastic layer from
 (seed, step, layer, micro-batch), so the recompute draws the same dropout masks. BatchNorm
@@ -33,8 +34,8 @@ def grad_leaf(value):
     return leaf(value) if isinstance(value, torch.Tensor) else tuple(leaf(t) for t in value)
 
 
-def recompute_forward(stage, stashed_input, step: int, microbatch: int, input_grad: bool):
+def recompute_forward(stage, stashed_input, step: int, microbatch: int, input_grad: bool, chunk: int = 0):
     """(input leaf, output) with the autograd graph rebuilt, replaying the original forward."""
     leaf = grad_leaf(stashed_input) if input_grad else stashed_input
     with torch.enable_grad(), frozen_running_stats(stage):
-        return leaf, stage(leaf, step, microbatch)
+        return leaf, stage(leaf, step, microbatch, chunk)

@@ -1,116 +1,189 @@
-"""PURE: (stage, K, M) -> the ordered actions of one GPipe training step; a text grid of all stages.
+"""PURE: (schedule, rank, K, M, V) -> the ordered actions of one training step on that rank.
 
-GPipe fill-drain (Huang et al. 2019, Figure 2). For stage s of K and micro-batches 0..M-1:
+Three schedules, each a compute order per rank; the messages follow from it (`_with_messages`):
 
-    for m in 0..M-1:    [recv_act(m) if s > 0]    forward(m)   [send_act(m) if s < K-1]
-    for m in M-1..0:    [recv_grad(m) if s < K-1] backward(m)  [send_grad(m) if s > 0]
-    allreduce, step
+    gpipe        fill-drain (Huang et al. 2019, Fig. 2): F0..F(M-1), then B(M-1)..B0.
+    1f1b         PipeDream-flush (Narayanan et al. 2021): K-1-r warm-up forwards on rank r, then
+                 one forward one backward, then the cool-down backwards; the same synchronous
+                 update. At most K-r micro-batches are in flight on rank r, instead of M.
+    interleaved  Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): the model is
+                 cut into K*V chunks and chunk c runs on rank c mod K, so rank r holds its chunks
+                 v = 0..V-1 (global chunk v*K + r). Forwards go in groups of K micro-batches,
+                 chunk by chunk; (K-1-r)*2 + (V-1)*K warm-up forwards, then 1F1B.
 
-Invariant the engine and the deadlock test rely on: the k-th `send_act` of stage s and the k-th
-`recv_act` of stage s+1 name the same micro-batch (both ascend), and likewise the k-th `send_grad`
-of stage s+1 and the k-th `recv_grad` of stage s (both descend). `backward(m)` includes the
-re-materialising forward recompute of micro-batch m. No torch.distributed in here.
+Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe and 1f1b run
+one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of K).
+
+An action names the rank's local chunk v (0..V-1) when V > 1. `recv_act`/`send_act` carry
+activations from chunk c to c+1 (rank r -> r+1 mod K, so the last rank sends to rank 0 under
+interleaving), `recv_grad`/`send_grad` carry gradients back. With K = 1 every hand-off between
+chunks is local: no message is listed and the engine passes the value in memory.
+
+Invariant the engine relies on, and `minipipe.schedule_check` proves for any list: on every
+channel (src, dst, activation|gradient) the k-th send and the k-th receive name the same
+(chunk, micro-batch). `backward` includes the re-materialising recompute of its forward.
+No torch in here.
 """
 import argparse
+import enum
 import sys
 from dataclasses import dataclass
 
-ACTION_KINDS = ("recv_act", "forward", "send_act", "recv_grad", "backward", "send_grad",
-                "allreduce", "step")
-_SHORT = {"forward": "F", "backward": "B"}
-BUBBLE = "."
+from minipipe.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+class ScheduleError(ConfigError):
+    """A schedule cannot run with these K, M, V (or a hand-made action list is unsound)."""
+
+
+class Kind(enum.Enum):
+    RECV_ACT = "recv_act"
+    FORWARD = "forward"
+    SEND_ACT = "send_act"
+    RECV_GRAD = "recv_grad"
+    BACKWARD = "backward"
+    SEND_GRAD = "send_grad"
+    ALLREDUCE = "allreduce"
+    STEP = "step"
+
+
+_SHORT = {Kind.FORWARD: "F", Kind.BACKWARD: "B"}
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # one of ACTION_KINDS
-    microbatch: int | None = None  # None for 'allreduce' and 'step'
+    kind: Kind
+    microbatch: int | None = None  # None for allreduce and step
+    chunk: int | None = None  # this rank's model chunk 0..V-1; None when V = 1
 
     def __post_init__(self):
-        if self.kind not in ACTION_KINDS:
-            raise ValueError(f"unknown action kind {self.kind!r}; expected one of {ACTION_KINDS}")
-        if (self.microbatch is None) != (self.kind in ("allreduce", "step")):
-            raise ValueError(f"action {self.kind!r} got microbatch={self.microbatch!r}")
+        object.__setattr__(self, "kind", Kind(self.kind))  # also accepts the kind's name string
+        if (self.microbatch is None) != (self.kind in (Kind.ALLREDUCE, Kind.STEP)):
+            raise ValueError(f"action {self.kind.value!r} got microbatch={self.microbatch!r}")
+
+    @property
+    def v(self) -> int:
+        """The local chunk index, 0 when the schedule has one chunk per rank."""
+        return self.chunk or 0
 
     def __str__(self):
         if self.microbatch is None:
-            return self.kind
-        return f"{_SHORT.get(self.kind, self.kind)}{self.microbatch}"
+            return self.kind.value
+        text = f"{_SHORT.get(self.kind, self.kind.value)}{self.microbatch}"
+        return text if self.chunk is None else f"{text}c{self.chunk}"
 
 
-def _check(stage: int, n_stages: int, n_microbatches: int) -> None:
-    if n_stages < 1 or n_microbatches < 1:
-        raise ValueError(f"need n_stages >= 1 and n_microbatches >= 1, got K={n_stages}, M={n_microbatches}")
-    if not 0 <= stage < n_stages:
-        raise ValueError(f"stage {stage} is outside 0..{n_stages - 1}")
+def check_schedule(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> None:
+    """Raise ScheduleError naming the constraint that (schedule, K, M, V) breaks."""
+    k, m, v = n_stages, n_microbatches, virtual_stages
+    if schedule not in SCHEDULES:
+        raise ScheduleError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if k < 1 or m < 1 or v < 1:
+        raise ScheduleError(f"need stages, micro-batches and virtual stages >= 1, got K={k}, M={m}, V={v}")
+    if schedule != "interleaved" and v != 1:
+        raise ScheduleError(f"--schedule {schedule} runs one model chunk per stage: --virtual-stages "
+                            f"must be 1 (got {v}); use --schedule interleaved for V > 1")
+    if schedule == "interleaved":
+        if v < 2:
+            raise ScheduleError("--schedule interleaved needs --virtual-stages >= 2 (V = 1 is 1f1b)")
+        if m % k:
+            raise ScheduleError(f"--schedule interleaved runs micro-batches in groups of K={k}: "
+                                f"--microbatches {m} must be a multiple of {k}")
 
 
-def forward_actions(stage: int, n_stages: int, n_microbatches: int) -> list[Action]:
-    """The fill half: every micro-batch forward in ascending order (also used alone for evaluation)."""
-    _check(stage, n_stages, n_microbatches)
+def _gpipe_order(rank, k, m, v):
+    return [(Kind.FORWARD, 0, i) for i in range(m)] + [(Kind.BACKWARD, 0, i) for i in reversed(range(m))]
+
+
+def _one_f_one_b_order(rank, k, m, v):
+    warmup = min(k - 1 - rank, m)
+    order = [(Kind.FORWARD, 0, i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [(Kind.FORWARD, 0, warmup + i), (Kind.BACKWARD, 0, i)]
+    return order + [(Kind.BACKWARD, 0, i) for i in range(m - warmup, m)]
+
+
+def _interleaved_order(rank, k, m, v):
+    """Megatron's order over the M*V (chunk, micro-batch) units of the rank, indexed by j."""
+    def unit(j, forward):
+        chunk = (j // k) % v
+        return (Kind.FORWARD if forward else Kind.BACKWARD, chunk if forward else v - 1 - chunk,
+                (j // (k * v)) * k + j % k)
+    total = m * v
+    warmup = min((k - 1 - rank) * 2 + (v - 1) * k, total)
+    order = [unit(j, True) for j in range(warmup)]
+    for j in range(total - warmup):
+        order += [unit(warmup + j, True), unit(j, False)]
+    return order + [unit(j, False) for j in range(total - warmup, total)]
+
+
+_ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _interleaved_order}
+
+
+def _with_messages(order, rank, k, v, chunk_named):
+    """Receive right before the compute that needs the value; send right after it is made."""
+    last_chunk = k * v - 1
     actions = []
-    for m in range(n_microbatches):
-        if stage > 0:
-            actions.append(Action("recv_act", m))
-        actions.append(Action("forward", m))
-        if stage < n_stages - 1:
-            actions.append(Action("send_act", m))
+    for kind, chunk, m in order:
+        c = chunk * k + rank  # global chunk
+        named = chunk if chunk_named else None
+        if kind is Kind.FORWARD:
+            needs, gives = (Kind.RECV_ACT if c > 0 else None), (Kind.SEND_ACT if c < last_chunk else None)
+        else:
+            needs, gives = (Kind.RECV_GRAD if c < last_chunk else None), (Kind.SEND_GRAD if c > 0 else None)
+        if needs and k > 1:
+            actions.append(Action(needs, m, named))
+        actions.append(Action(kind, m, named))
+        if gives and k > 1:
+            actions.append(Action(gives, m, named))
     return actions
 
 
-def gpipe_actions(stage: int, n_stages: int, n_microbatches: int) -> list[Action]:
-    """One training step of stage `stage`: forwards, backwards in reverse order, all-reduce, step."""
-    actions = forward_actions(stage, n_stages, n_microbatches)
-    for m in reversed(range(n_microbatches)):
-        if stage < n_stages - 1:
-            actions.append(Action("recv_grad", m))
-        actions.append(Action("backward", m))
-        if stage > 0:
-            actions.append(Action("send_grad", m))
-    actions += [Action("allreduce"), Action("step")]
-    return actions
+def train_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
+                  virtual_stages: int = 1) -> list[Action]:
+    """One training step of `rank`: every micro-batch forward and backward on each of its
+    chunks, in the schedule's order, then the dp all-reduce and the optimizer step."""
+    check_schedule(schedule, n_stages, n_microbatches, virtual_stages)
+    if not 0 <= rank < n_stages:
+        raise ScheduleError(f"rank {rank} is outside 0..{n_stages - 1}")
+    order = _ORDERS[schedule](rank, n_stages, n_microbatches, virtual_stages)
+    return _with_messages(order, rank, n_stages, virtual_stages, virtual_stages > 1) + [
+        Action(Kind.ALLREDUCE), Action(Kind.STEP)]
 
 
-def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
-    """Idle share of each stage's F/B clock ticks: (K-1) / (M+K-1) (GPipe section 2.2)."""
-    _check(0, n_stages, n_microbatches)
-    return (n_stages - 1) / (n_microbatches + n_stages - 1)
+def forward_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
+                    virtual_stages: int = 1) -> list[Action]:
+    """The forward half of the training list (evaluation): the same forward order and messages,
+    so it pairs up across ranks whenever the training list does."""
+    forward_kinds = (Kind.RECV_ACT, Kind.FORWARD, Kind.SEND_ACT)
+    return [a for a in train_actions(schedule, rank, n_stages, n_microbatches, virtual_stages)
+            if a.kind in forward_kinds]
 
 
-def render_grid(n_stages: int, n_microbatches: int) -> str:
-    """The K x time grid of GPipe's Figure 2: one row per stage, one column per clock tick.
-
-    Forward of micro-batch m on stage s runs at clock s + m; its backward at
-    (M+K-1) + (K-1-s) + (M-1-m). Idle cells are the bubble.
-    """
-    _check(0, n_stages, n_microbatches)
-    k, m_count = n_stages, n_microbatches
-    n_clocks = 2 * (m_count + k - 1)
-    cells = [[BUBBLE] * n_clocks for _ in range(k)]
-    for s in range(k):
-        for m in range(m_count):
-            cells[s][s + m] = f"F{m}"
-            cells[s][(m_count + k - 1) + (k - 1 - s) + (m_count - 1 - m)] = f"B{m}"
-    width = max(len(f"B{m_count - 1}"), len(str(n_clocks - 1)))
-    label = len(f"stage {k - 1}")
-    lines = [" " * label + " | " + " ".join(str(t).rjust(width) for t in range(n_clocks))]
-    lines.append("-" * len(lines[0]))
-    for s in range(k):
-        row = " ".join(c.rjust(width) for c in cells[s])
-        lines.append(f"stage {s}".ljust(label) + " | " + row)
-    lines.append(f"bubble fraction (K-1)/(M+K-1) = {k - 1}/{m_count + k - 1} = "
-                 f"{bubble_fraction(k, m_count):.3f}")
-    return "\n".join(lines)
+def bubble_fraction(n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+    """The idle share of each rank between the first forward and the last backward, with equal
+    forward and backward times: (K-1)/(M+K-1) for gpipe and 1f1b (GPipe section 2.2), and
+    (K-1)/(V*M+K-1) for interleaved, whose bubble is (K-1)/V chunk-times of V*M (Narayanan et al.
+    2021, section 2.2.1: bubble / ideal = (1/V)(K-1)/M). `schedule_check` simulates the lists
+    and finds exactly these."""
+    k, m, v = n_stages, n_microbatches, virtual_stages
+    return (k - 1) / (v * m + k - 1)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Print the GPipe fill-drain schedule as a grid.")
+    from minipipe.schedule_check import render_grid  # the grid is the checker's simulation
+    parser = argparse.ArgumentParser(description="Print a pipeline schedule as a rank x time grid.")
+    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
     parser.add_argument("--stages", type=int, default=4, help="pipeline stages K")
     parser.add_argument("--microbatches", type=int, default=8, help="micro-batches M")
+    parser.add_argument("--virtual-stages", type=int, default=1, help="chunks per stage V (interleaved)")
     args = parser.parse_args(argv)
-    if args.stages < 1 or args.microbatches < 1:
-        parser.error(f"--stages and --microbatches must be >= 1 (got {args.stages}, {args.microbatches})")
-    print(render_grid(args.stages, args.microbatches))
+    try:
+        print(render_grid(args.schedule, args.stages, args.microbatches, args.virtual_stages))
+    except ConfigError as err:  # run as __main__, this module's ScheduleError is a second copy
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

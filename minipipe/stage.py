@@ -1,4 +1,8 @@
-"""One pipeline stage: a contiguous run of the model's layers, keyed by global layer index.
+"""One pipeline stage: the model's layers this rank holds, keyed by global layer index, in chunks.
+
+A chunk is a contiguous run of layers; a stage holds one chunk, or V of them under the interleaved
+schedule (chunk v of rank r is the model's chunk v*K + r). `stage(value, step, m, chunk=v)` runs
+chunk v; the optimizer and the checkpoint see one module holding all of the rank's layers.
 
 Parameter names stay global (`layers.7.weight`) whatever the cut, because the ModuleDict key is
 the layer's index in the whole model. Before each layer that draws random numbers (dropout), the
@@ -24,16 +28,17 @@ def _is_stochastic(layer: nn.Module) -> bool:
 
 
 class Stage(nn.Module):
-    def __init__(self, layers: dict[int, nn.Module], seed: int):
+    def __init__(self, layers: dict[int, nn.Module], seed: int, chunks: list[list[int]] | None = None):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): layers[i] for i in sorted(layers)})
         self.indices = sorted(layers)
+        self.chunks = chunks or [self.indices]  # global layer indices of each chunk, in order
         self.seed = seed
         self._stochastic = {i for i in self.indices if _is_stochastic(layers[i])}
 
-    def forward(self, value, step: int = 0, microbatch: int = 0):
-        for i, layer in zip(self.indices, self.layers.values()):
+    def forward(self, value, step: int = 0, microbatch: int = 0, chunk: int = 0):
+        for i in self.chunks[chunk]:
             if self.training and i in self._stochastic:
                 _seed_generators(derive_seed(self.seed, "dropout", step, i, microbatch))
-            value = layer(value)
+            value = self.layers[str(i)](value)
         return value

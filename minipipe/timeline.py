@@ -1,7 +1,8 @@
 """The pipeline timeline: where each stage's time went in one step, merged over all ranks.
 
-Source: `Engine.spans`, one (kind, micro-batch, start, end) per executed schedule action, plus two
-nested kinds: `recompute` (inside `backward`) and `norm_allreduce` (inside `step`).
+Source: `Engine.spans`, one (kind, micro-batch, chunk, start, end) per executed schedule action
+(chunk: the rank's model chunk under interleaving, else None), plus two nested kinds: `recompute`
+(inside `backward`) and `norm_allreduce` (inside `step`). Any schedule draws the same way.
 
 Common clock. Each process has its own clock, but every rank leaves the step's gradient-norm
 all-reduce at (nearly) the same instant (`Engine.sync_point`), so each rank's spans are taken
@@ -12,7 +13,8 @@ Measured bubble (the definition behind GPipe's (K-1)/(M+K-1)): the compute windo
 from the first forward on any stage to the end of the last backward on any stage; a stage's
 bubble is the share of that window in which it is not computing (forward or backward, recompute
 included). Waiting on communication counts as bubble. The reported value is the mean over stages;
-for equal forward and backward ticks it equals (K-1)/(M+K-1) exactly.
+for equal forward and backward ticks it equals the schedule's formula exactly ((K-1)/(M+K-1) for
+gpipe and 1f1b, (K-1)/(V*M+K-1) interleaved: minipipe.schedule.bubble_fraction).
 """
 import json
 import os
@@ -36,8 +38,18 @@ NESTED_KINDS = ("recompute", "norm_allreduce")  # drawn on top of the action tha
 
 def aligned_spans(engine) -> list[tuple]:
     """This rank's spans of the last step, in seconds since the common clock point."""
-    return [(kind, m, start - engine.sync_point, end - engine.sync_point)
-            for kind, m, start, end in engine.spans]
+    return [(kind, m, chunk, start - engine.sync_point, end - engine.sync_point)
+            for kind, m, chunk, start, end in engine.spans]
+
+
+def _formula(virtual_stages: int) -> str:
+    return "(K-1)/(M+K-1)" if virtual_stages == 1 else "(K-1)/(V*M+K-1)"
+
+
+def _name(label: str, m, chunk) -> str:
+    if m is None:
+        return label
+    return f"{label} {m}" if chunk is None else f"{label} {m}c{chunk}"
 
 
 # ---- per log interval: the measured bubble and peak memory, one collective ------------------
@@ -53,7 +65,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _compute_extent(spans) -> tuple[float, float, float]:
     """(first compute start, last compute end, busy seconds) of one rank's aligned spans."""
-    compute = [(start, end) for kind, _, start, end in spans if kind in COMPUTE_KINDS]
+    compute = [(start, end) for kind, _, _, start, end in spans if kind in COMPUTE_KINDS]
     return (min(s for s, _ in compute), max(e for _, e in compute),
             sum(e - s for s, e in compute))
 
@@ -80,7 +92,7 @@ def pipeline_stats(engine, layout) -> dict:
         gathered = [local]
     rows = [row.tolist() for row in gathered]  # by rank = dp_rank * n_stages + stage
     stats = {"bubble_measured": measured_bubble([row[:3] for row in rows]),
-             "bubble_theory": bubble_fraction(layout.n_stages, engine.n_microbatches)}
+             "bubble_theory": bubble_fraction(layout.n_stages, engine.n_microbatches, engine.virtual_stages)}
     for stage in range(layout.n_stages):
         peak = max(rows[rank][3] for rank in range(stage, layout.world_size, layout.n_stages))
         stats[f"peak_mem_gib/stage{stage}"] = peak / 2**30
@@ -109,7 +121,7 @@ def trace_paths(path: str, step: int, several: bool) -> tuple[Path, Path]:
 def chrome_trace(timeline, n_stages: int, step: int) -> dict:
     """Chrome trace events (open in ui.perfetto.dev): pid = dp replica, tid = stage, one complete
     ('X') event per span, times in microseconds from the start of the step's first span."""
-    origin = min(start for spans in timeline for _, _, start, _ in spans)
+    origin = min(start for spans in timeline for _, _, _, start, _ in spans)
     events = []
     for rank, spans in enumerate(timeline):
         replica, stage = divmod(rank, n_stages)
@@ -119,17 +131,19 @@ def chrome_trace(timeline, n_stages: int, step: int) -> dict:
                        "args": {"name": f"stage {stage} (rank {rank})"}})
         events.append({"ph": "M", "name": "thread_sort_index", "pid": replica, "tid": stage,
                        "args": {"sort_index": stage}})
-        for kind, m, start, end in spans:
-            label = LABELS[kind]
-            events.append({"ph": "X", "name": label if m is None else f"{label} {m}", "cat": kind,
+        for kind, m, chunk, start, end in spans:
+            events.append({"ph": "X", "name": _name(LABELS[kind], m, chunk), "cat": kind,
                            "pid": replica, "tid": stage, "ts": (start - origin) * 1e6,
-                           "dur": (end - start) * 1e6, "args": {"microbatch": m, "step": step}})
+                           "dur": (end - start) * 1e6,
+                           "args": {"microbatch": m, "chunk": chunk, "step": step}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Path) -> None:
+def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Path,
+               schedule: str = "gpipe", virtual_stages: int = 1) -> None:
     """GPipe Figure 2 from measured spans: one row per stage (replica 0), a colour per action,
-    micro-batch numbers in the compute boxes, and the measured vs theoretical bubble."""
+    micro-batch numbers in the compute boxes (`3c1`: micro-batch 3 on the rank's chunk 1, whose
+    boxes are hatched), and the measured vs theoretical bubble."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,25 +152,27 @@ def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Pa
     extents = [_compute_extent(spans) for spans in stages]
     # From the first forward: a stage that entered the step early only waits before it.
     origin = min(first for first, _, _ in extents)
-    span_s = max(end for spans in stages for _, _, _, end in spans) - origin
+    span_s = max(end for spans in stages for *_, end in spans) - origin
     bubble = measured_bubble(extents)
     fig, ax = plt.subplots(figsize=(12, 0.6 * n_stages + 1.6))
     for stage, spans in enumerate(stages):
         row = n_stages - 1 - stage  # stage 0 on top, as in the paper
-        for kind, m, start, end in sorted(spans, key=lambda s: s[0] in NESTED_KINDS):
+        for kind, m, chunk, start, end in sorted(spans, key=lambda s: s[0] in NESTED_KINDS):
             nested = kind in NESTED_KINDS
             height, y = (0.35, row - 0.4) if nested else (0.8, row - 0.4)  # nested: lower half
             start = max(start, origin)
             left, width = (start - origin) * 1e3, max(end - start, 0.0) * 1e3
             ax.broken_barh([(left, width)], (y, height), facecolors=COLOURS[LABELS[kind]],
-                           edgecolor="black", linewidth=0.3)
+                           edgecolor="black", linewidth=0.3, hatch="//" if chunk else None)
             if kind in COMPUTE_KINDS and m is not None:
-                ax.text(left + width / 2, row + 0.17, str(m), ha="center", va="center", fontsize=7)
+                ax.text(left + width / 2, row + 0.17, _name("", m, chunk).strip(), ha="center",
+                        va="center", fontsize=7)
     ax.set_yticks(range(n_stages), [f"stage {s}" for s in reversed(range(n_stages))])
     ax.set_xlim(0, span_s * 1e3 * 1.01)
     ax.set_xlabel("time in the step (ms)")
-    ax.set_title(f"step {step}: K={n_stages}, M={n_microbatches}; bubble measured {bubble:.3f}, "
-                 f"theory (K-1)/(M+K-1) = {bubble_fraction(n_stages, n_microbatches):.3f}")
+    ax.set_title(f"step {step}: {schedule}, K={n_stages}, M={n_microbatches}, V={virtual_stages}; bubble "
+                 f"measured {bubble:.3f}, theory {_formula(virtual_stages)} = "
+                 f"{bubble_fraction(n_stages, n_microbatches, virtual_stages):.3f}")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
     fig.legend(handles, COLOURS.keys(), loc="lower center", ncol=len(COLOURS), fontsize=7,
                frameon=False)
@@ -176,9 +192,10 @@ def write_trace(engine, layout, path: str, step: int, several: bool) -> Path | N
     tmp = json_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(chrome_trace(timeline, layout.n_stages, step)))
     os.replace(tmp, json_path)
-    draw_gantt(timeline, layout.n_stages, engine.n_microbatches, step, png_path)
+    v = engine.virtual_stages
+    draw_gantt(timeline, layout.n_stages, engine.n_microbatches, step, png_path, engine.schedule, v)
     bubble = measured_bubble([_compute_extent(spans) for spans in timeline])
     print(f"trace of step {step}: {json_path} (ui.perfetto.dev), {png_path}; bubble measured "
-          f"{bubble:.3f} vs (K-1)/(M+K-1) = {bubble_fraction(layout.n_stages, engine.n_microbatches):.3f}",
+          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(layout.n_stages, engine.n_microbatches, v):.3f}",
           flush=True)
     return json_path

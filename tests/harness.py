@@ -8,6 +8,7 @@ from minipipe.build import build_run
 from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.optim import lr_at
+from minipipe.seeding import derive_seed
 
 
 def run_steps(n_steps: int = 1, watch: tuple = (), **cfg_values) -> dict:
@@ -57,7 +58,9 @@ def merge_stages(results: list) -> dict:
 def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
     """Plain single-device training, independent of the engine: the layers in an nn.Sequential,
     F.cross_entropy, clip_grad_norm_ and torch's AdamW. `microbatches` > 1 only splits the
-    forward (BatchNorm sees each micro-batch alone); the loss is still the mean over the batch."""
+    forward (BatchNorm sees each micro-batch alone); the loss is still the mean over the batch.
+    Dropout draws its masks under the documented key: the CPU generator seeded with
+    derive_seed(seed, "dropout", step, layer, micro-batch) right before each layer with dropout."""
     cfg = make_config(**cfg_values)
     dataset = load_dataset(cfg)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
@@ -75,9 +78,13 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
         if inputs.is_floating_point():
             inputs = inputs.to(dtype)
         total = 0.0
-        for x, y in zip(inputs.chunk(cfg.microbatches), targets.chunk(cfg.microbatches)):
-            output = model(x)  # a training Transformer head hands over (hidden, weight)
-            logits = F.linear(*output) if isinstance(output, tuple) else output
+        for j, (x, y) in enumerate(zip(inputs.chunk(cfg.microbatches), targets.chunk(cfg.microbatches))):
+            logits = x
+            for i, layer in enumerate(model):
+                if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()):
+                    torch.manual_seed(derive_seed(cfg.seed, "dropout", step, i, j))
+                logits = layer(logits)
+            logits = F.linear(*logits) if isinstance(logits, tuple) else logits  # a training head hands over (hidden, weight)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    reduction="sum") / targets.numel()
             loss.backward()

@@ -136,6 +136,21 @@ def test_resharding_continues_with_the_uninterrupted_losses(straight, tmp_path, 
         _assert_equal_tensors(_shards(tmp_path / "step-000006", kind), _shards(ckpt / "step-000006", kind))
 
 
+@pytest.mark.parametrize("loaded_k,schedule,v", [(1, "interleaved", 2), (2, "1f1b", 1)])
+def test_a_checkpoint_resumes_under_another_schedule_exactly(straight, tmp_path, loaded_k, schedule, v):
+    """Saved under gpipe (V=1), resumed under 1f1b or interleaved chunks: with M=2 every schedule
+    adds the same two micro-batch gradients (a + b == b + a), so the losses and every tensor
+    after the resume are bitwise those of the uninterrupted gpipe run."""
+    ckpt, history = straight[1]
+    resumed = _run(loaded_k, **TINY, ckpt_dir=str(tmp_path), resume=str(ckpt / "step-000003"),
+                   schedule=schedule, virtual_stages=v)
+    assert resumed["losses"] == history["losses"][3:]
+    for kind in ("model", "optimizer"):
+        _assert_equal_tensors(_shards(tmp_path / "step-000006", kind), _shards(ckpt / "step-000006", kind))
+    state = json.loads((tmp_path / "step-000006" / "trainer_state.json").read_text())
+    assert state["config"]["schedule"] == schedule and len(state["balance"]) == loaded_k * v
+
+
 def test_a_data_parallel_checkpoint_continues_in_one_replica(tmp_path):
     common = dict(TINY, dtype="float64", dropout=0.0)  # masks are per replica's micro-batch index
     history = _run(2, **common, dp=2, stages=1, ckpt_dir=str(tmp_path / "dp2"))

@@ -19,8 +19,8 @@ def _sabotaged_worker(rank, world_size, sabotage):
     if rank == 0 and sabotage != "dies":
         real_forward = run.stage.forward
 
-        def broken_forward(value, step, microbatch):
-            out = real_forward(value, step, microbatch)
+        def broken_forward(value, step, microbatch, chunk=0):
+            out = real_forward(value, step, microbatch, chunk)
             return out[..., :-1] if sabotage == "narrow" else out[:-1]
 
         run.stage.forward = broken_forward
@@ -74,3 +74,25 @@ def test_impossible_layouts_are_refused_before_any_rank_waits(overrides, needle)
     for outcome in outcomes:
         assert outcome.error == "ConfigError" and needle in outcome.message, outcome
     assert time.monotonic() - started < 30  # nobody sat in the 120 s timeout
+
+
+def _dead_peer_in_collective_worker(rank, world_size, where):
+    """Rank 1 dies right where it would join the engine's collective: the dp gradient all-reduce
+    (dp=2, one stage) or the gradient-norm all-reduce (two stages)."""
+    layout = dict(dp=2, stages=1) if where == "dp" else dict(stages=2)
+    run = build_run(make_config(**dict(CASE, timeout=20.0, **layout)))
+    if rank == 1:
+        def die(*args):
+            os._exit(1)
+        setattr(run.engine, "_allreduce" if where == "dp" else "_update", die)
+    run.engine.train_step(*run.dataset.batch(0, 4), 0, 1e-3, 1.0)
+
+
+@pytest.mark.parametrize("where,collective", [("dp", "data-parallel gradient all-reduce"),
+                                              ("norm", "gradient-norm all-reduce")])
+def test_a_peer_dying_in_a_collective_is_a_pipeline_error_naming_it(where, collective):
+    outcomes = run_workers(_dead_peer_in_collective_worker, 2, where, expect_failure=True, timeout_s=60)
+    assert outcomes[1].error == "Died"
+    survivor = outcomes[0]
+    assert survivor.error == "PipelineError", survivor
+    assert f"rank 0 (stage 0), step 0: the {collective} failed" in survivor.message, survivor.message

@@ -1,6 +1,8 @@
-"""Re-materialisation keeps M stage inputs + one micro-batch's intermediates, not M of them."""
+"""Re-materialisation keeps the schedule's in-flight stage inputs + one micro-batch's
+intermediates: M inputs under gpipe, at most K - stage under 1f1b."""
 import weakref
 
+import pytest
 import torch
 
 from minipipe.build import build_run
@@ -62,20 +64,22 @@ def _nbytes(value) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
-def _kept_bytes(recompute: str) -> dict:
-    cfg = make_config(**CASE, recompute=recompute)
+def _kept_bytes(recompute: str, schedule: str = "gpipe", virtual_stages: int = 1) -> dict:
+    cfg = make_config(**CASE, recompute=recompute, schedule=schedule, virtual_stages=virtual_stages)
     run = build_run(cfg)
     engine = run.engine
     tracker = SavedBytes(list(run.stage.parameters()))
 
     def stash_bytes():
-        return sum(_nbytes(v) for v in engine.stash.values())
+        return sum(_nbytes(v) for v in engine.state.stashed_inputs.values())
 
     real_forward = engine._forward
+    stashed = []  # stage inputs held after each forward
 
-    def forward_and_sample(m):
-        real_forward(m)
+    def forward_and_sample(action):
+        real_forward(action)
         tracker.sample(stash_bytes())
+        stashed.append(len(engine.state.stashed_inputs))
 
     engine._forward = forward_and_sample
     inputs, targets = run.dataset.batch(0, cfg.batch_size)
@@ -84,22 +88,40 @@ def _kept_bytes(recompute: str) -> dict:
         engine.train_step(inputs, targets, 0, lr_at(0, cfg), cfg.grad_clip)
     # The estimate: M stage inputs + one micro-batch's intermediates (measured on micro-batch 0).
     micro = inputs[: cfg.batch_size // cfg.microbatches]
-    stage_input = micro if engine.first else torch.zeros(len(micro), cfg.seq_len, cfg.d_model,
+    stage_input = micro if run.layout.is_first else torch.zeros(len(micro), cfg.seq_len, cfg.d_model,
                                                          requires_grad=True)
     one = SavedBytes(list(run.stage.parameters()))
     with torch.autograd.graph.saved_tensors_hooks(one.pack_and_sample(lambda: 0), _unpack):
         run.stage(stage_input, 0, 0)
     estimate = cfg.microbatches * _nbytes(stage_input) + one.peak
-    return {"peak": tracker.peak, "estimate": estimate}
+    return {"peak": tracker.peak, "estimate": estimate, "peak_stashed": max(stashed)}
 
 
 def _memory_worker(rank, world_size):
-    return {mode: _kept_bytes(mode) for mode in ("always", "never")}
+    kept = {mode: _kept_bytes(mode) for mode in ("always", "never")}
+    kept.update({schedule: _kept_bytes("always", schedule, v) for schedule, v in (("1f1b", 1), ("interleaved", 2))})
+    return kept
 
 
-def test_recompute_keeps_inputs_plus_one_microbatch_and_3x_less_than_never():
-    for rank, kept in enumerate(run_workers(_memory_worker, 2, timeout_s=180)):
+@pytest.fixture(scope="module")
+def kept_by_rank():
+    """K=2, M=8, one set of processes for every measurement below."""
+    return run_workers(_memory_worker, 2, timeout_s=180)
+
+
+def test_recompute_keeps_inputs_plus_one_microbatch_and_3x_less_than_never(kept_by_rank):
+    for rank, kept in enumerate(kept_by_rank):
         always, never = kept["always"], kept["never"]
         assert always["peak"] <= 1.2 * always["estimate"], (rank, always)
         assert always["peak"] >= 0.5 * always["estimate"], (rank, always)  # the hooks saw the step
         assert never["peak"] >= 3 * always["peak"], (rank, never["peak"], always["peak"])
+
+
+def test_1f1b_stashes_at_most_k_minus_stage_inputs_where_gpipe_stashes_m(kept_by_rank):
+    """Counted like the bytes above: stashed stage inputs after each forward, with recompute."""
+    stage0, stage1 = kept_by_rank
+    assert stage0["always"]["peak_stashed"] == 8 and stage1["always"]["peak_stashed"] == 8  # gpipe: M
+    assert stage0["1f1b"]["peak_stashed"] == 2 and stage1["1f1b"]["peak_stashed"] == 1  # K - stage
+    assert stage1["1f1b"]["peak"] < stage1["always"]["peak"]  # and the bytes follow (stage 0 stashes ids)
+    # interleaved (V=2, so 16 chunk inputs in a step): Megatron's warm-up (K-1-r)*2 + (V-1)*K, + 1
+    assert stage0["interleaved"]["peak_stashed"] == 5 and stage1["interleaved"]["peak_stashed"] == 3

@@ -1,65 +1,93 @@
-"""The GPipe engine equals single-device training: gradients, losses and weights, float64."""
+"""Every schedule equals single-device training: gradients, losses and weights, float64, dropout on.
+
+One grid per K in {1, 2, 3 uneven, 4}: family x schedule x M x recompute, all cases run inside
+one set of K spawned processes. The reference is the plain loop of tests/harness.py."""
 import pytest
 
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.schedule import gpipe_actions
+from minipipe.schedule import train_actions
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
 
 MODELS = {
-    "transformer": dict(model="transformer", layers=4, d_model=16, heads=2, max_seq_len=8,
-                        data="synthetic"),  # 6 layers
+    "transformer": dict(model="transformer", layers=6, d_model=16, heads=2, max_seq_len=8,
+                        data="synthetic"),  # 8 layers
     "amoebanet": dict(model="amoebanet", cells=1, filters=4, image_size=8, channels=3,
                       data="synthetic"),  # 7 layers
 }
+# BatchNorm on a micro-batch of one sample is degenerate (its variance is 0): AmoebaNet stops at
+# M=4 of 8 samples; and 7 layers cannot be cut into K*V = 8 chunks, the Transformer covers that.
+MICROBATCHES = {"transformer": (1, 2, 3, 4, 8), "amoebanet": (1, 2, 3, 4)}
 COMMON = dict(dtype="float64", batch_size=8, lr=1e-2, warmup=0)
-UNEVEN = {"transformer": "1,3,2", "amoebanet": "3,1,3"}
-GRID = [(family, m, recompute) for family in MODELS for m in (1, 2, 4) for recompute in ("always", "never")]
+GRID_DROPOUT = {"transformer": dict(dropout=0.1), "amoebanet": {}}  # the grid runs with dropout on
+UNEVEN = {("transformer", 1): "1,4,3", ("amoebanet", 1): "3,1,3",  # K=3: layers per chunk
+          ("transformer", 2): "1,2,1,2,1,1", ("amoebanet", 2): "2,1,1,1,1,1"}
 STEPS = 3
+N_LAYERS = {"transformer": 8, "amoebanet": 7}
+
+
+def _grid(n_stages):
+    """(family, schedule, V, M, recompute) of every valid case at this K."""
+    cases = []
+    for family in MODELS:
+        for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+            if schedule == "interleaved" and N_LAYERS[family] < 2 * n_stages:
+                continue
+            for m in MICROBATCHES[family]:
+                if m == 3 and not (schedule == "interleaved" and n_stages == 3):
+                    continue  # M=3: only where interleaving needs a multiple of K=3
+                if schedule == "interleaved" and m % n_stages:
+                    continue
+                for recompute in ("always", "never"):
+                    cases.append((family, schedule, v, m, recompute))
+    return cases
+
+
+def _case(n_stages, family, schedule, v, m, recompute):
+    balance = UNEVEN[family, v] if n_stages == 3 else None
+    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+                microbatches=m, recompute=recompute, balance=balance, schedule=schedule, virtual_stages=v)
 
 
 def _grid_worker(rank, world_size, cases):
     return [run_steps(STEPS, **case) for case in cases]
 
 
-def _cases(n_stages):
-    cases = []
-    for family, m, recompute in GRID:
-        balance = UNEVEN[family] if n_stages == 3 else None
-        cases.append(dict(**MODELS[family], **COMMON, microbatches=m, recompute=recompute, balance=balance))
-    return cases
-
-
 @pytest.fixture(scope="module")
 def references():
-    """Single process. Transformer: plain full-batch (M=1); AmoebaNet: the same micro-batching
-    (BatchNorm statistics are per micro-batch, so M is part of the math there)."""
-    refs = {}
-    for family, m, _ in GRID:
-        ref_m = 1 if family == "transformer" else m
-        if (family, ref_m) not in refs:
-            refs[family, ref_m] = reference_steps(STEPS, **MODELS[family], **COMMON, microbatches=ref_m)
-    return {(family, m): refs[family, 1 if family == "transformer" else m] for family, m, _ in GRID}
+    """Single process, the same micro-batching (dropout masks and BatchNorm statistics are per
+    micro-batch, so M is part of the math), computed once per (family, M)."""
+    return {}
+
+
+def _reference(references, family, m):
+    if (family, m) not in references:
+        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+                    microbatches=m)
+        references[family, m] = reference_steps(STEPS, **case)
+    return references[family, m]
 
 
 @pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
-def test_pipeline_equals_single_device(n_stages, references):
-    cases = _cases(n_stages)
+def test_every_schedule_equals_single_device(n_stages, references):
+    grid = _grid(n_stages)
+    cases = [_case(n_stages, *case) for case in grid]
     if n_stages == 1:
         results = [[run_steps(STEPS, **case)] for case in cases]
     else:
         per_rank = run_workers(_grid_worker, n_stages, cases, timeout_s=300)
         results = [[per_rank[r][i] for r in range(n_stages)] for i in range(len(cases))]
-    for (family, m, recompute), stages in zip(GRID, results):
-        got, ref = merge_stages(stages), references[family, m]
-        what = f"{family} K={n_stages} M={m} recompute={recompute}"
+    for (family, schedule, v, m, recompute), stages in zip(grid, results):
+        got, ref = merge_stages(stages), _reference(references, family, m)
+        what = f"{family} {schedule} V={v} K={n_stages} M={m} recompute={recompute}"
         assert_close_tensors(got["grads"], ref["grads"], 1e-10, what + " first-step gradients")
         assert_close_tensors(got["weights"], ref["weights"], 1e-10, what + f" weights after {STEPS} steps")
         for a, b in zip(got["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-10 * abs(b), f"{what}: losses {got['losses']} != {ref['losses']}"
         for result in stages:  # the engine ran exactly the schedule's list
-            assert result["executed"] == [str(a) for a in gpipe_actions(result["stage"], n_stages, m)]
+            listed = train_actions(schedule, result["stage"], n_stages, m, v)
+            assert result["executed"] == [str(a) for a in listed], what
 
 
 DROPOUT = dict(MODELS["transformer"], **COMMON, dropout=0.2, microbatches=2)
@@ -109,7 +137,7 @@ def _balance_worker(rank, world_size, by):
 @pytest.mark.parametrize("by", ["time", "memory"])
 def test_profiled_balance_is_one_cut_shared_by_every_rank(by):
     balances = run_workers(_balance_worker, 2, by)
-    assert balances[0] == balances[1] and sum(balances[0]) == 6 and min(balances[0]) >= 1
+    assert balances[0] == balances[1] and sum(balances[0]) == 8 and min(balances[0]) >= 1
 
 
 BN = dict(MODELS["amoebanet"], **COMMON, microbatches=4)
@@ -141,3 +169,25 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
         got = merge_stages(per_rank[2 * replica: 2 * replica + 2])
         assert_close_tensors(got["grads"], single["grads"], 1e-10, f"dp replica {replica} gradients")
         assert_close_tensors(got["weights"], single["weights"], 1e-10, f"dp replica {replica} weights")
+
+
+GENERATE = dict(MODELS["transformer"], **COMMON, microbatches=2)
+
+
+def _generate_worker(rank, world_size):
+    tokens = {}
+    for schedule, v in (("gpipe", 1), ("interleaved", 2)):
+        run = build_run(make_config(**GENERATE, schedule=schedule, virtual_stages=v))
+        prompt = run.dataset.batch(0, 1)[0][:, :4]
+        tokens[schedule] = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
+    return tokens
+
+
+def test_generation_samples_the_same_tokens_through_any_chunking():
+    """K=2 under gpipe and interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0)
+    sample what one process samples with the whole model."""
+    run = build_run(make_config(**GENERATE))
+    prompt = run.dataset.batch(0, 1)[0][:, :4]
+    single = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
+    for rank, tokens in enumerate(run_workers(_generate_worker, 2)):
+        assert tokens == {"gpipe": single, "interleaved": single}, rank

@@ -1,10 +1,12 @@
+"""Schedules are pure lists; the checker proves them sound for every small K, M, V."""
 import subprocess
 import sys
 
 import pytest
 
-from minipipe.schedule import (ACTION_KINDS, Action, bubble_fraction, forward_actions, gpipe_actions,
-                               render_grid)
+from minipipe.schedule import (SCHEDULES, Action, Kind, ScheduleError, bubble_fraction, forward_actions,
+                               train_actions)
+from minipipe.schedule_check import check, render_grid, simulate
 from tests.spawn import REPO_ROOT
 
 
@@ -12,97 +14,121 @@ def names(actions):
     return " ".join(str(a) for a in actions)
 
 
-def test_action_lists_follow_fill_drain():
-    assert names(gpipe_actions(0, 1, 1)) == "F0 B0 allreduce step"
-    assert names(gpipe_actions(0, 1, 3)) == "F0 F1 F2 B2 B1 B0 allreduce step"
-    assert names(gpipe_actions(0, 2, 2)) == (
+def test_gpipe_lists_follow_fill_drain():
+    assert names(train_actions("gpipe", 0, 1, 1)) == "F0 B0 allreduce step"
+    assert names(train_actions("gpipe", 0, 1, 3)) == "F0 F1 F2 B2 B1 B0 allreduce step"
+    assert names(train_actions("gpipe", 0, 2, 2)) == (
         "F0 send_act0 F1 send_act1 recv_grad1 B1 recv_grad0 B0 allreduce step")
-    assert names(gpipe_actions(1, 2, 2)) == (
+    assert names(train_actions("gpipe", 1, 2, 2)) == (
         "recv_act0 F0 recv_act1 F1 B1 send_grad1 B0 send_grad0 allreduce step")
-    assert names(gpipe_actions(1, 3, 1)) == "recv_act0 F0 send_act0 recv_grad0 B0 send_grad0 allreduce step"
 
 
-@pytest.mark.parametrize("n_stages, n_microbatches", [(1, 1), (1, 4), (3, 1), (4, 8)])
-def test_forward_actions_are_the_fill_half(n_stages, n_microbatches):
-    for stage in range(n_stages):
-        full = gpipe_actions(stage, n_stages, n_microbatches)
-        fwd = forward_actions(stage, n_stages, n_microbatches)
-        assert full[:len(fwd)] == fwd
-        assert {a.kind for a in fwd} <= {"recv_act", "forward", "send_act"}
-        assert [a.microbatch for a in fwd if a.kind == "forward"] == list(range(n_microbatches))
+def test_1f1b_warms_up_k_minus_1_minus_r_forwards_then_alternates():
+    assert names(a for a in train_actions("1f1b", 0, 3, 4) if a.kind in (Kind.FORWARD, Kind.BACKWARD)) == (
+        "F0 F1 F2 B0 F3 B1 B2 B3")
+    assert names(a for a in train_actions("1f1b", 2, 3, 4) if a.kind in (Kind.FORWARD, Kind.BACKWARD)) == (
+        "F0 B0 F1 B1 F2 B2 F3 B3")
 
 
-def test_action_rejects_unknown_kind_and_bad_microbatch():
-    assert ACTION_KINDS[0] == "recv_act" and str(Action("send_grad", 1)) == "send_grad1"
-    with pytest.raises(ValueError):
-        Action("fwd", 0)
-    with pytest.raises(ValueError):
-        Action("step", 0)
-    with pytest.raises(ValueError):
-        gpipe_actions(2, 2, 4)
+def test_interleaved_places_chunk_c_on_rank_c_mod_k():
+    """K=2, V=2: rank 0 holds global chunks 0 and 2; its first forwards are the group of K=2
+    micro-batches on chunk 0, then the same group on chunk 1 (global chunk 2), as Megatron."""
+    rank0 = train_actions("interleaved", 0, 2, 4, 2)
+    computes = [str(a) for a in rank0 if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
+    assert computes[:4] == ["F0c0", "F1c0", "F0c1", "F1c1"]
+    assert Action(Kind.RECV_ACT, 0, 1) in rank0  # chunk 2's input comes from rank 1 (chunk 1)
+    assert Action(Kind.SEND_ACT, 0, 1) in rank0  # chunk 2 -> chunk 3 on rank 1
+    assert Action(Kind.SEND_ACT, 0, 1) not in train_actions("interleaved", 1, 2, 4, 2)  # chunk 3 is last
+    k1 = train_actions("interleaved", 0, 1, 2, 2)  # one rank: chunk hand-offs are local, no messages
+    assert {a.kind for a in k1} == {Kind.FORWARD, Kind.BACKWARD, Kind.ALLREDUCE, Kind.STEP}
 
 
-def simulate(n_stages, n_microbatches):
-    """Run every stage's action list: sends never block, a recv blocks until its message is queued.
-    Returns the per-channel message order; raises AssertionError on deadlock or mismatch."""
-    programs = [gpipe_actions(s, n_stages, n_microbatches) for s in range(n_stages)]
-    pcs = [0] * n_stages
-    channels = {}  # (src, dst, kind) -> queued micro-batch indices, FIFO like a p2p channel
-    delivered = []
-    while any(pc < len(p) for pc, p in zip(pcs, programs)):
-        progressed = False
-        for s, program in enumerate(programs):
-            while pcs[s] < len(program):
-                action = program[pcs[s]]
-                if action.kind == "send_act":
-                    channels.setdefault((s, s + 1, "act"), []).append(action.microbatch)
-                elif action.kind == "send_grad":
-                    channels.setdefault((s, s - 1, "grad"), []).append(action.microbatch)
-                elif action.kind in ("recv_act", "recv_grad"):
-                    src = s - 1 if action.kind == "recv_act" else s + 1
-                    queue = channels.get((src, s, action.kind[5:]), [])
-                    if not queue:
-                        break  # blocked
-                    got = queue.pop(0)
-                    assert got == action.microbatch, f"stage {s} expected {action}, got micro-batch {got}"
-                    delivered.append((src, s, action.kind, got))
-                pcs[s] += 1
-                progressed = True
-        assert progressed, f"deadlock at K={n_stages} M={n_microbatches}: pcs={pcs}"
-    assert all(not q for q in channels.values()), "a message was sent but never received"
-    return delivered
+@pytest.mark.parametrize("schedule, k, m, v, message", [
+    ("interleaved", 2, 3, 2, "must be a multiple of 2"),
+    ("interleaved", 2, 4, 1, "needs --virtual-stages >= 2"),
+    ("1f1b", 2, 4, 2, "--virtual-stages must be 1"),
+    ("gpipe", 0, 4, 1, "K=0"),
+    ("pipedream", 2, 4, 1, "choose one of gpipe, 1f1b, interleaved"),
+])
+def test_impossible_schedules_are_refused_with_the_constraint(schedule, k, m, v, message):
+    with pytest.raises(ScheduleError, match=message):
+        train_actions(schedule, 0, k, m, v)
 
 
-@pytest.mark.parametrize("n_stages", range(1, 6))
-def test_every_send_meets_its_recv_without_deadlock(n_stages):
-    for n_microbatches in range(1, 9):
-        delivered = simulate(n_stages, n_microbatches)
-        assert len(delivered) == 2 * (n_stages - 1) * n_microbatches
+def _cases():
+    for schedule in SCHEDULES:
+        for k in range(1, 9):
+            for m in range(1, 17):
+                for v in ((1,) if schedule != "interleaved" else (2, 3, 4)):
+                    if schedule != "interleaved" or m % k == 0:
+                        yield schedule, k, m, v
 
 
-def test_grid_places_f_and_b_on_gpipe_clocks():
-    grid = render_grid(4, 8).splitlines()
+def test_every_schedule_is_deadlock_free_complete_and_has_the_formula_bubble():
+    """K <= 8, M <= 16, V <= 4: the simulated idle share of every rank equals the literature's
+    formula; 1f1b keeps K - r micro-batches in flight on rank r (gpipe M); forwards pair up alone."""
+    n = 0
+    for schedule, k, m, v in _cases():
+        report = check(schedule, k, m, v)
+        what = f"{schedule} K={k} M={m} V={v}"
+        assert report.bubble == pytest.approx([bubble_fraction(k, m, v)] * k, abs=1e-12), what
+        assert report.span == 2 * (v * m + k - 1), what
+        if schedule == "gpipe":
+            assert report.peak_in_flight == [m] * k, what
+        elif schedule == "1f1b":
+            assert report.peak_in_flight == [min(k - r, m) for r in range(k)], what
+        n += 1
+    assert n == 2 * 8 * 16 + 3 * sum(16 // k for k in range(1, 9))
+
+
+def test_forward_only_lists_pair_up():
+    for schedule, k, m, v in [("gpipe", 3, 4, 1), ("1f1b", 4, 5, 1), ("interleaved", 2, 4, 3)]:
+        lists = {r: forward_actions(schedule, r, k, m, v) for r in range(k)}
+        channels = {}
+        for r in range(k):
+            for a in lists[r]:
+                if a.kind is Kind.SEND_ACT:
+                    channels.setdefault((r, (r + 1) % k), []).append((a.microbatch, a.v + (r == k - 1)))
+        for r in range(k):
+            received = [(a.microbatch, a.v) for a in lists[r] if a.kind is Kind.RECV_ACT]
+            assert received == channels.get(((r - 1) % k, r), []), (schedule, r)
+
+
+def test_bad_hand_made_lists_are_refused_naming_rank_and_action():
+    lists = {r: train_actions("1f1b", r, 2, 2) for r in range(2)}
+    swapped = list(lists[1])
+    i, j = swapped.index(Action(Kind.RECV_ACT, 0)), swapped.index(Action(Kind.RECV_ACT, 1))
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    with pytest.raises(ScheduleError, match=r"rank 1, action 0 \(recv_act1\): rank 0 sent the activation "
+                                            r"of chunk 1 micro-batch 0 first"):
+        simulate({0: lists[0], 1: swapped}, 2, 2)
+    # rank 0 waits for a gradient before sending the activation it depends on
+    early = [Action(Kind.FORWARD, 0), Action(Kind.RECV_GRAD, 0), Action(Kind.SEND_ACT, 0), Action(Kind.BACKWARD, 0),
+             Action(Kind.ALLREDUCE), Action(Kind.STEP)]
+    one = {0: early, 1: train_actions("gpipe", 1, 2, 1)}
+    with pytest.raises(ScheduleError, match=r"deadlock: rank 0 waits at action 1 \(recv_grad0\); "
+                                            r"rank 1 waits at action 0 \(recv_act0\)"):
+        simulate(one, 2, 1)
+    missing = {0: [a for a in train_actions("gpipe", 0, 1, 2) if str(a) != "B1"]}
+    with pytest.raises(ScheduleError, match="rank 0: backward of micro-batch 1 on chunk 0 never runs"):
+        simulate(missing, 1, 2)
+
+
+def test_gpipe_grid_places_f_and_b_on_the_paper_clocks():
+    grid = render_grid("gpipe", 4, 8).splitlines()
     rows = {line.split("|")[0].strip(): line.split("|")[1].split() for line in grid if line.startswith("stage")}
     assert len(rows) == 4 and all(len(r) == 2 * (8 + 3) for r in rows.values())
     assert rows["stage 0"][:8] == [f"F{m}" for m in range(8)]
     assert rows["stage 3"][3] == "F0" and rows["stage 3"][11] == "B7"  # last stage turns around at once
     assert rows["stage 0"][-1] == "B0" and rows["stage 3"][-1] == "."
-    for row in rows.values():  # each stage is busy 2M ticks, idle 2(K-1)
-        assert sum(c == "." for c in row) == 2 * 3
-    assert grid[-1].endswith("3/11 = 0.273")
+    assert "3/11 = 0.273" in grid[-1]
 
 
-def test_bubble_fraction_is_k_minus_1_over_m_plus_k_minus_1():
-    assert bubble_fraction(1, 5) == 0.0
-    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
-    assert bubble_fraction(2, 1) == pytest.approx(0.5)
-    assert render_grid(1, 1).splitlines()[-1].endswith("= 0.000")
-
-
-def test_cli_prints_grid_and_rejects_zero_stages():
-    ok = subprocess.run([sys.executable, "-m", "minipipe.schedule", "--stages", "2", "--microbatches", "3"],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and "stage 1" in ok.stdout and "1/4 = 0.250" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "minipipe.schedule", "--stages", "0"],
+def test_cli_prints_each_grid_and_refuses_bad_input():
+    ok = subprocess.run([sys.executable, "-m", "minipipe.schedule", "--schedule", "1f1b", "--stages", "4",
+                         "--microbatches", "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "stage 3 |  .  .  . F0 B0 F1 B1" in ok.stdout and "3/11 = 0.273" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "minipipe.schedule", "--schedule", "interleaved",
+                          "--stages", "4", "--microbatches", "6", "--virtual-stages", "2"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--stages and --microbatches must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "must be a multiple of 4" in bad.stderr

@@ -1,24 +1,27 @@
-"""The pipeline timeline: a real 2-stage torchrun job writes a valid Chrome trace and PNG whose
-spans follow the schedule, and the measured bubble agrees with GPipe's formula on ideal ticks."""
+"""The pipeline timeline: a real 2-stage interleaved torchrun job writes a valid Chrome trace and
+PNG whose spans follow the schedule, chunks named, and the measured bubble agrees with each
+schedule's formula on the checker's ideal ticks."""
 import json
 
-from minipipe.schedule import ACTION_KINDS, bubble_fraction, gpipe_actions
+from minipipe.schedule import Kind, bubble_fraction, train_actions
+from minipipe.schedule_check import check
 from minipipe.timeline import measured_bubble
 from tests.spawn import run_torchrun
 
-K, M, STEPS = 2, 4, 3
-ARGS = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32", "--data", "synthetic",
+K, M, V, STEPS = 2, 4, 2, 3
+ACTION_KINDS = {kind.value for kind in Kind}
+ARGS = ["--schedule", "interleaved", "--virtual-stages", str(V), "--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32", "--data", "synthetic",
         "--batch-size", "8", "--microbatches", str(M), "--steps", str(STEPS), "--log-every", "2",
         "--eval-every", "0", "--eval-batches", "1", "--wandb", "disabled"]
 
 
-def test_measured_bubble_of_ideal_ticks_equals_the_gpipe_formula():
-    for k, m in ((1, 4), (2, 4), (4, 8), (3, 1)):
+def test_measured_bubble_of_ideal_ticks_equals_each_schedule_formula():
+    for schedule, k, m, v in (("gpipe", 1, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 3, 1, 1), ("1f1b", 4, 8, 1),
+                              ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 3)):
         extents = []
-        for s in range(k):  # render_grid's clocks: F(m) at s + m, B(m) at (M+K-1) + (K-1-s) + (M-1-m)
-            starts = [s + i for i in range(m)] + [(m + k - 1) + (k - 1 - s) + i for i in range(m)]
-            extents.append((min(starts), max(starts) + 1, 2 * m))
-        assert abs(measured_bubble(extents) - bubble_fraction(k, m)) < 1e-12
+        for starts in check(schedule, k, m, v).starts:  # unit ticks of the schedule simulation
+            extents.append((min(starts.values()), max(starts.values()) + 1, len(starts)))
+        assert abs(measured_bubble(extents) - bubble_fraction(k, m, v)) < 1e-12, (schedule, k, m, v)
 
 
 def test_two_stage_trace_is_valid_and_follows_the_schedule(tmp_path):
@@ -36,19 +39,22 @@ def test_two_stage_trace_is_valid_and_follows_the_schedule(tmp_path):
     for stage in range(K):
         own = [e for e in spans if e["tid"] == stage]
         actions = [e for e in own if e["cat"] in ACTION_KINDS]
-        assert [(e["cat"], e["args"]["microbatch"]) for e in actions] == [
-            (a.kind, a.microbatch) for a in gpipe_actions(stage, K, M)]
+        assert [(e["cat"], e["args"]["microbatch"], e["args"]["chunk"]) for e in actions] == [
+            (a.kind.value, a.microbatch, a.chunk) for a in train_actions("interleaved", stage, K, M, V)]
         for before, after in zip(actions, actions[1:]):  # one rank runs one action at a time
             assert before["ts"] + before["dur"] <= after["ts"] + 1e-3
-        backward = {e["args"]["microbatch"]: e for e in actions if e["cat"] == "backward"}
+        backward = {(e["args"]["microbatch"], e["args"]["chunk"]): e for e in actions if e["cat"] == "backward"}
+        assert {e["name"] for e in actions if e["cat"] == "forward"} >= {"forward 0c0", "forward 0c1"}
         for e in own:
-            if e["cat"] == "recompute":  # nested inside the backward of its micro-batch
-                outer = backward[e["args"]["microbatch"]]
+            if e["cat"] == "recompute":  # nested inside the backward of its micro-batch and chunk
+                outer = backward[e["args"]["microbatch"], e["args"]["chunk"]]
                 assert outer["ts"] - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + outer["dur"] + 1e-3
-    sends = {e["args"]["microbatch"]: e for e in spans if e["cat"] == "send_act"}
+    sends = {(e["tid"], e["args"]["microbatch"], e["args"]["chunk"]): e for e in spans if e["cat"] == "send_act"}
     for e in spans:  # aligned clocks: no activation arrives before it is sent (50 ms slack)
-        if e["cat"] == "recv_act":
-            assert e["ts"] + e["dur"] >= sends[e["args"]["microbatch"]]["ts"] - 50e3
+        if e["cat"] == "recv_act":  # chunk c of rank r comes from rank r-1 mod K (chunk - 1 on rank K-1 -> 0)
+            m, chunk = e["args"]["microbatch"], e["args"]["chunk"]
+            sender = sends[(e["tid"] - 1) % K, m, chunk - (e["tid"] == 0)]
+            assert e["ts"] + e["dur"] >= sender["ts"] - 50e3
 
     png = trace.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
@@ -60,6 +66,6 @@ def test_two_stage_trace_is_valid_and_follows_the_schedule(tmp_path):
                                                        "tokens_per_s"))
     for row in (rows[1], rows[2]):  # --log-every 2 and the last step: every stage's numbers
         assert 0.0 <= row["bubble_measured"] <= 1.0
-        assert row["bubble_theory"] == bubble_fraction(K, M)
+        assert row["bubble_theory"] == bubble_fraction(K, M, V) == 1 / 9
         assert row["peak_mem_gib/stage0"] > 0 and row["peak_mem_gib/stage1"] > 0
         assert isinstance(row["tflops_per_device"], float)

@@ -108,5 +108,8 @@ def test_a_diverged_float32_step_raises_instead_of_skipping():
     run = build_run(cfg)
     with torch.no_grad():
         next(run.stage.parameters()).fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="step 0: the gradient norm is nan.*Lower --lr"):
+    from minipipe.errors import MinipipeError
+    from minipipe.optim import DivergedError
+    with pytest.raises(DivergedError, match="step 0: the gradient norm is nan.*Lower --lr") as raised:
         run.engine.train_step(*run.dataset.batch(0, 4), 0, 1e-3, cfg.grad_clip)
+    assert isinstance(raised.value, MinipipeError)  # train.py prints it as `minipipe error: ...`, exit 2

@@ -1,0 +1,50 @@
+"""Autoregressive sampling through the pipeline (Transformer), forward only, one token at a time.
+
+    tokens = generate(engine, prompt, n_new, max_context, temperature, top_k, seed)  # on every rank
+
+Each new token runs the context through the model's chunks in order (chunk c on rank c mod K;
+a hand-off between two chunks of one rank stays in memory). The rank of the last chunk samples
+(top-k, temperature, a seeded generator) and broadcasts the token to its pipeline, so every rank
+returns the same tokens. Messages use the engine's activation channel.
+"""
+import torch
+import torch.distributed as dist
+
+from minipipe.comm import ACTIVATION
+
+
+@torch.no_grad()
+def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, temperature: float = 0.8,
+             top_k: int = 40, seed: int = 0) -> torch.Tensor:
+    """prompt: (1, T) ids. Returns the n_new sampled ids (on the CPU)."""
+    stage, lay = engine.stage, engine.layout
+    stage.eval()
+    tokens = prompt.to(engine.device)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    k = lay.n_stages
+    samples = lay.stage == engine.last_chunk % k  # this rank runs the model's last chunk
+    last_rank = lay.rank - lay.stage + engine.last_chunk % k
+    for _ in range(n_new):
+        value = tokens[:, -max_context:]
+        for c in range(engine.last_chunk + 1):
+            if c % k != lay.stage:
+                continue
+            if c > 0 and k > 1:
+                value = engine.comm.recv(engine.act_src, microbatch=0, expect_batch=1,
+                                         what="generation activation", tag=ACTIVATION)
+            with engine.autocast():
+                value = stage(value, 0, 0, c // k)
+            if c < engine.last_chunk and k > 1:
+                engine.comm.send(value, engine.act_dst, what="generation activation", tag=ACTIVATION)
+                engine.comm.wait_sends()
+        if samples:
+            logits = value[:, -1, :].float() / temperature
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+        else:
+            token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+        if k > 1:
+            dist.broadcast(token, src=last_rank, group=lay.pipeline_group)
+        tokens = torch.cat([tokens, token], dim=1)
+    return tokens[0, prompt.shape[1]:].cpu()
