@@ -139,9 +139,13 @@ def worker(args) -> None:
             continue
         cfg = make_config(**model, microbatches=args.m, recompute=args.recompute, schedule=schedule,
                           virtual_stages=v)
-        run = runs[schedule] = build_run(cfg)
+        run = build_run(cfg)
+        try:  # torch refuses some that minipipe runs (Schedule1F1B: M >= K): no row either
+            torch_step, _ = _torch_schedule(run, schedule, args.m, args.recompute)
+        except ValueError:
+            continue
+        runs[schedule] = run
         batches = [run.dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps + 1)]
-        torch_step, torch_params = _torch_schedule(run, schedule, args.m, args.recompute)
         contenders.append((f"minipipe {schedule}", lambda i, r=run, b=batches:
                            r.engine.train_step(*b[i], i, r.cfg.lr, r.cfg.grad_clip)))
         contenders.append((TORCH_NAMES[schedule], lambda i, s=torch_step, b=batches: s(*b[i])))
