@@ -123,7 +123,8 @@ def worker(args) -> None:
 
     from minipipe.build import build_run
     from minipipe.config import make_config
-    from minipipe.schedule import bubble_fraction
+    from minipipe.errors import ConfigError
+    from minipipe.schedule import bubble_fraction, check_schedule
 
     model = dict(model="transformer", layers=args.layers, d_model=args.d_model, heads=args.heads,
                  max_seq_len=args.seq_len, data="stdlib", batch_size=args.batch_size, grad_clip=0.0,
@@ -132,11 +133,19 @@ def worker(args) -> None:
     runs = {}
     for schedule in args.schedules:
         v = args.virtual_stages if schedule == "interleaved" else 1
+        try:  # e.g. interleaved with M not a multiple of K: that row stays empty
+            check_schedule(schedule, int(os.environ["WORLD_SIZE"]), args.m, v)
+        except ConfigError:
+            continue
         cfg = make_config(**model, microbatches=args.m, recompute=args.recompute, schedule=schedule,
                           virtual_stages=v)
-        run = runs[schedule] = build_run(cfg)
+        run = build_run(cfg)
+        try:  # torch refuses some that minipipe runs (Schedule1F1B: M >= K): no row either
+            torch_step, _ = _torch_schedule(run, schedule, args.m, args.recompute)
+        except ValueError:
+            continue
+        runs[schedule] = run
         batches = [run.dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps + 1)]
-        torch_step, torch_params = _torch_schedule(run, schedule, args.m, args.recompute)
         contenders.append((f"minipipe {schedule}", lambda i, r=run, b=batches:
                            r.engine.train_step(*b[i], i, r.cfg.lr, r.cfg.grad_clip)))
         contenders.append((TORCH_NAMES[schedule], lambda i, s=torch_step, b=batches: s(*b[i])))
@@ -195,14 +204,15 @@ def _table(results: dict, args) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for (k, m), result in results.items():
         rows, tokens = result["rows"], result["tok_per_step"]
-        for schedule in args.schedules:
+        ran = [s for s in args.schedules if f"minipipe {s}" in rows]
+        for schedule in ran:
             ours, theirs = rows[f"minipipe {schedule}"], rows[TORCH_NAMES[schedule]]
             memory = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(ours["peak_mib"], theirs["peak_mib"]))
             lines.append(f"| {k} | {m} | {schedule} | {tokens / ours['step_s']:,.0f} | "
                          f"{tokens / theirs['step_s']:,.0f} | {theirs['step_s'] / ours['step_s']:.2f} | "
                          f"{ours['bubble']:.2f} | {ours['bubble_theory']:.2f} | {memory} |")
-        fastest_ours = min(rows[f"minipipe {s}"]["step_s"] for s in args.schedules)
-        fastest_theirs = min(rows[TORCH_NAMES[s]]["step_s"] for s in args.schedules)
+        fastest_ours = min(rows[f"minipipe {s}"]["step_s"] for s in ran)
+        fastest_theirs = min(rows[TORCH_NAMES[s]]["step_s"] for s in ran)
         lines.append(f"| {k} | {m} | fastest | {tokens / fastest_ours:,.0f} | {tokens / fastest_theirs:,.0f} "
                      f"| {fastest_theirs / fastest_ours:.2f} | | | |")
     return "\n".join(lines)
