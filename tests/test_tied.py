@@ -1,5 +1,5 @@
 """--tie-embeddings: the pipeline equals a single-device model whose head shares the embedding's
-Parameter (float64, K = 1, 2, 3, M = 1, 4, recompute always/never), the two copies stay bitwise
+Parameter (float64, K = 1, 2, 3, M = 1, 4, recompute always/never; 1f1b and interleaved too), the two copies stay bitwise
 equal after every step, and a K=2 checkpoint (the weight stored once) resumes at K=1 and K=3."""
 import pytest
 import torch
@@ -16,15 +16,22 @@ from tests.spawn import run_workers
 MODEL = dict(model="transformer", layers=4, d_model=16, heads=2, max_seq_len=8, data="synthetic",
              dtype="float64", batch_size=8, lr=1e-2, warmup=0, tie_embeddings=True)  # 6 layers
 HEAD = "layers.5.proj.weight"  # the head's copy of layers.0.tokens.weight
-GRID = [(m, recompute) for m in (1, 4) for recompute in ("always", "never")]
+GRID = [(m, recompute, "gpipe", 1) for m in (1, 4) for recompute in ("always", "never")]
+GRID += [(4, "always", "1f1b", 1), (4, "never", "interleaved", 2)]  # the sum is after any drain
 STEPS = 3
 RESUME = dict(MODEL, microbatches=2, steps=3, eval_every=0, log_every=100, wandb="disabled")
+
+
+def _cases(n_stages):
+    return [case for case in GRID if case[2] != "interleaved" or case[0] % n_stages == 0]
 
 
 def _grid(n_stages):
     balance = "1,3,2" if n_stages == 3 else None
     return [run_steps(STEPS, watch=(tied.SOURCE_NAME, HEAD), **MODEL, microbatches=m,
-                      recompute=recompute, balance=balance) for m, recompute in GRID]
+                      recompute=recompute, schedule=schedule, virtual_stages=v,
+                      balance=balance if v == 1 else None)
+            for m, recompute, schedule, v in _cases(n_stages)]
 
 
 def _train(**values):
@@ -47,8 +54,8 @@ def runs(tmp_path_factory):
     k2 = run_workers(_k2_worker, 2, str(root / "k2"), timeout_s=300)
     k3 = run_workers(_k3_worker, 3, str(root / "k3"), str(root / "k2" / "step-000002"), timeout_s=300)
     return {"grid": {1: [[r] for r in _grid(1)],
-                     2: [[k2[r][0][i] for r in range(2)] for i in range(len(GRID))],
-                     3: [[k3[r][0][i] for r in range(3)] for i in range(len(GRID))]},
+                     2: [[k2[r][0][i] for r in range(2)] for i in range(len(_cases(2)))],
+                     3: [[k3[r][0][i] for r in range(3)] for i in range(len(_cases(3)))]},
             "losses": {2: k2[0][1], 3: k3[0][1],
                        1: _train(ckpt_dir=str(root / "k1"), resume=str(root / "k2" / "step-000002"))},
             "root": root}
@@ -58,8 +65,8 @@ def runs(tmp_path_factory):
 def test_tied_pipeline_equals_a_single_device_model_with_one_shared_weight(n_stages, runs):
     reference = reference_steps(STEPS, **MODEL, microbatches=1)
     assert HEAD not in reference["grads"]  # one Parameter: clip_grad_norm_ counts it once
-    for (m, recompute), stages in zip(GRID, runs["grid"][n_stages]):
-        what = f"tied K={n_stages} M={m} recompute={recompute}"
+    for (m, recompute, schedule, v), stages in zip(_cases(n_stages), runs["grid"][n_stages]):
+        what = f"tied {schedule} K={n_stages} V={v} M={m} recompute={recompute}"
         got = merge_stages(stages)
         head_grad = got["grads"].pop(HEAD, None)
         if n_stages > 1:  # two copies, each with the summed gradient
