@@ -121,7 +121,9 @@ def main(argv=None) -> int:
             if done % 25 == 0:
                 print(f"  {done}/{len(_jobs)}", file=sys.stderr, flush=True)
 
-    problems = aot.grid_problems(launches) + [f"{name}: launched by no launcher in the sweep"
+    with aot.record_launches() as large_launches:
+        aot.launcher_sweep(("bf16",), aot.LARGE)
+    problems = aot.grid_problems(large_launches) + [f"{name}: launched by no launcher in the sweep"
                                               for name in aot.unrecorded_kernels(launches)]
     rows = defaultdict(list)
     for (launch, config, cap), result in zip(_jobs, results):

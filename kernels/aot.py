@@ -57,8 +57,10 @@ def _evaluate_grid(grid, named_args):
 
 @contextmanager
 def record_launches(dtype="", variant=""):
-    """Inside: kernel launches are recorded into the yielded list, not run."""
+    """Inside: kernel launches (compiled or interpreted) are recorded into the yielded list, not
+    run. Only compile the records made with the interpreter off: `kernel` is then a JITFunction."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     global _active
@@ -82,13 +84,15 @@ def record_launches(dtype="", variant=""):
         launches.append(Launch(self, state["dtype"], state["variant"], args, kwargs, [config], grid,
                                [_evaluate_grid(grid, named)]))
 
-    saved = Autotuner.run, JITFunction.run
-    Autotuner.run, JITFunction.run = autotuned_run, plain_run
+    classes = (Autotuner, JITFunction, InterpretedFunction)
+    saved = [cls.run for cls in classes]
+    Autotuner.run, JITFunction.run, InterpretedFunction.run = autotuned_run, plain_run, plain_run
     _active = state
     try:
         yield launches
     finally:
-        Autotuner.run, JITFunction.run = saved
+        for cls, run in zip(classes, saved):
+            cls.run = run
         _active = None
 
 
@@ -109,7 +113,15 @@ def _meta(*shape, dtype, grad=False):
     return torch.empty(shape, dtype=dtype, device="meta").requires_grad_(grad)
 
 
-def launcher_sweep(dtype_names=tuple(DTYPES)):
+# Sizes that do not change the code: small for the compile sweep, large (on meta tensors) to check
+# grids against CUDA's limits: 131,072 attention heads, 2^25 rows, 2^33 GELU elements, 2^26 per
+# BatchNorm channel.
+SMALL = dict(batch=2, heads=4, T=256, rows=64, images=(4, 8, 6, 6), elementwise_rows=16)
+LARGE = dict(batch=1024, heads=128, T=4096, rows=2**25, images=(256, 8, 512, 512),
+             elementwise_rows=2**27)
+
+
+def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
     """Calls every op's launchers (forward and backward) on meta tensors over every input that
     changes the code they launch. Must run inside record_launches()."""
     # `kernels.attention` etc. are the dispatch functions: reach the modules through importlib.
@@ -123,13 +135,13 @@ def launcher_sweep(dtype_names=tuple(DTYPES)):
         for head_dim in attention.HEAD_DIMS:
             for causal in (False, True):
                 with _labelled(name, f"D={head_dim} causal={causal}"):
-                    q = _meta(2, 4, 256, head_dim, dtype=dtype)
+                    q = _meta(sizes["batch"], sizes["heads"], sizes["T"], head_dim, dtype=dtype)
                     o, lse = attention.attention_forward(q, q, q, causal)
                     attention.attention_backward(q, q, q, q, o, lse, causal)
         # LayerNorm's block is next_pow2(hidden) and its warps step at 2048 and 8192.
         for block in (128, 1024, 2048, 4096, 8192, layernorm.MAX_HIDDEN):
             with _labelled(name, f"hidden={block}"):
-                x = _meta(64, block, dtype=dtype)
+                x = _meta(sizes["rows"], block, dtype=dtype)
                 w = _meta(block, dtype=dtype)
                 _, mean, rstd = layernorm.layer_norm_forward(x, w, w, 1e-5)
                 layernorm.layer_norm_backward(x, x, w, mean, rstd)
@@ -137,24 +149,26 @@ def launcher_sweep(dtype_names=tuple(DTYPES)):
             for reduction in cross_entropy.REDUCTIONS:
                 for with_grad in (False, True):
                     with _labelled(name, f"vocab={vocab} {reduction} grad={with_grad}"):
-                        logits = _meta(8, vocab, dtype=dtype, grad=with_grad)
-                        targets = torch.empty(8, dtype=torch.int64, device="meta")
+                        logits = _meta(sizes["rows"], vocab, dtype=dtype, grad=with_grad)
+                        targets = torch.empty(sizes["rows"], dtype=torch.int64, device="meta")
                         cross_entropy.CrossEntropyFunction.apply(logits, targets, -100, reduction)
         for approximate in gelu.APPROXIMATIONS:
             for has_bias in (False, True):
                 with _labelled(name, f"{approximate} bias={has_bias}"):
-                    x = _meta(16, 64, dtype=dtype)
+                    x = _meta(sizes["elementwise_rows"], 64, dtype=dtype)
                     bias = _meta(64, dtype=dtype) if has_bias else None
                     gelu._launch(x, bias, None, approximate)
                     gelu._launch(x, bias, x, approximate)
         for relu in (False, True):
             with _labelled(name, f"relu={relu}"):
-                x = _meta(4, 8, 6, 6, dtype=dtype, grad=True)
+                x = _meta(*sizes["images"], dtype=dtype, grad=True)
                 w = _meta(8, dtype=dtype, grad=True)
                 y, _, _ = batchnorm.BatchNormFunction.apply(x, w, w, 1e-5, relu)
                 y.backward(torch.empty_like(y))
                 y = batchnorm.BatchNormEvalFunction.apply(x, w, w, w.detach(), w.detach(), 1e-5, relu)
                 y.backward(torch.empty_like(y))
+        if sizes is LARGE:
+            continue  # AdamW's grid is one program per 4096 elements: 2^31 blocks is 8e12 params
         with _labelled(name, "adamw"):
             param = torch.zeros(8, dtype=dtype)  # addresses are read: a real (tiny) tensor
             _triton_step([(param, param, param, param)], [1], 1e-3, 0.9, 0.95, 1e-8, 0.1)

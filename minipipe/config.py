@@ -54,8 +54,11 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(1337, "seed of every random stream (init, data, dropout)")
-    dtype: str = _f("float32", "parameter/compute dtype; bf16/fp16 = autocast with fp32 weights",
-                    ("float32", "bfloat16", "float16", "float64"))
+    # precision defaults (issue 9): 'auto' is resolved by make_config, so the rest of the run (and
+    # its checkpoints and logs) sees the dtype it actually runs with
+    dtype: str = _f("auto", "parameter/compute dtype; bf16/fp16 = autocast with fp32 weights; auto = "
+                            "bfloat16 on CUDA, float32 on CPU",
+                    ("auto", "float32", "bfloat16", "float16", "float64"))
     device: str = _f("auto", "auto = cuda:LOCAL_RANK when available, else cpu", ("auto", "cpu", "cuda"))
     # data and output
     data: Optional[str] = _f(None, "stdlib | digits | synthetic | PATH (text, dir, .bin, .npz); "
@@ -152,8 +155,19 @@ def make_config(**values) -> Config:
             raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: "
                               f"choose one of {', '.join(choices)}")
     apply_preset(cfg)
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     validate(cfg)
     return cfg
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 autocast (fp32 master weights) when the run will be on CUDA, float32
+    otherwise; any other choice passes through."""
+    if dtype != "auto":
+        return dtype
+    import torch  # only here: the config stays importable without torch
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bfloat16" if on_cuda else "float32"
 
 
 def validate(cfg: Config) -> None:

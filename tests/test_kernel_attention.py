@@ -54,3 +54,22 @@ def test_unsupported_head_dim_is_refused():
     q = torch.randn(1, 1, 4, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head dims"):
         kernels.attention(q, q, q, True, backend="triton")
+
+
+def test_autotuning_settles_over_a_200_token_generation():
+    """Engine.generate feeds the whole context each token, so T grows by one per token (up to
+    max_context). The autotuner benchmarks every config once per distinct key: count the keys its
+    own key names take over the launches a 200-token generation makes (forward and backward
+    kernels, recorded from the real launcher on meta tensors, nothing run)."""
+    from kernels import aot
+    from kernels.attention import attention_backward, attention_forward
+
+    prompt_len, max_context = 1, 256
+    with aot.record_launches() as launches:
+        for i in range(200):
+            q = torch.empty(1, 2, min(prompt_len + i, max_context), 64, device="meta")
+            o, lse = attention_forward(q, q, q, True)
+            attention_backward(q, q, q, q, o, lse, True)
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        keys = {launch.tuning_key for launch in launches if launch.name == name}
+        assert 1 < len(keys) <= 5, (name, sorted(keys))  # T in 1..200: buckets 16, 32, ..., 256
