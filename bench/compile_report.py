@@ -11,6 +11,8 @@ without tensor cores in fp16/bf16, or gets a grid over CUDA's limits.
     python bench/compile_report.py                      # everything, sm_80 and sm_90 (minutes)
     python bench/compile_report.py --targets 90 --one-config --jobs 2   # the CI subset
     python bench/compile_report.py --targets device     # the GPU this runs on
+    python bench/compile_report.py --targets 100        # B200 (sm_100, tcgen05): the bundled
+                                                        # ptxas handles it too
 """
 import os
 
