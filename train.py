@@ -21,7 +21,8 @@ from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import ConfigError, MinipipeError
 from minipipe.hf_gpt2 import load_into_stage
-from minipipe.metrics import MetricsLogger, config_record, flops_utilisation, make_logger
+from minipipe.metrics import (MetricsLogger, compute_precision, config_record, flops_utilisation,
+                              make_logger)
 from minipipe.optim import lr_at
 from minipipe.plan import model_flops_per_unit
 from minipipe.preflight import check_before_work
@@ -66,6 +67,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
+        precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
         for step in range(first_step, cfg.steps):
             inputs, targets = cursor.next_batch()
             log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
@@ -83,7 +85,8 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
                 values.update(loss_scale=run.engine.loss_scale, skipped_step=result["skipped"])
             if log_step:  # one small collective brings every stage's bubble and memory to rank 0
                 values.update(timeline.pipeline_stats(run.engine, run.layout))
-                values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name))
+                values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,
+                                                precision))
             if step in traced:
                 timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1)
             last_step = step + 1 == cfg.steps

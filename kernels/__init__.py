@@ -1,12 +1,14 @@
 """The hot ops, each as a Triton kernel and a plain-PyTorch reference, behind one dispatch API.
 
 `backend` is 'triton', 'torch' or 'auto' (triton on CUDA, torch elsewhere). Every function is
-differentiable on both backends; the torch path is also the float64 reference the exactness tests
-run on CPU. Without a GPU the triton backend runs through Triton's CPU interpreter.
+differentiable on both backends; the torch path is stock PyTorch's fastest op (and the path the
+float64 exactness tests run on CPU); each op's `*_reference` is the independent check. Without a
+GPU the triton backend runs through Triton's CPU interpreter.
 """
 import os
 
 import torch
+import torch.nn.functional as F
 
 # Triton reads TRITON_INTERPRET when it is imported: decide before any kernel module imports it.
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
@@ -16,7 +18,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 # the module stays reachable as `from kernels.attention import ...`.
 from kernels import batchnorm, gelu, layernorm  # noqa: E402
 from kernels.adamw import AdamW  # noqa: E402
-from kernels.attention import FlashAttentionFunction, attention_reference  # noqa: E402
+from kernels.attention import FlashAttentionFunction  # noqa: E402
 from kernels.batchnorm import update_running_stats  # noqa: E402
 from kernels.cross_entropy import (CrossEntropyFunction, LinearCrossEntropyFunction,  # noqa: E402
                                    check_reduction, cross_entropy_reference,
@@ -39,10 +41,12 @@ def layer_norm(x, weight, bias, eps, backend):
 
 
 def attention(q, k, v, causal, backend):
-    """softmax(q k^T / sqrt(D) [+ causal mask]) v for q, k, v shaped (B, H, T, D)."""
+    """softmax(q k^T / sqrt(D) [+ causal mask]) v for q, k, v shaped (B, H, T, D). The torch path is
+    SDPA (flash or memory-efficient on a GPU); `attention_reference`, the explicit softmax, is what
+    the tests check both against."""
     if _triton(backend, q):
         return FlashAttentionFunction.apply(q, k, v, causal)
-    return attention_reference(q, k, v, causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", backend="auto"):

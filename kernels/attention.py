@@ -13,25 +13,72 @@ import math
 
 import torch
 
-from kernels.runtime import INTERPRETING, autotune_configs, empty, tl, triton
+from kernels.runtime import INTERPRETING, autotune_configs, empty, tf32_allowed, tl, triton
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2_E = 1.4426950408889634
 
 
-def _configs(pairs, interpreter_pair):
-    """Block pairs (a, b) with b dividing a, so the diagonal is covered by whole inner blocks."""
-    names = ("BLOCK_M", "BLOCK_N")
-    return autotune_configs(
-        [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in pairs],
-        triton.Config(dict(zip(names, interpreter_pair))))
-
-
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3),
-                         (128, 32, 4, 4), (64, 32, 4, 4)], (32, 16))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per operand size in bytes, with BLOCK_N dividing
+# BLOCK_M so the diagonal is covered by whole inner blocks. fp32 operands take twice the shared
+# memory per element, and their (3x)TF32 dots keep hi/lo halves live: they get small blocks on
+# 4 warps (8 warps did not lower their registers per thread). `_fits` then drops, per head dim,
+# the configs that would spill or overflow shared memory; bench/compile_report.py checks the rest.
+# Removed after the full report: 16-bit fwd (128, 64, 8, 3) and bwd (128, 64, 8, 3), (64, 64, 4, 3)
+# spill on sm_80 at some head dims; fp32 bwd (32, 16, 4, 2) spills on sm_90 at D=32.
+_FWD_CANDIDATES = {2: [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
+                       (64, 32, 4, 4)],
+                   4: [(64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2), (16, 16, 4, 2)]}
 # Backward: BLOCK_M is the block the program owns, BLOCK_N the block it streams.
-_BWD_CONFIGS = _configs([(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3),
-                         (64, 64, 4, 3)], (32, 16))
+_BWD_CANDIDATES = {2: [(128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5)],
+                   4: [(64, 32, 4, 2), (16, 16, 4, 2)]}
+# Register words per thread a config may plan for (ptxas needs the rest of the 255 for addresses
+# and temporaries), and the smallest per-block shared memory of the targets (A100's).
+_REGISTER_BUDGET = {2: 160, 4: 80}  # fp32's calibrated on sm_90 at D=128 (compile report)
+_SHARED_BUDGET = 166_912
+
+
+def _fits(config, element_size, head_dim, backward):
+    """Estimated per-thread registers (fp32 accumulators, score blocks, owned operands) and shared
+    memory (streamed operands per pipeline stage, plus owned operands) within the budgets."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    threads = 32 * config.num_warps
+    words = element_size / 4
+    accumulators = 2 if backward else 1  # dK and dV (dQ alone estimates lower: it fits when these do)
+    registers = (accumulators * block_m * head_dim * (1 + words) + 2 * block_m * block_n) / threads
+    shared = (config.num_stages * block_n + block_m) * head_dim * element_size * 2
+    return registers <= _REGISTER_BUDGET[element_size] and shared <= _SHARED_BUDGET
+
+
+def _prune(backward):
+    def prune(configs, named_args, **kwargs):
+        """The configs of q's operand size that fit its head dim (at least the smallest)."""
+        element_size = named_args["q_ptr"].element_size()
+        own = [c for c in configs if c.kwargs["SIZE"] == element_size]
+        fitting = [c for c in own if _fits(c, element_size, kwargs["HEAD_DIM"], backward)]
+        return fitting or [min(own, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return {"early_config_prune": prune}
+
+
+def _configs(candidates):
+    names = ("BLOCK_M", "BLOCK_N")
+    # SIZE tags a config with the operand size it was chosen for; the kernels ignore it.
+    return autotune_configs(
+        [triton.Config({**dict(zip(names, (a, b))), "SIZE": size}, num_warps=w, num_stages=s)
+         for size, quads in candidates.items() for a, b, w, s in quads],
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SIZE": 0}))
+
+
+_FWD_CONFIGS = _configs(_FWD_CANDIDATES)
+_BWD_CONFIGS = _configs(_BWD_CANDIDATES)
+_TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
+
+
+def tuning_bucket(T: int) -> int:
+    """What the autotuner keys on instead of T: the next power of two (at least 16, so the value
+    never specialises differently). Text generation grows T by one per token; keyed on T itself,
+    every new length would benchmark every config again."""
+    return max(16, triton.next_power_of_2(T))
 
 
 @triton.jit
@@ -65,13 +112,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, T, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=False))
 @triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, HEAD_DIM: tl.constexpr,
+def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, T_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
               CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SIZE: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     base = bh * T * HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr + base, offs_m, T, HEAD_DIM, UPCAST)
@@ -101,8 +148,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, HEAD_DIM: tl.con
 
 @triton.jit
 def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_rows(o_ptr + bh * T * HEAD_DIM, offs_m, T, HEAD_DIM, True)
     do = _load_rows(do_ptr + bh * T * HEAD_DIM, offs_m, T, HEAD_DIM, True)
     tl.store(delta_ptr + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
@@ -129,13 +176,14 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, l
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=True))
 @triton.jit
-def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, sm_scale,
-                   qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, T_BUCKET,
+                   sm_scale, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SIZE: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_M
     base = bh * T * HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_M)
     k = _load_rows(k_ptr + base, offs_n, T, HEAD_DIM, UPCAST)
@@ -176,13 +224,14 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, T, qk_sc
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=True))
 @triton.jit
-def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, sm_scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, T_BUCKET, sm_scale,
+                 qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SIZE: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     base = bh * T * HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr + base, offs_m, T, HEAD_DIM, UPCAST)
@@ -205,13 +254,17 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, sm_
 
 
 def _kernel_flags(q):
-    # fp32 inputs get exact fp32 dots (not TF32) so the kernel meets fp32 tolerances.
-    return dict(HEAD_DIM=q.shape[-1], UPCAST=INTERPRETING,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    # Every dot runs on tensor cores. fp32 inputs take TF32 where torch allows it for fp32 matmuls
+    # (as train.py does on CUDA), else 3xTF32 (hi/lo split, about fp32 accuracy): an exact 'ieee'
+    # dot runs on FMA units and holds whole head-dim rows per thread, which spills at D >= 64.
+    precise = q.dtype == torch.float32 and not tf32_allowed()
+    return dict(HEAD_DIM=q.shape[-1], UPCAST=INTERPRETING, PRECISION="tf32x3" if precise else "tf32")
 
 
 def _grid(T, BH):
-    return lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), BH)
+    # (batch*head, query block): CUDA allows 2^31 - 1 blocks on axis 0 but only 65535 on axis 1,
+    # and B*H outgrows 65535 long before T / BLOCK_M does.
+    return lambda meta: (BH, triton.cdiv(T, meta["BLOCK_M"]))
 
 
 def attention_forward(q, k, v, causal):
@@ -224,8 +277,8 @@ def attention_forward(q, k, v, causal):
     sm_scale = 1 / math.sqrt(D)
     o = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, T), torch.float32, q.device)
-    _attn_fwd[_grid(T, B * H)](q, k, v, o, lse, T, sm_scale * LOG2_E, CAUSAL=causal,
-                               **_kernel_flags(q))
+    _attn_fwd[_grid(T, B * H)](q, k, v, o, lse, T, tuning_bucket(T), sm_scale * LOG2_E,
+                               CAUSAL=causal, **_kernel_flags(q))
     return o, lse
 
 
@@ -233,13 +286,13 @@ def attention_backward(do, q, k, v, o, lse, causal):
     B, H, T, D = q.shape
     sm_scale = 1 / math.sqrt(D)
     delta = empty((B, H, T), torch.float32, q.device)
-    _attn_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, T, HEAD_DIM=D, BLOCK_M=64)
+    _attn_bwd_delta[(B * H, triton.cdiv(T, 64))](o, do, delta, T, HEAD_DIM=D, BLOCK_M=64)
     dq, dk, dv = (empty(q.shape, q.dtype, q.device) for _ in range(3))
     flags = dict(CAUSAL=causal, **_kernel_flags(q))
-    _attn_bwd_dkdv[_grid(T, B * H)](q, k, v, do, lse, delta, dk, dv, T, sm_scale,
-                                    sm_scale * LOG2_E, **flags)
-    _attn_bwd_dq[_grid(T, B * H)](q, k, v, do, lse, delta, dq, T, sm_scale, sm_scale * LOG2_E,
-                                  **flags)
+    _attn_bwd_dkdv[_grid(T, B * H)](q, k, v, do, lse, delta, dk, dv, T, tuning_bucket(T),
+                                    sm_scale, sm_scale * LOG2_E, **flags)
+    _attn_bwd_dq[_grid(T, B * H)](q, k, v, do, lse, delta, dq, T, tuning_bucket(T), sm_scale,
+                                  sm_scale * LOG2_E, **flags)
     return dq, dk, dv
 
 

@@ -54,8 +54,8 @@ def _load_normalised(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, channel, r, mask, n
 @triton.jit
 def _bn_normalise(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, y_ptr, n_channels, inner, count, eps,
                   RELU: tl.constexpr, BLOCK: tl.constexpr):
-    channel = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    channel = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < count
     offsets, _, y, _, _ = _load_normalised(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, channel, r, mask,
                                            n_channels, inner, eps)
@@ -87,8 +87,8 @@ def _bn_bwd_reduce(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dy_ptr, dw_ptr, db_pt
 @triton.jit
 def _bn_bwd_dx(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dy_ptr, dw_ptr, db_ptr, dx_ptr, n_channels,
                inner, count, eps, RELU: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
-    channel = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    channel = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < count
     offsets, xhat, y, w, rstd = _load_normalised(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, channel, r,
                                                  mask, n_channels, inner, eps)
@@ -101,8 +101,16 @@ def _bn_bwd_dx(x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dy_ptr, dw_ptr, db_ptr, d
     tl.store(dx_ptr + offsets, (dy * w * rstd).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# Elementwise passes run on a (block of the channel's elements, channel) grid: CUDA allows 2^31 - 1
+# blocks on axis 0 and 65535 on axis 1, and a channel's N*H*W elements outgrow 65535 blocks first.
+MAX_CHANNELS = 65535
+
+
 def _geometry(x):
     n_channels = x.shape[1]
+    if n_channels > MAX_CHANNELS:
+        raise ValueError(f"batch_norm kernel supports up to {MAX_CHANNELS} channels, got "
+                         f"{n_channels}: use backend 'torch'")
     inner = x[0, 0].numel()
     return n_channels, inner, x.numel() // n_channels
 
@@ -110,7 +118,7 @@ def _geometry(x):
 def _normalise(x, weight, bias, mean, var, eps, relu):
     n_channels, inner, count = _geometry(x)
     y = empty(x.shape, x.dtype, x.device)
-    _bn_normalise[(n_channels, triton.cdiv(count, BLOCK))](
+    _bn_normalise[(triton.cdiv(count, BLOCK), n_channels)](
         x, weight, bias, mean, var, y, n_channels, inner, count, eps, RELU=relu, BLOCK=BLOCK)
     return y
 
@@ -123,7 +131,7 @@ def _backward(dy, x, weight, bias, mean, var, eps, relu, training):
     args = (x, weight, bias, mean, var, dy, dw, db)
     _bn_bwd_reduce[(n_channels,)](*args, n_channels, inner, count, eps, RELU=relu, BLOCK=BLOCK)
     dx = empty(x.shape, x.dtype, x.device)
-    _bn_bwd_dx[(n_channels, triton.cdiv(count, BLOCK))](
+    _bn_bwd_dx[(triton.cdiv(count, BLOCK), n_channels)](
         *args, dx, n_channels, inner, count, eps, RELU=relu, TRAINING=training, BLOCK=BLOCK)
     return dx, dw.to(weight.dtype), db.to(bias.dtype)
 

@@ -42,9 +42,10 @@ def _cross_entropy_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr, n_counted
     lse = running_max + tl.log(running_sum)
     # The target logit as a masked one-element block load (the interpreter rejects scalar masks).
     valid = counted & (target >= 0) & (target < n_classes)
-    cols = tl.arange(0, 2)
-    hit = cols < tl.where(valid, 1, 0)
-    target_logit = tl.sum(tl.load(row_logits + target + cols, mask=hit, other=0.0).to(tl.float32), axis=0)
+    # A name carried through a loop keeps one block shape: `cols` is BLOCK_V wide in both loops.
+    pair = tl.arange(0, 2)
+    hit = pair < tl.where(valid, 1, 0)
+    target_logit = tl.sum(tl.load(row_logits + target + pair, mask=hit, other=0.0).to(tl.float32), axis=0)
     tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
     if WITH_GRAD:
         scale = tl.where(counted, 1.0, 0.0)

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from kernels.runtime import autotune_configs, empty, tl, triton
 
 APPROXIMATIONS = ("tanh", "none")
-SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-INV_SQRT_2 = 1 / math.sqrt(2)
-INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-TANH_CUBIC = 0.044715
+# A compiled kernel may read a module global only if it is a tl.constexpr (the interpreter reads any).
+SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2 / math.pi))
+INV_SQRT_2 = tl.constexpr(1 / math.sqrt(2))
+INV_SQRT_2PI = tl.constexpr(1 / math.sqrt(2 * math.pi))
+TANH_CUBIC = tl.constexpr(0.044715)
 
 
 def check_approximate(approximate: str) -> None:

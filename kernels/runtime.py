@@ -47,6 +47,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def tf32_allowed() -> bool:
+    """Whether torch runs float32 matmuls on TF32 tensor cores (set by train.py on CUDA); the
+    flash-attention kernels follow it so that every fp32 matmul of a run has one precision."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; reading allow_tf32 after it raises
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def autotune_configs(gpu_configs, interpreter_config):
     """The interpreter cannot benchmark (multi-config autotune raises there): give it one config."""
     return [interpreter_config] if INTERPRETING else gpu_configs

@@ -65,6 +65,8 @@ def build_run(cfg) -> Run:
     elif n_chunks > n_layers:
         partition.balance_by_cost([1.0] * n_layers, n_chunks)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
+    if layout.device.type == "cuda":
+        allow_tf32()
     backend = kernels.resolve_backend(cfg.kernels, layout.device)
     balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks)
     chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
@@ -78,6 +80,17 @@ def build_run(cfg) -> Run:
                     cfg.deferred_bn, [len(n) for n in models.layer_param_numels(cfg)],
                     PARAM_DTYPES[cfg.dtype], cfg.schedule, cfg.virtual_stages)
     return Run(cfg, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
+
+
+def allow_tf32() -> None:
+    """float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa products, fp32
+    accumulation): the --dtype float32 default of every GPU trainer since Ampere. CPU runs, and so
+    the float64/float32 exactness tests, are unaffected."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the new API only
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[list[int], list[float], str]:

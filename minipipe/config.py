@@ -60,8 +60,11 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(1337, "seed of every random stream (init, data, dropout)")
-    dtype: str = _f("float32", "parameter/compute dtype; bf16/fp16 = autocast with fp32 weights",
-                    ("float32", "bfloat16", "float16", "float64"))
+    # precision defaults (issue 9): 'auto' is resolved by make_config, so the rest of the run (and
+    # its checkpoints and logs) sees the dtype it actually runs with
+    dtype: str = _f("auto", "parameter/compute dtype; bf16/fp16 = autocast with fp32 weights; auto = "
+                            "bfloat16 on CUDA, float32 on CPU",
+                    ("auto", "float32", "bfloat16", "float16", "float64"))
     device: str = _f("auto", "auto = cuda:LOCAL_RANK when available, else cpu", ("auto", "cpu", "cuda"))
     # data and output
     data: Optional[str] = _f(None, "stdlib | digits | synthetic | PATH (text, dir, .bin, .npz); "
@@ -212,12 +215,24 @@ def make_config(**values) -> Config:
         raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")
     cfg.tie_embeddings = bool(cfg.tie_embeddings)
     apply_preset(cfg)
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     validate(cfg)
     return cfg
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 autocast (fp32 master weights) when the run will be on CUDA, float32
+    otherwise; any other choice passes through."""
+    if dtype != "auto" or device == "cpu":
+        return "float32" if dtype == "auto" else dtype
+    if device == "auto":
+        import torch  # only to ask for CUDA: the config stays importable without torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def validate(cfg: Config) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import netrc
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,25 @@ from minipipe.schedule import bubble_fraction
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
 WANDB_MODES = ("online", "offline", "disabled")
-# Dense bf16 tensor-core peak per device, TFLOP/s, matched by substring of the CUDA device name in
-# this order (more specific names first). A device not listed gets TFLOP/s but no MFU.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
-                    ("A10G", 70.0), ("4090", 165.0)]
+# Dense peak TFLOP/s per device and compute precision: bf16 (= fp16) and tf32 on tensor cores, fp32
+# on the FMA units (vendor data sheets, no sparsity). A device is matched by whole words of its CUDA
+# name, first match wins, most specific first: "NVIDIA L4" is not an "L40", an "H100 NVL" is not
+# an H100 SXM ("NVIDIA H100 80GB HBM3"). A device not listed gets TFLOP/s but no MFU.
+PEAK_TFLOPS = [
+    (("GH200",), dict(bf16=989.0, tf32=494.5, fp32=67.0)),
+    (("H200",), dict(bf16=989.0, tf32=494.5, fp32=67.0)),
+    (("H100", "NVL"), dict(bf16=835.0, tf32=417.5, fp32=60.0)),
+    (("H100", "PCIe"), dict(bf16=756.0, tf32=378.0, fp32=51.0)),
+    (("H100",), dict(bf16=989.0, tf32=494.5, fp32=67.0)),
+    (("B200",), dict(bf16=2250.0, tf32=1100.0, fp32=75.0)),
+    (("A100",), dict(bf16=312.0, tf32=156.0, fp32=19.5)),
+    (("L40S",), dict(bf16=362.0, tf32=183.0, fp32=91.6)),
+    (("L40",), dict(bf16=181.0, tf32=90.5, fp32=90.5)),
+    (("L4",), dict(bf16=121.0, tf32=60.0, fp32=30.3)),
+    (("A10G",), dict(bf16=70.0, tf32=35.0, fp32=31.2)),
+    (("A10",), dict(bf16=125.0, tf32=62.5, fp32=31.2)),
+    (("4090",), dict(bf16=165.2, tf32=82.6, fp32=82.6)),
+]
 
 
 class JsonlBackend:
@@ -136,20 +151,32 @@ def has_wandb_key() -> bool:
         return False
 
 
-def peak_tflops(device_name: str) -> float | None:
-    for fragment, tflops in PEAK_BF16_TFLOPS:
-        if fragment in device_name:
-            return tflops
+def compute_precision(dtype: str, tf32: bool) -> str:
+    """The precision a run's matmuls execute in: autocast bf16/fp16 -> 'bf16' (one peak for both),
+    float32 -> 'tf32' where TF32 is allowed, else 'fp32'; float64 has no entry (no MFU)."""
+    if dtype in ("bfloat16", "float16"):
+        return "bf16"
+    if dtype == "float32":
+        return "tf32" if tf32 else "fp32"
+    return dtype
+
+
+def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
+    words = set(re.split(r"[^A-Za-z0-9]+", device_name))
+    for required, peaks in PEAK_TFLOPS:
+        if words.issuperset(required):
+            return peaks.get(precision)
     return None
 
 
 def flops_utilisation(units_per_s: float, flops_per_unit: float, n_devices: int,
-                      device_name: str) -> dict:
+                      device_name: str, precision: str = "bf16") -> dict:
     """Achieved model TFLOP/s per device (forward + backward, recompute not counted, as in MFU)
-    and MFU against the device's bf16 dense peak, when the table knows the device."""
+    and MFU against the device's dense peak in the precision the run computes in, when the table
+    knows both."""
     achieved = flops_per_unit * units_per_s / n_devices / 1e12
     values = {"tflops_per_device": achieved}
-    peak = peak_tflops(device_name)
+    peak = peak_tflops(device_name, precision)
     if peak:
         values["mfu"] = achieved / peak
     return values

@@ -53,11 +53,16 @@ def test_bad_choice_on_the_cli_exits_with_usage():
 
 def test_the_config_is_a_leaf_without_side_effects():
     """Importing the config and making one imports neither torch nor the models (nor triton's
-    interpreter switch): tools and tests can read settings without choosing a backend."""
+    interpreter switch): tools and tests can read settings without choosing a backend. The one
+    exception: --dtype auto with --device auto asks torch whether CUDA is there."""
     code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
             "from minipipe.config import make_config, parse_config\n"
-            "make_config(model='amoebanet'); parse_config(['--layers', '3'])\n"
+            "make_config(model='amoebanet', device='cpu')\n"
+            "parse_config(['--layers', '3', '--dtype', 'float32'])\n"
             "loaded = [m for m in ('torch', 'models', 'kernels', 'triton') if m in sys.modules]\n"
+            "assert not loaded and 'TRITON_INTERPRET' not in os.environ, loaded\n"
+            "assert make_config().dtype in ('float32', 'bfloat16')\n"
+            "loaded = [m for m in ('models', 'kernels', 'triton') if m in sys.modules]\n"
             "assert not loaded and 'TRITON_INTERPRET' not in os.environ, loaded\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=REPO_ROOT)

@@ -54,3 +54,39 @@ def test_unsupported_head_dim_is_refused():
     q = torch.randn(1, 1, 4, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head dims"):
         kernels.attention(q, q, q, True, backend="triton")
+
+
+def test_autotuning_settles_over_a_200_token_generation():
+    """Engine.generate feeds the whole context each token, so T grows by one per token (up to
+    max_context). The autotuner benchmarks every config once per distinct key: count the keys its
+    own key names take over the launches a 200-token generation makes (forward and backward
+    kernels, recorded from the real launcher on meta tensors, nothing run)."""
+    from kernels import aot
+    from kernels.attention import attention_backward, attention_forward
+
+    prompt_len, max_context = 1, 256
+    with aot.record_launches() as launches:
+        for i in range(200):
+            q = torch.empty(1, 2, min(prompt_len + i, max_context), 64, device="meta")
+            o, lse = attention_forward(q, q, q, True)
+            attention_backward(q, q, q, q, o, lse, True)
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        keys = {launch.tuning_key for launch in launches if launch.name == name}
+        assert 1 < len(keys) <= 5, (name, sorted(keys))  # T in 1..200: buckets 16, 32, ..., 256
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_backend_is_sdpa_and_matches_the_explicit_reference_in_float64(causal):
+    """--kernels torch runs F.scaled_dot_product_attention; the explicit softmax stays the check."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 13, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sdpa = kernels.attention(q, k, v, causal, backend="torch")
+    assert torch.equal(sdpa, torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                                is_causal=causal))
+    grad = torch.randn_like(sdpa)
+    got = torch.autograd.grad(sdpa, (q, k, v), grad)
+    expected_out = attention_reference(q, k, v, causal)
+    expected = torch.autograd.grad(expected_out, (q, k, v), grad)
+    torch.testing.assert_close(sdpa, expected_out, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
