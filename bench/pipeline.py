@@ -82,9 +82,10 @@ def _peak_saved_bytes(step, params) -> int:
 def _torch_schedule(run, schedule: str, m: int, recompute: str):
     """torch's namesake on deep copies of this rank's minipipe chunks; returns (step_fn, params)."""
     import torch
-    import torch.nn.functional as F
     from torch.distributed import pipelining
     from torch.utils.checkpoint import checkpoint
+
+    import models
 
     class Chunk(torch.nn.Module):
         def __init__(self, layers):
@@ -101,8 +102,10 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
     stages = [pipelining.PipelineStage(chunk, v * k + lay.stage, k * len(chunks), lay.device)
               for v, chunk in enumerate(chunks)]
 
-    def loss_fn(logits, y):
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss_sum = models.loss_fn(run.cfg, run.backend)  # minipipe's own loss: like for like
+
+    def loss_fn(output, y):  # a training Head hands over (hidden, weight): the fused head's loss
+        return loss_sum(output, y) / y.numel()
 
     cls = getattr(pipelining, TORCH_NAMES[schedule])
     sched = cls(stages if schedule == "interleaved" else stages[0], m, loss_fn=loss_fn)
