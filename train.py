@@ -82,7 +82,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             values = {"loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                       "step_time_s": elapsed, rate_key: rate}
             if cfg.dtype == "float16":  # dynamic loss scaling: a skipped step is worth seeing
-                values.update(loss_scale=run.engine.loss_scale, skipped_step=result["skipped"])
+                values.update(loss_scale=run.engine.scale.scale, skipped_step=result["skipped"])
             if log_step:  # one small collective brings every stage's bubble and memory to rank 0
                 values.update(timeline.pipeline_stats(run.engine, run.layout))
                 values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,

@@ -186,7 +186,7 @@ def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) 
         "balance": run.balance,  # layers per model chunk (K*V; chunk c on stage c mod K) of this run
         "world": {"stages": lay.n_stages, "dp": lay.dp},
         "data_cursor": cursor.state_dict(),
-        "loss_scale": [run.engine.loss_scale, run.engine.steps_at_scale],  # float16; else [1.0, n]
+        "loss_scale": [run.engine.scale.scale, run.engine.scale.steps_at_scale],  # float16; else [1.0, n]
         "rng": [r["rng"] for r in reports],  # by rank
         "files": dict(sorted(files.items())),
     })
@@ -281,7 +281,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
     cursor.load_state_dict(state["data_cursor"])
     run.stage.load_state_dict(weights)
     _load_optimizer_tensors(run.stage, run.optimizer, optimizer_state)
-    run.engine.loss_scale, run.engine.steps_at_scale = state.get("loss_scale", [run.engine.loss_scale, 0])
+    run.engine.scale.scale, run.engine.scale.steps_at_scale = state.get("loss_scale", [run.engine.scale.scale, 0])
     if state["world"] == {"stages": lay.n_stages, "dp": lay.dp}:
         _set_rng_state(state["rng"][lay.rank], lay.device)
     return state["step"]

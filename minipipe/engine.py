@@ -113,23 +113,6 @@ class Engine:
         self.has_batchnorm = any(isinstance(m, PipelineBatchNorm2d) for m in stage.modules())
         self.state: StepState | None = None
 
-    # float16 loss scale, kept with the checkpoint and logged
-    @property
-    def loss_scale(self) -> float:
-        return self.scale.scale
-
-    @loss_scale.setter
-    def loss_scale(self, value: float):
-        self.scale.scale = value
-
-    @property
-    def steps_at_scale(self) -> int:
-        return self.scale.steps_at_scale
-
-    @steps_at_scale.setter
-    def steps_at_scale(self, value: int):
-        self.scale.steps_at_scale = value
-
     # ---- one training step ------------------------------------------------------------------
     def train_step(self, inputs, targets, step: int, lr: float, grad_clip: float) -> dict:
         """Forward and backward of every micro-batch, then the synchronous update.

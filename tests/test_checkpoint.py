@@ -274,12 +274,12 @@ def test_every_rank_refuses_a_shard_only_one_stage_reads(straight, tmp_path):
 def test_float16_loss_scale_survives_a_resume(tmp_path):
     cfg = make_config(**TINY, dtype="float16", ckpt_dir=str(tmp_path))
     run = build_run(cfg)
-    run.engine.loss_scale, run.engine.steps_at_scale = 1024.0, 7
+    run.engine.scale.scale, run.engine.scale.steps_at_scale = 1024.0, 7
     path = save_checkpoint(run, DataCursor(run.dataset, cfg.batch_size), 3, 1e-3)
     resumed = build_run(cfg)
-    assert resumed.engine.loss_scale == 2.0 ** 16
+    assert resumed.engine.scale.scale == 2.0 ** 16
     load_checkpoint(resumed, DataCursor(resumed.dataset, cfg.batch_size), path)
-    assert (resumed.engine.loss_scale, resumed.engine.steps_at_scale) == (1024.0, 7)
+    assert (resumed.engine.scale.scale, resumed.engine.scale.steps_at_scale) == (1024.0, 7)
 
 
 def _failing_save_worker(rank, world_size, ckpt_dir):

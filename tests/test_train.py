@@ -89,13 +89,13 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
     from minipipe.optim import lr_at
     cfg = make_config(**TINY, dtype="float16", batch_size=4, microbatches=2)
     run = build_run(cfg)
-    assert run.engine.loss_scale == 2.0 ** 16
+    assert run.engine.scale.scale == 2.0 ** 16
     before = {n: p.detach().clone() for n, p in run.stage.named_parameters()}
-    run.engine.loss_scale = 1e38  # the scaled gradients overflow
+    run.engine.scale.scale = 1e38  # the scaled gradients overflow
     result = run.engine.train_step(*run.dataset.batch(0, 4), 0, lr_at(0, cfg), cfg.grad_clip)
-    assert result["skipped"] and run.engine.loss_scale == 5e37
+    assert result["skipped"] and run.engine.scale.scale == 5e37
     assert all(torch.equal(p, before[n]) for n, p in run.stage.named_parameters())
-    run.engine.loss_scale = 2.0 ** 10
+    run.engine.scale.scale = 2.0 ** 10
     result = run.engine.train_step(*run.dataset.batch(1, 4), 1, lr_at(1, cfg), cfg.grad_clip)
     assert not result["skipped"] and 0 < result["grad_norm"] < 100
     assert any(not torch.equal(p, before[n]) for n, p in run.stage.named_parameters())
