@@ -8,8 +8,6 @@ from contextlib import contextmanager
 
 import torch
 
-from minipipe.errors import ConfigError
-
 
 class _TritonMissing:
     """Stands in for `triton` / `triton.language` where triton is not installed, so that the torch
@@ -42,8 +40,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
     if name == "triton" and not HAVE_TRITON:
-        raise ConfigError("--kernels triton needs the triton package (Linux): install it "
-                          "(pip install triton) or use --kernels torch")
+        raise ValueError("the triton backend needs the triton package (Linux): install it "
+                         "(pip install triton) or use --kernels torch")
     return name
 
 

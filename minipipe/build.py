@@ -56,18 +56,17 @@ def build_run(cfg) -> Run:
         raise ConfigError(f"--virtual-stages {cfg.virtual_stages} x {n_stages} stages = {n_chunks} model "
                           f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
                           "add layers")
-    if cfg.balance:
-        try:
-            explicit = [int(x) for x in cfg.balance.split(",")]
-        except ValueError:
-            raise ConfigError(f"--balance {cfg.balance!r}: give layer counts per stage, e.g. 3,3,2")
-        partition.check_balance(explicit, n_layers, n_chunks)
+    if cfg.balance:  # its form (counts >= 1) was checked with the config; here against the model
+        partition.check_balance([int(x) for x in cfg.balance.split(",")], n_layers, n_chunks)
     elif n_chunks > n_layers:
         partition.balance_by_cost([1.0] * n_layers, n_chunks)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
     if layout.device.type == "cuda":
         allow_tf32()
-    backend = kernels.resolve_backend(cfg.kernels, layout.device)
+    try:
+        backend = kernels.resolve_backend(cfg.kernels, layout.device)
+    except ValueError as err:  # the kernels know nothing of the trainer's error types
+        raise ConfigError(f"--kernels {cfg.kernels}: {err}") from None
     balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks)
     chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
     indices = [i for chunk in chunks for i in chunk]

@@ -74,7 +74,7 @@ def test_a_wandb_mode_wandb_would_choke_on(cli, monkeypatch, mode):
 
 def test_triton_kernels_without_triton(cli, monkeypatch):
     monkeypatch.setattr(kernels.runtime, "HAVE_TRITON", False)
-    refused(cli("--kernels", "triton"), "--kernels triton needs the triton package", "--kernels torch")
+    refused(cli("--kernels", "triton"), "--kernels triton: the triton backend needs the triton package", "--kernels torch")
 
 
 @pytest.mark.parametrize("flag", ["--out-dir", "--metrics-jsonl", "--trace", "--ckpt-dir",
