@@ -14,6 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import models
 from minipipe import timeline
 from minipipe.build import build_run, plan_table
 from minipipe.checkpoint import Checkpointer
@@ -62,7 +63,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             load_into_stage(run)
             if rank == 0:
                 print(f"initialised from {cfg.init_from}", flush=True)
-        units_per_sample = cfg.seq_len if cfg.model == "transformer" else 1
+        family = models.family(cfg)
         history = {"losses": [], "val_losses": [], "sample": None}
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
@@ -77,8 +78,8 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             result = run.engine.train_step(inputs, targets, step, lr, cfg.grad_clip)
             elapsed = time.perf_counter() - started
             history["losses"].append(result["loss"])
-            rate_key = "tokens_per_s" if cfg.model == "transformer" else "samples_per_s"
-            rate = cfg.batch_size * units_per_sample / elapsed
+            rate_key = f"{family.unit}s_per_s"  # tokens_per_s or samples_per_s
+            rate = cfg.batch_size * family.units_per_sample(cfg) / elapsed
             values = {"loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                       "step_time_s": elapsed, rate_key: rate}
             if cfg.dtype == "float16":  # dynamic loss scaling: a skipped step is worth seeing
@@ -96,7 +97,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             logger.log(step, values)  # one record per step
             if checkpoints.after_step(step, lr):  # a SIGTERM: saved at this step boundary, stop
                 break
-        if cfg.sample and cfg.model == "transformer" and not checkpoints.stopped:
+        if cfg.sample and not checkpoints.stopped:  # the config allows --sample for a language model only
             history["sample"] = sample_text(run)
             if rank == 0:
                 print(f"--- sample ({cfg.sample} tokens) ---\n{history['sample']}\n---", flush=True)

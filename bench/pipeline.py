@@ -132,7 +132,7 @@ def worker(args) -> None:
     model = dict(model="transformer", layers=args.layers, d_model=args.d_model, heads=args.heads,
                  max_seq_len=args.seq_len, data="stdlib", batch_size=args.batch_size, grad_clip=0.0,
                  eval_every=0)
-    contenders, measure = [], []  # (name, step(i)), (name, bubble fn, memory fn)
+    contenders = []  # (name, step(i))
     runs = {}
     for schedule in args.schedules:
         v = args.virtual_stages if schedule == "interleaved" else 1

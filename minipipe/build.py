@@ -16,6 +16,7 @@ from minipipe.data import load_dataset
 from minipipe.dist import Layout, check_world, init_process_groups
 from minipipe.engine import Engine
 from minipipe.errors import ConfigError
+from minipipe.layers import build_layers, count_layer_params, layer_param_numels
 from minipipe.optim import build_optimizer
 from minipipe.schedule import check_schedule
 from minipipe.stage import Stage
@@ -70,13 +71,13 @@ def build_run(cfg) -> Run:
     balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks)
     chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
     indices = [i for chunk in chunks for i in chunk]
-    stage = Stage(models.build_layers(cfg, indices, backend), cfg.seed, chunks)
+    stage = Stage(build_layers(cfg, indices, backend), cfg.seed, chunks)
     stage.to(device=layout.device, dtype=PARAM_DTYPES[cfg.dtype])
     optimizer = build_optimizer(stage, cfg, backend)
     engine = Engine(stage, layout, models.loss_fn(cfg, backend),
                     lambda targets: models.count_loss_units(cfg, targets), optimizer,
                     cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
-                    cfg.deferred_bn, [len(n) for n in models.layer_param_numels(cfg)],
+                    cfg.deferred_bn, [len(n) for n in layer_param_numels(cfg)],
                     PARAM_DTYPES[cfg.dtype], cfg.schedule, cfg.virtual_stages)
     return Run(cfg, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
 
@@ -94,7 +95,7 @@ def allow_tf32() -> None:
 
 def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[list[int], list[float], str]:
     """(layers per chunk, the per-layer costs that chose the cut, what those costs measure)."""
-    params = [float(c) for c in models.count_layer_params(cfg)]
+    params = [float(c) for c in count_layer_params(cfg)]
     if cfg.balance:
         return [int(x) for x in cfg.balance.split(",")], params, "params"
     if cfg.balance_by == "params":
@@ -102,7 +103,7 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
     # Profiled costs differ run to run: rank 0 measures, everyone uses its cut.
     plan = [None]
     if layout.rank == 0:
-        layers = models.build_layers(cfg, range(n_layers), backend)
+        layers = build_layers(cfg, range(n_layers), backend)
         stack = [layers[i].to(layout.device, PARAM_DTYPES[cfg.dtype]) for i in range(n_layers)]
         inputs, _ = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
         inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
@@ -115,5 +116,5 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
 
 
 def plan_table(run: Run) -> str:
-    params = models.count_layer_params(run.cfg)
+    params = count_layer_params(run.cfg)
     return partition.format_cut(run.balance, run.costs, params, run.cost_kind)

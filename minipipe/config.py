@@ -7,7 +7,8 @@ until `minipipe.data` has looked at the data.
 
 This module is a leaf: it imports neither torch nor the models, so importing it (or making a
 Config) has no side effects such as choosing the Triton interpreter. Each option's choices are
-defined once, here (the model families and presets come from minipipe.presets).
+defined once: here, or in the torch-free module that implements them (model families and presets
+in minipipe.presets, schedules in minipipe.schedule).
 """
 import argparse
 import dataclasses
@@ -18,11 +19,17 @@ from typing import Optional, get_args, get_origin, Union
 
 from minipipe.errors import ConfigError
 from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
+from minipipe.schedule import SCHEDULES
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+
+# Choices of options that other modules also name (the rest are written where their field is).
+KERNEL_BACKENDS = ("auto", "triton", "torch")  # = kernels.runtime.BACKENDS, which may not be imported here
+WANDB_MODES = ("online", "offline", "disabled")  # also the values $WANDB_MODE may take
 
 
 def _f(default, help, choices=None):
@@ -47,7 +54,7 @@ class Config:
     channels: Optional[int] = _f(None, "AmoebaNet input channels (default: from the data)")
     dropout: float = _f(0.0, "dropout probability (Transformer)")
     kernels: str = _f("auto", "op implementations: auto = triton on CUDA, torch on CPU",
-                      ("auto", "triton", "torch"))
+                      KERNEL_BACKENDS)
     # optimisation
     batch_size: int = _f(32, "global mini-batch size (samples; split over dp replicas and micro-batches)")
     microbatches: int = _f(4, "micro-batches M per mini-batch")
@@ -86,11 +93,11 @@ class Config:
     # pipeline schedules (issue 11): see minipipe/schedule.py
     schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
                                 "interleaved (Megatron, needs --virtual-stages >= 2)",
-                       ("gpipe", "1f1b", "interleaved"))
+                       SCHEDULES)
     virtual_stages: int = _f(1, "model chunks per stage V (interleaved); --balance then lists K*V chunks")
     # tracking
     wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
-                            "key, else offline", ("auto", "online", "offline", "disabled"))
+                            "key, else offline", ("auto", *WANDB_MODES))
     wandb_project: str = _f("minipipe", "wandb project")
     wandb_group: Optional[str] = _f(None, "wandb group (a sweep's runs share one)")
     run_name: Optional[str] = _f(None, "wandb run name (default: wandb picks one)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import models
 from minipipe.errors import DataError
 from minipipe.seeding import derive_seed
 
@@ -107,8 +108,9 @@ class DataCursor:
 
 def load_dataset(cfg):
     """The dataset `cfg.data` names; fills cfg.vocab / classes / channels from it when unset."""
-    source = cfg.data or ("stdlib" if cfg.model == "transformer" else "digits")
-    if cfg.model == "transformer":
+    family = models.family(cfg)
+    source = cfg.data or family.default_data
+    if family.reads_tokens:
         dataset = _load_tokens(source, cfg)
         if len(dataset.train) <= cfg.seq_len + 1 or len(dataset.val) <= cfg.seq_len + 1:
             raise DataError(f"--data {source}: {len(dataset.train)} training / {len(dataset.val)} "

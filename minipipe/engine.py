@@ -22,38 +22,31 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from minipipe import microbatch as mb
-from minipipe import optim
+from minipipe import values
+from minipipe import optim, running_stats
 from minipipe.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.errors import PipelineError
 from minipipe.generate import generate
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.schedule import Action, Kind, forward_actions, train_actions
 from minipipe.tied import TiedEmbedding
-from models.batchnorm import PipelineBatchNorm2d, commit_deferred_stats
 
 
 def _grad_spec(value):
     """Shape and dtype of the gradient expected back for a sent value: its floating entries,
     with the same structure (Tensor or tuple), as meta tensors that hold no memory."""
-    def meta(t):
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    if isinstance(value, torch.Tensor):
-        return meta(value)
-    return tuple(meta(t) for t in value if t.is_floating_point())
+    return values.map_tensors(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value,
+                              floating_only=True)
 
 
 def _input_grads(leaf):
     """The gradient a chunk sends back: one per floating input entry, structured like the input."""
-    def grad(t):
-        return t.grad if t.grad is not None else torch.zeros_like(t)
-    if isinstance(leaf, torch.Tensor):
-        return grad(leaf)
-    return tuple(grad(t) for t in leaf if t.is_floating_point())
+    return values.map_tensors(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), leaf,
+                              floating_only=True)
 
 
 def _detached(value):
-    return value.detach() if isinstance(value, torch.Tensor) else tuple(t.detach() for t in value)
+    return values.map_tensors(torch.Tensor.detach, value)
 
 
 @dataclass
@@ -110,7 +103,7 @@ class Engine:
         # so spans are device time. Off otherwise: no sync per micro-batch.
         self.sync_spans = False
         self.sync_point = 0.0  # when this rank left the last step's grad-norm all-reduce
-        self.has_batchnorm = any(isinstance(m, PipelineBatchNorm2d) for m in stage.modules())
+        self.stats_layers = running_stats.stats_layers(stage)  # BatchNorm: running statistics
         self.state: StepState | None = None
 
     # ---- one training step ------------------------------------------------------------------
@@ -145,14 +138,14 @@ class Engine:
     def _begin(self, inputs, targets, step):
         """Every rank holds the global batch; take this replica's rows, split into micro-batches."""
         lay = self.layout
-        rows = mb.batch_size(targets) // lay.dp
+        rows = values.batch_size(targets) // lay.dp
         own = slice(lay.dp_rank * rows, (lay.dp_rank + 1) * rows)
         self.step_index = step
         first, last = lay.stage == 0, lay.stage == self.last_chunk % lay.n_stages
         self.state = StepState(
             units=self.count_units(targets),
-            batch_inputs=mb.split(self._to_device(inputs, own), self.n_microbatches) if first else None,
-            targets=mb.split(targets[own].to(self.device), self.n_microbatches) if last else None,
+            batch_inputs=values.split(self._to_device(inputs, own), self.n_microbatches) if first else None,
+            targets=values.split(targets[own].to(self.device), self.n_microbatches) if last else None,
             sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)])
 
     def _chunk(self, action) -> int:
@@ -166,9 +159,8 @@ class Engine:
 
     def _to_device(self, value, rows):
         """This replica's rows on the stage's device; floating inputs in the parameters' dtype."""
-        def move(t):
-            return t[rows].to(self.device, self.input_dtype if t.is_floating_point() else None)
-        return move(value) if isinstance(value, torch.Tensor) else tuple(move(t) for t in value)
+        return values.map_tensors(
+            lambda t: t[rows].to(self.device, self.input_dtype if t.is_floating_point() else None), value)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -209,7 +201,7 @@ class Engine:
             if self._chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
                 raise
             lay = self.layout
-            received = [(tuple(t.shape), str(t.dtype)) for t in mb.as_tuple(value)]
+            received = [(tuple(t.shape), str(t.dtype)) for t in values.as_tuple(value)]
             raise PipelineError(f"rank {lay.rank} (stage {lay.stage}, micro-batch {m}): the stage "
                                 f"failed on micro-batch {m} received from stage "
                                 f"{(lay.stage - 1) % lay.n_stages} as {received}: {err}. If this is a "
@@ -273,8 +265,8 @@ class Engine:
         if c == self.last_chunk:
             torch.autograd.backward(output * self.scale.scale)
         else:
-            outs = [o for o in mb.as_tuple(output) if o.is_floating_point()]
-            pairs = [(o, g) for o, g in zip(outs, mb.as_tuple(st.grad_from_next.pop(key))) if o.requires_grad]
+            outs = [o for o in values.as_tuple(output) if o.is_floating_point()]
+            pairs = [(o, g) for o, g in zip(outs, values.as_tuple(st.grad_from_next.pop(key))) if o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if c > 0:
             if self.layout.n_stages == 1:  # the previous chunk is on this rank
@@ -316,14 +308,14 @@ class Engine:
             for p, grad in zip(self._params(), grads):
                 p.grad = grad
         self.tied.sum_copies()  # issue 12: the tied embedding's two copies get their summed gradient
-        if self.has_batchnorm:
-            if self.deferred_bn:
-                self._collective("BatchNorm statistics all-reduce", commit_deferred_stats, self.stage,
-                                 lay.stage_group if lay.dp > 1 else None)
-            elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
-                for buf in self.stage.buffers():
-                    self._collective("BatchNorm buffer all-reduce", dist.all_reduce, buf, group=lay.stage_group)
-                    buf.div_(lay.dp)
+        if not self.stats_layers:
+            return
+        def all_reduce(flat):  # noqa: E306 (one flat collective over this stage's replicas)
+            self._collective("BatchNorm statistics all-reduce", dist.all_reduce, flat, group=lay.stage_group)
+        if self.deferred_bn:
+            running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
+        elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
+            running_stats.average_buffers(self.stage, all_reduce, lay.dp)
 
     def _update(self, lr: float, grad_clip: float):
         """Global gradient norm over all stages, in one collective that also carries the loss.

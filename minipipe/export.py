@@ -1,7 +1,7 @@
 """Consolidate a sharded checkpoint into one `model.safetensors` and its `config.json`.
 
     python -m minipipe.export out/ckpt exported/              # a --ckpt-dir (its latest) or a step-N
-    cfg, model = models.load_exported("exported/")           # the whole model as one nn.Sequential
+    cfg, model = load_exported("exported/")                  # the whole model as one nn.Sequential
     python -m minipipe.export out/ckpt gpt2/ --format hf      # GPT2LMHeadModel.from_pretrained("gpt2/")
 
 Every shard is verified against trainer_state.json (size, sha256) before it is read. The minipipe
@@ -14,9 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from minipipe import hf_gpt2
+import models
+from minipipe import hf_gpt2, tied
+from minipipe.build import PARAM_DTYPES
 from minipipe.checkpoint_files import (
     checkpoint_path,
     read_index,
@@ -25,6 +28,7 @@ from minipipe.checkpoint_files import (
 )
 from minipipe.config import make_config
 from minipipe.errors import CheckpointError, MinipipeError
+from minipipe.layers import build_layers
 
 EXPORTED_WEIGHTS = "model.safetensors"
 EXPORTED_CONFIG = "config.json"
@@ -52,12 +56,25 @@ def export(checkpoint, out_dir, format: str = "minipipe") -> Path:
     return out
 
 
+def load_exported(path) -> tuple:
+    """(Config, nn.Sequential of every layer) from an `export` directory, for inference or
+    analysis on one device: element i is global layer i, with its trained weights and buffers,
+    in eval mode."""
+    directory = Path(path)
+    cfg = make_config(**{**json.loads((directory / EXPORTED_CONFIG).read_text()), "init_from": None})
+    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
+    model = nn.Sequential(*layers.values()).to(PARAM_DTYPES[cfg.dtype])
+    tensors = tied.with_copy(cfg, load_file(directory / EXPORTED_WEIGHTS))  # a tied weight is stored once
+    model.load_state_dict({name.removeprefix("layers."): t for name, t in tensors.items()})
+    return cfg, model.eval()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="one model.safetensors + config.json from a checkpoint")
     parser.add_argument("checkpoint", help="a --ckpt-dir (its latest checkpoint) or a step-N directory")
     parser.add_argument("out_dir", help="where to write model.safetensors and config.json")
     parser.add_argument("--format", choices=FORMATS, default="minipipe",
-                        help="minipipe (models.load_exported) or hf (transformers' GPT-2)")
+                        help="minipipe (minipipe.export.load_exported) or hf (transformers' GPT-2)")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir, args.format)

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import models
+from minipipe.config import WANDB_MODES
 from minipipe.errors import ConfigError
+from minipipe.layers import count_layer_params
 from minipipe.partition import stage_ranges
 from minipipe.schedule import bubble_fraction
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
-WANDB_MODES = ("online", "offline", "disabled")
 # Dense peak TFLOP/s per device and compute precision: bf16 (= fp16) and tf32 on tensor cores, fp32
 # on the FMA units (vendor data sheets, no sparsity). A device is matched by whole words of its CUDA
 # name, first match wins, most specific first: "NVIDIA L4" is not an "L40", an "H100 NVL" is not
@@ -208,7 +208,7 @@ class MetricsLogger:
 
 def config_record(cfg, balance: list[int]) -> dict:
     """What a run logs once: every config field, and the partition plan under 'plan'."""
-    params = models.count_layer_params(cfg)
+    params = count_layer_params(cfg)
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],

@@ -3,7 +3,7 @@
 A balance is a list of K layer counts, each >= 1, summing to the number of layers; stage s holds
 the global layers `stage_ranges(balance)[s]`. `balance_by_cost` minimises the largest stage cost
 exactly: the slowest stage sets the pipeline's clock (GPipe section 2.2), so the max is what
-matters, not the variance. Costs come from parameter counts (models.count_layer_params) or from
+matters, not the variance. Costs come from parameter counts (minipipe.layers.count_layer_params) or from
 profiling one micro-batch (`profile_costs`, by 'time' or 'memory').
 """
 import statistics
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from minipipe.errors import ConfigError
-from minipipe.microbatch import as_tuple
+from minipipe.values import as_tuple
 from minipipe.recompute import grad_leaf
 
 PROFILE_RUNS = 5  # timed runs per layer after one warm-up; the median is the cost

@@ -39,7 +39,7 @@ import models
 from minipipe import partition, tied
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
-from minipipe.microbatch import as_tuple
+from minipipe.values import as_tuple
 from minipipe.schedule import Kind, bubble_fraction, check_schedule, train_actions
 
 STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
@@ -173,18 +173,13 @@ class _Loss(nn.Module):
 def resolve_data_fields(cfg) -> Config:
     """A copy of cfg with the data-dependent fields filled as the default data would fill them
     (bytes: vocab 256; digits: 1 channel, 10 classes), so planning reads no data."""
-    cfg = dataclasses.replace(cfg)
-    if cfg.model == "transformer":
-        cfg.vocab = cfg.vocab or 256
-    else:
-        cfg.classes = cfg.classes or 10
-        cfg.channels = cfg.channels or (1 if (cfg.data or "digits") == "digits" else 3)
-    return cfg
+    return dataclasses.replace(cfg, **models.family(cfg).planning_defaults(cfg))
 
 
 def profile_layers(cfg) -> list[LayerProfile]:
     """One profile per global layer, plus the loss last, for one micro-batch of cfg."""
     cfg = resolve_data_fields(cfg)
+    family = models.family(cfg)
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
     dtype = TRACE_DTYPES[cfg.dtype]
     built = {}  # one module per distinct factory: the Transformer's blocks share one
@@ -194,11 +189,8 @@ def profile_layers(cfg) -> list[LayerProfile]:
             if id(factory) not in built:
                 built[id(factory)] = factory().to(dtype)
             layers.append(built[id(factory)])
-        targets = (micro, cfg.seq_len) if cfg.model == "transformer" else (micro,)
-        layers.append(_Loss(cfg, targets))
-    shape = (micro, cfg.seq_len) if cfg.model == "transformer" else (
-        micro, cfg.channels, cfg.image_size, cfg.image_size)
-    spec = (False, ((shape, torch.long if cfg.model == "transformer" else dtype),))
+        layers.append(_Loss(cfg, family.targets_shape(cfg, micro)))
+    spec = (False, ((family.input_shape(cfg, micro), torch.long if family.reads_tokens else dtype),))
     profiles, previous, previous_spec = [], None, None
     signatures = {id(layer): _signature(layer) for layer in layers}
     for i, layer in enumerate(layers):
@@ -250,13 +242,12 @@ def plan_run(cfg, n_stages: int) -> Plan:
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
                                 order))
-    return Plan(cfg, stages, _flops_per_unit(cfg, profiles),
-                "token" if cfg.model == "transformer" else "sample")
+    return Plan(cfg, stages, _flops_per_unit(cfg, profiles), models.family(cfg).unit)
 
 
 def _flops_per_unit(cfg, profiles: list[LayerProfile]) -> float:
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
-    return sum(p.flops for p in profiles) / (micro * cfg.seq_len if cfg.model == "transformer" else micro)
+    return sum(p.flops for p in profiles) / (micro * models.family(cfg).units_per_sample(cfg))
 
 
 def model_flops_per_unit(cfg) -> float:
@@ -267,9 +258,8 @@ def model_flops_per_unit(cfg) -> float:
 def largest_that_fits(cfg, n_stages: int, budget: int) -> Plan | None:
     """The deepest model of cfg's shape (Transformer blocks or AmoebaNet cells) whose every stage
     fits `budget` bytes, found by doubling then bisection; None when even the smallest does not."""
-    field = "layers" if cfg.model == "transformer" else "cells"
-    extra, per_unit = (2, 1) if cfg.model == "transformer" else (4, 3)
-    smallest = max(1, -(-(n_stages - extra) // per_unit))  # enough layers for n_stages stages
+    family = models.family(cfg)
+    field, smallest = family.depth_field, family.smallest_depth(n_stages)
 
     def fitting(depth):
         plan = plan_run(dataclasses.replace(cfg, **{field: depth}), n_stages)
@@ -306,9 +296,7 @@ def _size(n_bytes: float) -> str:
 
 def format_plan(plan: Plan, budget: int | None) -> str:
     cfg, k = plan.cfg, len(plan.stages)
-    shape = (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads, seq {cfg.seq_len}"
-             if cfg.model == "transformer" else
-             f"AmoebaNet-D(L={3 * cfg.cells}, D={cfg.filters}), {cfg.image_size}x{cfg.image_size}")
+    shape = models.family(cfg).describe(cfg)
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
     rows = [("stage", "layers", "params", "weights+grads+adam", "act. re-mat", "act. no re-mat",
              f"total ({cfg.recompute})") + (("fits",) if budget else ())]
@@ -359,7 +347,7 @@ def main(argv=None) -> int:
             if plan is None:
                 print(f"even the smallest model does not fit {_size(budget)} with K={n_stages}")
                 return 1
-            field = "layers" if cfg.model == "transformer" else "cells"
+            field = models.family(cfg).depth_field
             print(f"largest that fits {_size(budget)} with K={n_stages}: --{field} "
                   f"{getattr(plan.cfg, field)}")
         else:

@@ -14,10 +14,8 @@ micro-batch because its backward follows its forward immediately; `never`.
 """
 import torch
 
-from models.batchnorm import frozen_running_stats
-
-MODES = ("always", "except_last", "never")
-
+from minipipe.running_stats import frozen
+from minipipe.values import map_tensors
 
 def recomputes(mode: str, microbatch: int, n_microbatches: int) -> bool:
     if mode == "always":
@@ -29,13 +27,11 @@ def recomputes(mode: str, microbatch: int, n_microbatches: int) -> bool:
 
 def grad_leaf(value):
     """A copy of the stage input that autograd can differentiate with respect to."""
-    def leaf(t):
-        return t.detach().requires_grad_(t.is_floating_point())
-    return leaf(value) if isinstance(value, torch.Tensor) else tuple(leaf(t) for t in value)
+    return map_tensors(lambda t: t.detach().requires_grad_(t.is_floating_point()), value)
 
 
 def recompute_forward(stage, stashed_input, step: int, microbatch: int, input_grad: bool, chunk: int = 0):
     """(input leaf, output) with the autograd graph rebuilt, replaying the original forward."""
     leaf = grad_leaf(stashed_input) if input_grad else stashed_input
-    with torch.enable_grad(), frozen_running_stats(stage):
+    with torch.enable_grad(), frozen(stage):
         return leaf, stage(leaf, step, microbatch, chunk)

@@ -4,7 +4,7 @@ weight of the last layer, GPT-2 style.
 Where the two layers live decides what "one weight" means:
 - one stage holds both (K=1): one Parameter, shared by the two modules (plain sharing; autograd
   sums both uses into its gradient);
-- the first and the last stage (K>1): each holds a copy, initialised equal (models.build_layers).
+- the first and the last stage (K>1): each holds a copy, initialised equal (minipipe.layers.build_layers).
   After the drain (and the dp all-reduce) the two copies' gradients are summed in one all-reduce
   on a two-rank group {first stage, last stage} of each pipeline replica, as Megatron-LM does for
   its embedding group; both copies then take the same clipped AdamW step and stay bitwise equal
@@ -34,7 +34,7 @@ def copy_name(cfg) -> str | None:
 
 
 def is_tied(cfg) -> bool:
-    return cfg.model == "transformer" and bool(cfg.tie_embeddings)
+    return bool(cfg.tie_embeddings)  # the config allows it for the Transformer only
 
 
 def copy_numel(cfg) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 
 import kernels
 from models.batchnorm import PipelineBatchNorm2d
+from models.family import Family
 
 # (input state, op) pairs; node k of the cell sums ops 2k and 2k+1.
 NORMAL_OPS = [(1, "conv_1x1"), (1, "max_pool_3x3"), (1, "none"), (0, "conv_1x7_7x1"),
@@ -144,3 +145,17 @@ def make_loss(backend: str):
 
 def count_loss_units(targets) -> int:
     return targets.shape[0]
+
+
+FAMILY = Family(
+    name="amoebanet", unit="sample", data_kind="images", default_data="digits",
+    depth_field="cells", fixed_layers=4, layers_per_depth=3,  # stem, 2 reductions, classifier; 3 cells
+    layer_factories=layer_factories, make_loss=make_loss, count_loss_units=count_loss_units,
+    units_per_sample=lambda cfg: 1,
+    input_shape=lambda cfg, rows: (rows, cfg.channels, cfg.image_size, cfg.image_size),
+    targets_shape=lambda cfg, rows: (rows,),
+    planning_defaults=lambda cfg: {  # what the default data (8x8 grey digits) would fill
+        "classes": cfg.classes or 10,
+        "channels": cfg.channels or (1 if (cfg.data or "digits") == "digits" else 3)},
+    describe=lambda cfg: (f"AmoebaNet-D(L={3 * cfg.cells}, D={cfg.filters}), "
+                          f"{cfg.image_size}x{cfg.image_size}"))

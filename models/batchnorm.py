@@ -1,17 +1,15 @@
 """BatchNorm2d that knows it runs inside a pipeline.
 
-Training normalises each micro-batch with its own statistics (as GPipe does). Two engine-facing
-switches decide what happens to the running statistics:
-- `frozen_running_stats(module)`: the re-materialising recompute replays a forward that already
-  updated them once, so inside this context nothing is tracked.
+Training normalises each micro-batch with its own statistics (as GPipe does). What happens to the
+running statistics is the pipeline's to decide, through minipipe/running_stats.py's protocol:
+- `frozen`: the re-materialising recompute replays a forward that already updated them once, so
+  while it is set nothing is tracked.
 - deferred mode (`--deferred-bn`, torchgpipe's DeferredBatchNorm): micro-batches only accumulate
-  sum / sum of squares / count; `commit_deferred_stats` folds them in once per mini-batch, so the
-  running statistics equal those of single-device full-batch training.
+  sum / sum of squares / count; `pending_stats` hands them out once per mini-batch and
+  `commit_stats` folds the sums of every replica in, so the running statistics equal those of
+  single-device full-batch training.
 """
-from contextlib import contextmanager
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import kernels
@@ -28,7 +26,7 @@ class PipelineBatchNorm2d(nn.Module):
         self.backend, self.deferred, self.relu = backend, deferred, relu
         self.momentum, self.eps = momentum, eps
         self.frozen = False
-        self._pending = None  # deferred mode: (sum, sum of squares, count) over the mini-batch
+        self._pending = None  # deferred mode: [sum, sum of squares] per channel, and the count
 
     def forward(self, x):
         if not self.training:
@@ -56,35 +54,19 @@ class PipelineBatchNorm2d(nn.Module):
         kernels.update_running_stats(self.running_mean, self.running_var, mean, var_biased, count,
                                      self.momentum)
 
-    @torch.no_grad()
-    def commit(self, group=None):
-        """Deferred mode: one running-statistics update from the whole mini-batch (all replicas)."""
+    def pending_stats(self):
+        """Deferred mode: this mini-batch's sums, flat [sum x C, sum of squares x C, count]
+        (None when nothing is pending); they leave the layer."""
         if self._pending is None:
-            return
+            return None
         moments, count = self._pending
         self._pending = None
-        if group is not None and dist.get_world_size(group) > 1:
-            packed = torch.cat([moments.flatten(), count.reshape(1)])
-            dist.all_reduce(packed, group=group)
-            moments, count = packed[:-1].view_as(moments), packed[-1]
+        return torch.cat([moments.flatten(), count.reshape(1)])
+
+    @torch.no_grad()
+    def commit_stats(self, summed):
+        """One running-statistics update from `pending_stats` summed over every replica."""
+        moments, count = summed[:-1].view(2, -1), summed[-1]
         mean = moments[0] / count
         var = moments[1] / count - mean * mean
-        self._update(mean, var, int(count.item()))
-
-
-@contextmanager
-def frozen_running_stats(module: nn.Module):
-    norms = [m for m in module.modules() if isinstance(m, PipelineBatchNorm2d)]
-    for norm in norms:
-        norm.frozen = True
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.frozen = False
-
-
-def commit_deferred_stats(module: nn.Module, group=None) -> None:
-    for norm in module.modules():
-        if isinstance(norm, PipelineBatchNorm2d):
-            norm.commit(group)
+        self._update(mean, var, int(count.item()))  # once per step, after the drain

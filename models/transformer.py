@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 import kernels
+from models.family import Family
 
 IGNORE_INDEX = -100
 
@@ -138,3 +139,15 @@ def count_loss_units(targets) -> int:
     """What the mean loss divides by: tokens whose target is not ignored."""
     return int((targets != IGNORE_INDEX).sum())
 
+
+
+FAMILY = Family(
+    name="transformer", unit="token", data_kind="tokens", default_data="stdlib",
+    depth_field="layers", fixed_layers=2, layers_per_depth=1,  # Embedding + L blocks + Head
+    layer_factories=layer_factories, make_loss=make_loss, count_loss_units=count_loss_units,
+    units_per_sample=lambda cfg: cfg.seq_len,
+    input_shape=lambda cfg, rows: (rows, cfg.seq_len),
+    targets_shape=lambda cfg, rows: (rows, cfg.seq_len),
+    planning_defaults=lambda cfg: {"vocab": cfg.vocab or 256},  # the byte-level default data
+    describe=lambda cfg: (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads, "
+                          f"seq {cfg.seq_len}"))

@@ -9,6 +9,7 @@ from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.optim import lr_at
 from minipipe.seeding import derive_seed
+from minipipe.layers import build_layers
 
 
 def run_steps(n_steps: int = 1, watch: tuple = (), **cfg_values) -> dict:
@@ -65,7 +66,7 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
     dataset = load_dataset(cfg)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     n_layers = len(models.layer_factories(cfg))
-    model = torch.nn.Sequential(*models.build_layers(cfg, range(n_layers)).values()).to(dtype)
+    model = torch.nn.Sequential(*build_layers(cfg, range(n_layers)).values()).to(dtype)
     named = {f"layers.{n}": p for n, p in model.named_parameters()}
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -20,6 +20,7 @@ from minipipe.data import DataCursor, load_dataset
 from minipipe.errors import CheckpointError
 from minipipe.export import main as export_main
 from minipipe.metrics import MetricsLogger
+from minipipe.export import load_exported
 from tests.spawn import run_workers
 
 # Six steps, checkpointed after steps 3 and 6; dropout on, so resumed masks are checked too.
@@ -164,7 +165,7 @@ def test_exported_model_computes_the_pipelines_validation_loss(straight, tmp_pat
     ckpt, history = straight[2]
     assert export_main([str(ckpt), str(tmp_path)]) == 0  # the latest: step-000006, where validation ran
     assert export_main([str(tmp_path / "absent"), str(tmp_path / "elsewhere")]) == 2
-    cfg, model = models.load_exported(tmp_path)
+    cfg, model = load_exported(tmp_path)
     _assert_equal_tensors({f"layers.{n}": t for n, t in model.state_dict().items()},
                           _shards(ckpt / "step-000006", "model"))
     data = load_dataset(cfg)

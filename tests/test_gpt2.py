@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-import models  # noqa: E402
 import train  # noqa: E402
 from minipipe.config import make_config  # noqa: E402
 from minipipe.data import load_dataset  # noqa: E402
@@ -20,6 +19,8 @@ from minipipe.errors import DataError, MinipipeError  # noqa: E402
 from minipipe.export import export  # noqa: E402
 from minipipe.hf_gpt2 import HFModelError, read_stage_weights  # noqa: E402
 from minipipe.metrics import MetricsLogger  # noqa: E402
+from minipipe.export import load_exported  # noqa: E402
+from minipipe.layers import build_layers  # noqa: E402
 from tests.spawn import run_workers  # noqa: E402
 
 SHAPE = dict(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=4)
@@ -79,7 +80,7 @@ def test_an_exported_checkpoint_computes_minipipes_logits_under_transformers(tmp
     assert (config["model_type"], config["tie_word_embeddings"], config["n_embd"]) == ("gpt2", tied, 32)
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    _, ours = models.load_exported(tmp_path / "minipipe")
+    _, ours = load_exported(tmp_path / "minipipe")
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(ids)
@@ -168,7 +169,7 @@ def test_a_stage_opens_only_the_files_that_hold_its_own_layers(gpt2, tmp_path):
     for file in removed:
         (directory / file).unlink()
     cfg = make_config(init_from=str(directory))
-    layers = models.build_layers(cfg, [0, 1])
+    layers = build_layers(cfg, [0, 1])
     shapes = {i: {f"layers.{i}.{n}": p.shape for n, p in layers[i].named_parameters()} for i in (0, 1)}
     tensors = read_stage_weights(directory, cfg, shapes[0])
     original = _hf_tensors(gpt2["sharded"])

@@ -7,6 +7,7 @@ import torch
 import models
 from minipipe.config import make_config
 from minipipe.data import load_dataset
+from minipipe.layers import build_layers, count_layer_params
 
 
 def transformer_cfg(**kw):
@@ -24,7 +25,7 @@ def closed_form_param_count(cfg) -> int:
 @pytest.mark.parametrize("preset", ["tiny", "small", "gpipe"])
 def test_transformer_preset_param_count_matches_closed_form(preset):
     cfg = transformer_cfg(preset=preset)
-    counted = sum(models.count_layer_params(cfg))
+    counted = sum(count_layer_params(cfg))
     assert counted == closed_form_param_count(cfg)
     assert len(models.layer_factories(cfg)) == cfg.layers + 2
 
@@ -32,13 +33,13 @@ def test_transformer_preset_param_count_matches_closed_form(preset):
 def test_gpipe_transformer_preset_has_paper_shape():
     cfg = make_config(model="transformer", preset="gpipe")
     assert (cfg.d_model, cfg.heads, cfg.vocab) == (2048, 32, 32000)
-    block = models.count_layer_params(cfg)[1]
+    block = count_layer_params(cfg)[1]
     assert block == 12 * 2048 ** 2 + 13 * 2048  # d_ff = 4 x 2048 = 8192
 
 
 def test_transformer_shapes_through_every_layer():
     cfg = transformer_cfg(layers=2, d_model=32, heads=4, max_seq_len=16)
-    layers = models.build_layers(cfg, range(4))
+    layers = build_layers(cfg, range(4))
     value = torch.randint(0, 256, (3, 16))
     value = layers[0](value)
     assert value.shape == (3, 16, 32)
@@ -55,7 +56,7 @@ def test_amoebanet_layers_and_shapes(preset, cells, filters):
     cfg = make_config(model="amoebanet", preset=preset, classes=10, channels=3)
     factories = models.layer_factories(cfg)
     assert len(factories) == 3 * cells + 4
-    layers = models.build_layers(cfg, range(len(factories)))
+    layers = build_layers(cfg, range(len(factories)))
     value = torch.randn(2, 3, 32, 32)
     sizes = []
     for i in range(len(factories)):
@@ -66,7 +67,7 @@ def test_amoebanet_layers_and_shapes(preset, cells, filters):
     assert value.shape == (2, 10)
     assert sizes[0] == 32 and sizes[-1] == 8  # two reduction cells: 32 -> 16 -> 8
     real = sum(p.numel() for l in layers.values() for p in l.parameters())
-    assert real == sum(models.count_layer_params(cfg))
+    assert real == sum(count_layer_params(cfg))
 
 
 @pytest.mark.parametrize("family", ["transformer", "amoebanet"])
@@ -76,19 +77,19 @@ def test_init_is_independent_of_the_cut(family):
     else:
         cfg = make_config(model="amoebanet", classes=10, channels=3)
     n = len(models.layer_factories(cfg))
-    whole = models.build_layers(cfg, range(n))
-    part = models.build_layers(cfg, range(2, n - 1))
+    whole = build_layers(cfg, range(n))
+    part = build_layers(cfg, range(2, n - 1))
     for i, layer in part.items():
         for (name, a), (_, b) in zip(whole[i].state_dict().items(), layer.state_dict().items()):
             assert torch.equal(a, b), f"layer {i} {name} differs when built alone"
-    other_seed = models.build_layers(make_config(**{**cfg.to_dict(), "seed": cfg.seed + 1}), [2])
+    other_seed = build_layers(make_config(**{**cfg.to_dict(), "seed": cfg.seed + 1}), [2])
     flat = lambda layer: torch.cat([p.flatten() for p in layer.parameters()])
     assert not torch.equal(flat(other_seed[2]), flat(whole[2])), "the seed must change the weights"
 
 
 def test_no_parameter_is_shared_between_layers():
     cfg = transformer_cfg(layers=3, d_model=32, heads=2, max_seq_len=16)
-    layers = models.build_layers(cfg, range(5))
+    layers = build_layers(cfg, range(5))
     seen = {}
     for i, layer in layers.items():
         for p in layer.parameters():
@@ -99,7 +100,7 @@ def test_no_parameter_is_shared_between_layers():
 def test_lm_loss_at_init_is_ln_vocab():
     cfg = make_config(model="transformer", layers=2, d_model=64, heads=4, seq_len=64)
     data = load_dataset(cfg)
-    layers = models.build_layers(cfg, range(4))
+    layers = build_layers(cfg, range(4))
     inputs, targets = data.batch(0, 8)
     value = inputs
     with torch.no_grad():

@@ -8,6 +8,7 @@ from torch import nn
 import models
 from minipipe.config import make_config
 from minipipe.errors import ConfigError
+from minipipe.layers import build_layers
 from minipipe.partition import (balance_by_cost, check_balance, format_cut,
                                 profile_costs, stage_ranges)
 
@@ -122,7 +123,7 @@ def test_profile_accepts_tuples_and_integer_inputs():
 
 def test_profile_runs_amoebanet_whose_cells_take_a_pair():
     cfg = make_config(model="amoebanet", cells=1, filters=4, image_size=8, channels=3, classes=10)
-    layers = models.build_layers(cfg, range(len(models.layer_factories(cfg))))
+    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
     for by in ("time", "memory"):
         costs = profile_costs(list(layers.values()), torch.randn(2, 3, 8, 8), by=by, device="cpu")
         assert len(costs) == 3 * cfg.cells + 4 and all(c > 0 for c in costs), (by, costs)

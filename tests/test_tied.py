@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
 import train
 from minipipe import plan, tied
 from minipipe.config import make_config
 from minipipe.metrics import MetricsLogger
+from minipipe.layers import build_layers, layer_param_numels
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
 
@@ -105,11 +105,11 @@ def test_models_and_the_planner_count_the_tied_weight_once():
     cfg = make_config(**dict(MODEL, vocab=256))
     untied = make_config(**dict(MODEL, vocab=256, tie_embeddings=False))
     copy = cfg.vocab * cfg.d_model
-    total = sum(sum(n) for n in models.layer_param_numels(cfg))
-    assert total == sum(sum(n) for n in models.layer_param_numels(untied)) - copy
-    layers = models.build_layers(cfg, range(6))
+    total = sum(sum(n) for n in layer_param_numels(cfg))
+    assert total == sum(sum(n) for n in layer_param_numels(untied)) - copy
+    layers = build_layers(cfg, range(6))
     assert layers[5].proj.weight is layers[0].tokens.weight  # one stage: plain sharing
-    alone = models.build_layers(cfg, [5])[5]  # the last stage alone: an equal copy
+    alone = build_layers(cfg, [5])[5]  # the last stage alone: an equal copy
     assert torch.equal(alone.proj.weight, layers[0].tokens.weight)
     assert sum(p.numel() for p in torch.nn.Sequential(*layers.values()).parameters()) == total
     for k in (1, 2):

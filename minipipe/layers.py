@@ -1,0 +1,46 @@
+"""A run's layers under the layer contract: layer i initialised from (seed, "init", i) only, so
+building one stage's layers alone gives bitwise the weights of the whole model; the tied head's
+weight (minipipe/tied.py); parameter counts from meta-device layers (no memory)."""
+from typing import Iterable
+
+import torch
+from torch import nn
+
+import models
+from minipipe import tied
+from minipipe.seeding import derive_seed
+
+
+def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[int, nn.Module]:
+    """Layers `indices`, initialised from (seed, layer index) only, in float32 on the CPU.
+    A tied head (--tie-embeddings) shares layer 0's token matrix when both are built here, and
+    otherwise holds a copy of it made from layer 0's seed: equal on every stage, for any cut."""
+    factories = models.layer_factories(cfg, backend)
+
+    def build(i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init", i))
+            return factories[i]()
+    layers = {i: build(i) for i in indices}
+    head = tied.head_index(cfg) if tied.is_tied(cfg) else None
+    if head in layers:
+        source = layers[0] if 0 in layers else build(0)
+        layers[head].proj.weight = source.tokens.weight if 0 in layers else nn.Parameter(
+            source.tokens.weight.detach().clone())
+    return layers
+
+
+def layer_param_numels(cfg) -> list[list[int]]:
+    """Element count of every parameter tensor of the whole model, per layer, in the whole model's
+    parameter order, built on the meta device (no memory). A tied weight counts once (in layer 0)."""
+    with torch.device("meta"):
+        return [[p.numel() for name, p in make().named_parameters()
+                 if not (tied.is_tied(cfg) and i == tied.head_index(cfg) and name == tied.COPY_PARAM)]
+                for i, make in enumerate(models.layer_factories(cfg))]
+
+
+def count_layer_params(cfg) -> list[int]:
+    """Parameters each layer holds. A tied head counts its copy of the embedding (on a stage of
+    its own that copy is real memory); the model's total counts it once: see minipipe/tied.py."""
+    with torch.device("meta"):
+        return [sum(p.numel() for p in make().parameters()) for make in models.layer_factories(cfg)]

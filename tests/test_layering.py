@@ -1,0 +1,55 @@
+"""The import direction a newcomer can rely on: kernels <- models <- minipipe (engine, trainer),
+and model-family facts declared by each family, never branched on outside models/."""
+import ast
+import re
+from pathlib import Path
+
+import kernels
+import models
+from minipipe import config, presets
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules that run a step: they see layers only through the layer contract and running_stats.
+ENGINE = ["engine", "recompute", "stage", "comm", "optim", "schedule", "values", "running_stats",
+          "generate", "timeline"]
+# The config's own validation and GPT-2's format (a Transformer's) may name a family.
+MAY_NAME_A_FAMILY = {"minipipe/config.py", "minipipe/presets.py", "minipipe/hf_gpt2.py",
+                     "minipipe/export.py"}
+
+
+def imported_packages(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_kernels_and_models_never_import_the_trainer():
+    for package in ("kernels", "models"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            assert "minipipe" not in imported_packages(path), f"{path.relative_to(ROOT)} imports minipipe"
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        assert "models" not in imported_packages(path), f"{path.relative_to(ROOT)} imports models"
+
+
+def test_the_engine_does_not_import_model_code():
+    for name in ENGINE:
+        path = ROOT / "minipipe" / f"{name}.py"
+        assert "models" not in imported_packages(path), f"minipipe/{name}.py imports models"
+
+
+def test_no_family_branches_outside_models():
+    pattern = re.compile(r"cfg\.model\s*(==|!=|in\b)|model\s*==\s*[\"'](transformer|amoebanet)")
+    for path in sorted([ROOT / "train.py", *(ROOT / "minipipe").glob("*.py")]):
+        where = str(path.relative_to(ROOT))
+        if where not in MAY_NAME_A_FAMILY:
+            assert not pattern.search(path.read_text()), f"{where} branches on the model family"
+
+
+def test_every_family_has_presets_and_each_choice_list_one_meaning():
+    assert list(models.FAMILIES) == list(presets.MODEL_FAMILIES)
+    # the kernel library cannot import the config (nor the config torch): equal by test instead
+    assert config.KERNEL_BACKENDS == kernels.runtime.BACKENDS
