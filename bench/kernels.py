@@ -22,9 +22,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from kernels.attention import attention_reference  # noqa: E402
 from kernels.batchnorm import batch_norm_reference  # noqa: E402
-from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference  # noqa: E402
+from kernels.flash_attention import attention_reference  # noqa: E402
+from kernels.fused_cross_entropy import (cross_entropy_reference,  # noqa: E402
+                                         linear_cross_entropy_reference)
 from kernels.gelu import bias_gelu_reference  # noqa: E402
 from kernels.layernorm import layer_norm_reference  # noqa: E402
 

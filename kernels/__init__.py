@@ -4,6 +4,10 @@
 differentiable on both backends; the torch path is stock PyTorch's fastest op (and the path the
 float64 exactness tests run on CPU); each op's `*_reference` is the independent check. Without a
 GPU the triton backend runs through Triton's CPU interpreter.
+
+`kernels.<op>` is always the dispatch function: an op's module is named for the implementation it
+holds (`flash_attention`, `fused_cross_entropy`, `layernorm`, `batchnorm`, `gelu`, `adamw`), never
+after a dispatch function, so `kernels.<module>` and `kernels.<op>` never shadow each other.
 """
 import os
 
@@ -14,15 +18,9 @@ import torch.nn.functional as F
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-# Op modules are imported by their functions' names: `kernels.attention` is the dispatch function,
-# the module stays reachable as `from kernels.attention import ...`.
-from kernels import batchnorm, gelu, layernorm  # noqa: E402
+from kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm  # noqa: E402
 from kernels.adamw import AdamW  # noqa: E402
-from kernels.attention import FlashAttentionFunction  # noqa: E402
 from kernels.batchnorm import update_running_stats  # noqa: E402
-from kernels.cross_entropy import (CrossEntropyFunction, LinearCrossEntropyFunction,  # noqa: E402
-                                   check_reduction, cross_entropy_reference,
-                                   linear_cross_entropy_reference)
 from kernels.runtime import resolve_backend  # noqa: E402
 
 __all__ = ["AdamW", "attention", "batch_norm", "batch_norm_eval", "bias_gelu", "cross_entropy",
@@ -42,31 +40,34 @@ def layer_norm(x, weight, bias, eps, backend):
 
 def attention(q, k, v, causal, backend):
     """softmax(q k^T / sqrt(D) [+ causal mask]) v for q, k, v shaped (B, H, T, D). The torch path is
-    SDPA (flash or memory-efficient on a GPU); `attention_reference`, the explicit softmax, is what
-    the tests check both against."""
+    SDPA (flash or memory-efficient on a GPU); `flash_attention.attention_reference`, the explicit
+    softmax, is what the tests check both against."""
     if _triton(backend, q):
-        return FlashAttentionFunction.apply(q, k, v, causal)
+        return flash_attention.FlashAttentionFunction.apply(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", backend="auto"):
     """Softmax cross-entropy of logits (N, V) against int64 targets (N,); 'mean' divides by the
     number of targets that are not ignore_index."""
-    check_reduction(reduction)
+    fused_cross_entropy.check_reduction(reduction)
     if _triton(backend, logits):
-        return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction)
-    return cross_entropy_reference(logits, targets, ignore_index, reduction)
+        return fused_cross_entropy.CrossEntropyFunction.apply(logits, targets, ignore_index,
+                                                              reduction)
+    return fused_cross_entropy.cross_entropy_reference(logits, targets, ignore_index, reduction)
 
 
 def linear_cross_entropy(hidden, weight, bias, targets, ignore_index=-100, reduction="mean",
                          backend="auto", chunk_size=None):
     """cross_entropy(hidden @ weight.T + bias, targets); the triton path goes through the tokens
     chunk_size rows at a time so the (N, V) logits are never stored whole."""
-    check_reduction(reduction)
+    fused_cross_entropy.check_reduction(reduction)
     if _triton(backend, hidden):
-        return LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, ignore_index,
-                                                reduction, chunk_size)
-    return linear_cross_entropy_reference(hidden, weight, bias, targets, ignore_index, reduction)
+        return fused_cross_entropy.LinearCrossEntropyFunction.apply(hidden, weight, bias, targets,
+                                                                    ignore_index, reduction,
+                                                                    chunk_size)
+    return fused_cross_entropy.linear_cross_entropy_reference(hidden, weight, bias, targets,
+                                                              ignore_index, reduction)
 
 
 def bias_gelu(x, bias, approximate, backend):

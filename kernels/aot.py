@@ -11,7 +11,6 @@ binder, so specialisation (16-byte alignment, i64 for large ints) matches a real
 Compiling needs TRITON_INTERPRET=0 set before triton is imported (bench/compile_report.py does it);
 recording works in either mode.
 """
-import importlib
 import os
 import re
 import subprocess
@@ -21,7 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
 from kernels.runtime import triton
+
+# The modules holding @triton.jit kernels: each kernel in them must be launched by launcher_sweep().
+OP_MODULES = (adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm)
 
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -124,20 +127,14 @@ LARGE = dict(batch=1024, heads=128, T=4096, rows=2**25, images=(256, 8, 512, 512
 def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
     """Calls every op's launchers (forward and backward) on meta tensors over every input that
     changes the code they launch. Must run inside record_launches()."""
-    # `kernels.attention` etc. are the dispatch functions: reach the modules through importlib.
-    attention, batchnorm, cross_entropy, gelu, layernorm = (
-        importlib.import_module(f"kernels.{op}")
-        for op in ("attention", "batchnorm", "cross_entropy", "gelu", "layernorm"))
-    from kernels.adamw import _triton_step
-
     for name in dtype_names:
         dtype = DTYPES[name]
-        for head_dim in attention.HEAD_DIMS:
+        for head_dim in flash_attention.HEAD_DIMS:
             for causal in (False, True):
                 with _labelled(name, f"D={head_dim} causal={causal}"):
                     q = _meta(sizes["batch"], sizes["heads"], sizes["T"], head_dim, dtype=dtype)
-                    o, lse = attention.attention_forward(q, q, q, causal)
-                    attention.attention_backward(q, q, q, q, o, lse, causal)
+                    o, lse = flash_attention.attention_forward(q, q, q, causal)
+                    flash_attention.attention_backward(q, q, q, q, o, lse, causal)
         # LayerNorm's block is next_pow2(hidden) and its warps step at 2048 and 8192.
         for block in (128, 1024, 2048, 4096, 8192, layernorm.MAX_HIDDEN):
             with _labelled(name, f"hidden={block}"):
@@ -145,13 +142,14 @@ def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
                 w = _meta(block, dtype=dtype)
                 _, mean, rstd = layernorm.layer_norm_forward(x, w, w, 1e-5)
                 layernorm.layer_norm_backward(x, x, w, mean, rstd)
-        for vocab in (256, 2048, 4096, cross_entropy.MAX_BLOCK_V):
-            for reduction in cross_entropy.REDUCTIONS:
+        for vocab in (256, 2048, 4096, fused_cross_entropy.MAX_BLOCK_V):
+            for reduction in fused_cross_entropy.REDUCTIONS:
                 for with_grad in (False, True):
                     with _labelled(name, f"vocab={vocab} {reduction} grad={with_grad}"):
                         logits = _meta(sizes["rows"], vocab, dtype=dtype, grad=with_grad)
                         targets = torch.empty(sizes["rows"], dtype=torch.int64, device="meta")
-                        cross_entropy.CrossEntropyFunction.apply(logits, targets, -100, reduction)
+                        fused_cross_entropy.CrossEntropyFunction.apply(logits, targets, -100,
+                                                                       reduction)
         for approximate in gelu.APPROXIMATIONS:
             for has_bias in (False, True):
                 with _labelled(name, f"{approximate} bias={has_bias}"):
@@ -171,7 +169,7 @@ def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
             continue  # AdamW's grid is one program per 4096 elements: 2^31 blocks is 8e12 params
         with _labelled(name, "adamw"):
             param = torch.zeros(8, dtype=dtype)  # addresses are read: a real (tiny) tensor
-            _triton_step([(param, param, param, param)], [1], 1e-3, 0.9, 0.95, 1e-8, 0.1)
+            adamw._triton_step([(param, param, param, param)], [1], 1e-3, 0.9, 0.95, 1e-8, 0.1)
 
 
 def unique_compiles(launches):
@@ -266,8 +264,7 @@ def unrecorded_kernels(launches):
 
     recorded = {launch.kernel for launch in launches}
     jitted = {}
-    for module_name in ("adamw", "attention", "batchnorm", "cross_entropy", "gelu", "layernorm"):
-        module = importlib.import_module(f"kernels.{module_name}")
+    for module in OP_MODULES:
         for value in vars(module).values():
             fn = getattr(value, "fn", value)
             if isinstance(fn, JITFunction):

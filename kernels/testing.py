@@ -1,8 +1,17 @@
-"""The one place that says how close a kernel must be to its reference, and the harness that
-checks a kernel's outputs and every gradient against the reference evaluated in float64."""
+"""The one place that says how close a kernel must be to its reference, the harness that checks a
+kernel's outputs and every gradient against the reference evaluated in float64, and what every
+kernel test shares: the device, the dtypes and the mark of the GPU-only (bfloat16) cases."""
+import pytest
 import torch
 
 from kernels.runtime import poisoned_outputs
+
+# Kernel tests run on the GPU when there is one, else on the CPU through Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The storage dtypes every kernel test covers on every device; bfloat16 cases are GPU_ONLY.
+DTYPES = (torch.float32, torch.float16)
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
 
 # Kernels compute in fp32 whatever the storage; these bound storage rounding plus fp32 reordering.
 TOLERANCES = {

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.testing import assert_close
+from kernels.testing import DEVICE, DTYPES, assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(37, 5), (129,), (3, 7, 11), (1,), (5000,)]  # (5000,) spans two kernel blocks
 LRS = [1e-2, 3e-3, 5e-2, 1e-3, 2e-2]  # an LR schedule: lr changes before every step
 
@@ -29,7 +28,7 @@ def _run_steps(optimizer, params, grads, steps):
         optimizer.step()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_adamw_matches_torch_over_five_steps_with_changing_lr(backend, dtype):
     params, grads, hyper = _setup(dtype)

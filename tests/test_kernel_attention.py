@@ -2,12 +2,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import attention_reference
-from kernels.testing import check_against_reference
+from kernels.flash_attention import attention_reference
+from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
 # (B, H, T, D): a single query row, a tail shorter than one block, T across several blocks.
 SHAPES = [(1, 1, 1, 16), (2, 1, 5, 32), (1, 2, 37, 16), (1, 1, 50, 64), (1, 1, 19, 128)]
 
@@ -20,7 +17,7 @@ def _run(shape, causal, dtype):
                             [q, k, v], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_flash_attention_matches_reference(shape, causal, dtype):
@@ -62,7 +59,7 @@ def test_autotuning_settles_over_a_200_token_generation():
     own key names take over the launches a 200-token generation makes (forward and backward
     kernels, recorded from the real launcher on meta tensors, nothing run)."""
     from kernels import aot
-    from kernels.attention import attention_backward, attention_forward
+    from kernels.flash_attention import attention_backward, attention_forward
 
     prompt_len, max_context = 1, 256
     with aot.record_launches() as launches:

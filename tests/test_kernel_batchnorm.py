@@ -4,11 +4,8 @@ import torch
 import kernels
 from kernels.batchnorm import (batch_norm_eval_reference, batch_norm_reference,
                                update_running_stats)
-from kernels.testing import check_against_reference
+from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
 SHAPES = [(1, 3, 2, 3), (2, 5, 7, 9), (3, 2, 33, 35), (5, 6)]
 
 
@@ -20,7 +17,7 @@ def _inputs(shape, dtype):
     return x, weight, bias
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_training_batch_norm_matches_reference(shape, relu, dtype):
@@ -30,7 +27,7 @@ def test_training_batch_norm_matches_reference(shape, relu, dtype):
         list(_inputs(shape, dtype)), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_eval_batch_norm_matches_reference(shape, relu, dtype):

@@ -2,12 +2,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from kernels.testing import check_against_reference
+from kernels.fused_cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
+from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
 IGNORE = -100
 # (N tokens, V classes): a single row, a vocab below one block, a vocab over several blocks.
 SHAPES = [(1, 7), (37, 1000), (5, 20000)]
@@ -41,14 +38,14 @@ def _run_linear_cross_entropy(shape, reduction, dtype, with_bias, chunk_size):
         [hidden, weight, bias, _targets(n, n_classes)], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cross_entropy_matches_reference(shape, reduction, dtype):
     _run_cross_entropy(shape, reduction, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_cross_entropy_matches_reference_in_uneven_chunks(shape, reduction, dtype):

@@ -1,9 +1,25 @@
+import importlib
+import inspect
+import pkgutil
+
 import pytest
 import torch
 
 import kernels
 
 F64 = dict(dtype=torch.float64)
+
+
+def test_each_name_in_kernels_is_one_thing():
+    """`kernels.<op>` is a dispatch function and `kernels.<module>` that module: no public name of
+    the package shadows a submodule, so neither needs importlib to be reached."""
+    assert not [name for name in kernels.__all__ if inspect.ismodule(getattr(kernels, name))]
+    submodules = sorted(info.name for info in pkgutil.iter_modules(kernels.__path__))
+    clashes = sorted(set(submodules) & set(kernels.__all__))
+    assert not clashes, f"submodules named like a dispatch function: {clashes}"
+    shadowed = [name for name in submodules
+                if importlib.import_module(f"kernels.{name}") is not getattr(kernels, name)]
+    assert not shadowed, f"kernels.<name> is not the submodule of that name: {shadowed}"
 
 
 def test_auto_means_triton_on_cuda_and_torch_elsewhere():

@@ -3,13 +3,10 @@ import torch
 
 import kernels
 from kernels.gelu import bias_gelu_reference
-from kernels.testing import check_against_reference
+from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter (numpy) warns when exp overflows to inf in a saturated sigmoid; the result is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
 
 
 def _run(shape, dtype, approximate, with_bias):
@@ -22,7 +19,7 @@ def _run(shape, dtype, approximate, with_bias):
         [x, bias], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("shape", [(1, 5), (3, 7, 129), (2, 1500)])
 def test_bias_gelu_matches_reference(shape, approximate, dtype):

@@ -3,11 +3,7 @@ import torch
 
 import kernels
 from kernels import layernorm
-from kernels.testing import check_against_reference
-
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bf16 arithmetic is wrong in Triton's CPU interpreter")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 
 def _run(shape, dtype):
@@ -22,7 +18,7 @@ def _run(shape, dtype):
         [x, weight, bias], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 7), (3, 5, 33), (37, 1000), (2, 3000)])
 def test_layer_norm_matches_reference(shape, dtype):
     _run(shape, dtype)
