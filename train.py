@@ -27,6 +27,7 @@ from minipipe.metrics import (MetricsLogger, compute_precision, config_record, f
 from minipipe.optim import lr_at
 from minipipe.plan import model_flops_per_unit
 from minipipe.preflight import check_before_work
+from minipipe.warmup import warm_up_run
 
 
 def validation_loss(run) -> float:
@@ -59,20 +60,24 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             raise ConfigError(f"--sample generates after training, but the checkpoint already "
                               f"holds all --steps {cfg.steps}: nothing is trained here; raise "
                               f"--steps, or drop --sample")
+        traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         if first_step == 0 and cfg.init_from:  # a checkpoint to resume wins: a restarted fine-tune goes on
             load_into_stage(run)
             if rank == 0:
                 print(f"initialised from {cfg.init_from}", flush=True)
         family = models.family(cfg)
+        if on_cuda:  # compile and autotune before any exchange (CPU: torch ops, nothing to compile)
+            seconds = warm_up_run(run)
+            if rank == 0:
+                print(f"warm-up: every kernel of stage 0 ran once in {seconds:.1f} s", flush=True)
         history = {"losses": [], "val_losses": [], "sample": None}
-        traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
         precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
         for step in range(first_step, cfg.steps):
             inputs, targets = cursor.next_batch()
             log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-            run.engine.sync_spans = on_cuda and (log_step or step in traced)  # spans in device time
+            run.engine.timed = log_step or step in traced  # CUDA: spans from device events
             started = time.perf_counter()
             lr = lr_at(step, cfg)
             result = run.engine.train_step(inputs, targets, step, lr, cfg.grad_clip)

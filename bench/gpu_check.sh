@@ -5,7 +5,9 @@
 #   3. bench/kernels.py (--quick),
 #   4. a short 1-GPU training run with --kernels triton beside --kernels torch: loss curves must
 #      agree; tokens/s and peak memory side by side,
-#   5. a 1-stage NCCL run under torchrun,
+#   5. a 1-stage NCCL run under torchrun (its warm-up time in the log),
+#   6. the engine on the device: no synchronising call in any per-micro-batch action
+#      (torch.cuda.set_sync_debug_mode("error")), CUDA-event spans, timed / untimed step time,
 # then appends a dated section with the device name to BENCHMARKS.md.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere
@@ -62,6 +64,7 @@ fi
 TRAIN_COMMON=(--eval-every 0 --wandb disabled --seed 1337 "${TRAIN_ARGS[@]}")
 
 part kernel_tests 600 python -m pytest -q "${KERNEL_TESTS[@]}"
+part engine_on_device 300 python -m pytest -q -s tests/test_gpu_engine.py
 part compile_report 600 python bench/compile_report.py "${REPORT_ARGS[@]}"
 if [[ $DRY_RUN -eq 1 ]]; then
   part kernel_bench 120 python bench/kernels.py --help  # the benchmark itself needs CUDA
@@ -131,7 +134,11 @@ section = [f"\n## GPU check, {datetime.date.today().isoformat()}, {name}\n",
            "\nTraining, --kernels triton beside --kernels torch (same seed, data and model):\n",
            "| kernels | steps | last loss | tokens/s (median) | peak memory (GiB) |",
            "|---|---|---|---|---|", *rows,
-           f"\nBoth runs complete and their loss curves agree within 5% at every step: {agree}\n"]
+           f"\nBoth runs complete and their loss curves agree within 5% at every step: {agree}\n",
+           *[line for line in (out / "engine_on_device.log").read_text().splitlines()
+             if "step time" in line or "warm-up" in line],
+           *[line for line in (out / "train_1stage_torchrun.log").read_text().splitlines()
+             if line.startswith("warm-up")]]
 with open(target, "a") as fh:
     fh.write("\n".join(section) + "\n")
 print(f"appended the GPU check section to {target}")

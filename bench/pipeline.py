@@ -147,6 +147,7 @@ def worker(args) -> None:
             torch_step, _ = _torch_schedule(run, schedule, args.m, args.recompute)
         except ValueError:
             continue
+        run.engine.timed = True  # CUDA: every step's spans from device events (the bubble column)
         runs[schedule] = run
         batches = [run.dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps + 1)]
         contenders.append((f"minipipe {schedule}", lambda i, r=run, b=batches:

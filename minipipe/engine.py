@@ -15,7 +15,6 @@ chunks of the same rank (K = 1) is handed over in memory; every other one is a m
 Dropout masks are keyed by (seed, step, layer, global micro-batch) in `Stage`, so every
 schedule, recompute mode and chunking draws the same masks.
 """
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from minipipe.errors import PipelineError
 from minipipe.generate import generate
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.schedule import Action, Kind, forward_actions, train_actions
+from minipipe.spans import SpanRecorder
 from minipipe.tied import TiedEmbedding
 
 
@@ -64,7 +64,16 @@ class StepState:
     graphs: dict = field(default_factory=dict)  # no recompute: (input leaf, output) with autograd graph
     grad_from_next: dict = field(default_factory=dict)  # received gradients of chunk outputs
     grad_to_prev: dict = field(default_factory=dict)  # gradients of chunk inputs awaiting send_grad
-    loss_total: float = 0.0  # sum of this rank's micro-batch losses (last chunk only)
+    # sum of this rank's micro-batch losses (last chunk only), float64 on the device: read once per
+    # step, after the grad-norm all-reduce that carries it (no host wait per micro-batch)
+    loss_total: torch.Tensor | None = None
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().double()  # the same float64 sums as Python floats, in the same order
+        self.loss_total = loss if self.loss_total is None else self.loss_total + loss
+
+
+BUCKET_BYTES = 25 * 2**20  # data-parallel gradient bucket (DDP's default size)
 
 
 class Engine:
@@ -98,11 +107,8 @@ class Engine:
                               timeout_s) if k > 1 else None
         self.actions = train_actions(schedule, lay.stage, k, n_microbatches, virtual_stages)
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
-        self.spans: list[tuple] = []  # (kind, microbatch, chunk, start_s, end_s) of the last step
-        # Set by the caller for measured steps on CUDA: wait for the device before closing a span,
-        # so spans are device time. Off otherwise: no sync per micro-batch.
-        self.sync_spans = False
-        self.sync_point = 0.0  # when this rank left the last step's grad-norm all-reduce
+        self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/spans.py)
+        self.timed = False  # set by the caller: record device-time spans of this step on CUDA
         self.stats_layers = running_stats.stats_layers(stage)  # BatchNorm: running statistics
         self.state: StepState | None = None
 
@@ -122,18 +128,24 @@ class Engine:
     def _run(self, actions, handlers):
         """Execute the schedule verbatim, recording what ran and when. Before each receive's
         wait, the header of the next message on its channel is posted, if one will come."""
-        self.executed, self.spans = [], []
+        self.executed = []
+        self.clock.begin_step(self.timed)
         self.recvs_left = {kind: sum(a.kind is kind for a in actions) for kind in (Kind.RECV_ACT, Kind.RECV_GRAD)}
         for action in actions:
-            start = time.perf_counter()
+            start = self.clock.mark()
             handlers[action.kind](action)
-            self.spans.append((action.kind.value, action.microbatch, action.chunk, start, self._now()))
+            self.clock.add(action.kind.value, action.microbatch, action.chunk, start, self.clock.mark())
             self.executed.append(action)
 
-    def _now(self) -> float:
-        if self.sync_spans:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    @property
+    def spans(self) -> list[tuple]:
+        """(kind, micro-batch, chunk, start s, end s) of the last step's actions, host clock."""
+        return self.clock.spans()
+
+    @property
+    def sync_point(self) -> float:
+        """Host time when this rank left the last step's grad-norm all-reduce."""
+        return self.clock.sync_point
 
     def _begin(self, inputs, targets, step):
         """Every rank holds the global batch; take this replica's rows, split into micro-batches."""
@@ -219,15 +231,14 @@ class Engine:
             with torch.no_grad():
                 output = self._run_chunk(value, action)
                 if c == self.last_chunk:
-                    st.loss_total += float(self._loss(output, m))
+                    st.add_loss(self._loss(output, m))
             st.stashed_inputs[action.v, m] = value
         else:
             leaf = grad_leaf(value) if c > 0 else value
             output = self._run_chunk(leaf, action)
             if c == self.last_chunk:
-                loss = self._loss(output, m)
-                st.loss_total += float(loss.detach())
-                output = loss
+                output = self._loss(output, m)
+                st.add_loss(output)
             st.graphs[action.v, m] = (leaf, output)
         if c < self.last_chunk:
             if self.layout.n_stages == 1:  # the next chunk is on this rank: hand over in memory
@@ -253,13 +264,13 @@ class Engine:
     def _backward(self, action):
         st, m, c, key = self.state, action.microbatch, self._chunk(action), (action.v, action.microbatch)
         if key in st.stashed_inputs:
-            start = time.perf_counter()
+            start = self.clock.mark()
             with self.autocast():
                 leaf, output = recompute_forward(self.stage, st.stashed_inputs.pop(key), self.step_index,
                                                  self._global_microbatch(m), input_grad=c > 0, chunk=action.v)
             if c == self.last_chunk:
                 output = self._loss(output, m)
-            self.spans.append(("recompute", m, action.chunk, start, self._now()))  # nested in backward
+            self.clock.add("recompute", m, action.chunk, start, self.clock.mark())  # nested in backward
         else:
             leaf, output = st.graphs.pop(key)
         if c == self.last_chunk:
@@ -295,18 +306,17 @@ class Engine:
 
     def _allreduce(self, _):
         """Sum gradients over the dp replicas of this stage (their losses were already divided by
-        the global unit count), then settle BatchNorm running statistics."""
+        the global unit count), then settle BatchNorm running statistics. The gradient buckets
+        start as soon as the stage's last backward has ended, before this rank waits for its own
+        last sends."""
+        lay = self.layout
+        buckets = self._start_grad_buckets() if lay.dp > 1 else []
         if self.comm is not None:
             self.comm.wait_sends()
-        lay = self.layout
-        if lay.dp > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params()]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            self._collective("data-parallel gradient all-reduce", dist.all_reduce, flat, group=lay.stage_group)
+        for work, flat, grads in buckets:
+            self._collective("data-parallel gradient all-reduce", work.wait)
             for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(synced)
-            for p, grad in zip(self._params(), grads):
-                p.grad = grad
         self.tied.sum_copies()  # issue 12: the tied embedding's two copies get their summed gradient
         if not self.stats_layers:
             return
@@ -316,6 +326,30 @@ class Engine:
             running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
         elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
             running_stats.average_buffers(self.stage, all_reduce, lay.dp)
+
+    def _start_grad_buckets(self) -> list[tuple]:
+        """(work, flat bucket, its gradients) of asynchronous all-reduces over the stage's dp
+        group: gradients in buckets of about BUCKET_BYTES, the last layers' first (DDP's order),
+        so the flat copies cost a bucket of memory each rather than all the gradients twice."""
+        params = self._params()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buckets, current, size = [], [], 0
+        for p in reversed(params):
+            if current and (size + p.grad.nbytes > BUCKET_BYTES or p.grad.dtype != current[0].dtype):
+                buckets.append(current)
+                current, size = [], 0
+            current.append(p.grad)
+            size += p.grad.nbytes
+        buckets.append(current)
+        started = []
+        for grads in buckets:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            work = self._collective("data-parallel gradient all-reduce", dist.all_reduce, flat,
+                                    group=self.layout.stage_group, async_op=True)
+            started.append((work, flat, grads))
+        return started
 
     def _update(self, lr: float, grad_clip: float):
         """Global gradient norm over all stages, in one collective that also carries the loss.
@@ -327,15 +361,17 @@ class Engine:
         if self.layout.dp_rank == 0:  # replicas hold equal gradients after the all-reduce: count one
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.norm_params]
             packed[self.param_slots] = torch.stack(torch._foreach_norm(grads)).double()
-        packed[-1] = self.state.loss_total
-        start = time.perf_counter()
+        if self.state.loss_total is not None:
+            packed[-1] = self.state.loss_total
+        start = self.clock.mark()
         if self.layout.world_size > 1:
             self._collective("gradient-norm all-reduce", dist.all_reduce, packed)
-        param_norms = packed[:-1].cpu()  # the host copy waits for the collective on any device
+        end = self.clock.mark()
+        packed = packed.cpu()  # the step's one wait for the device: the norms and the loss
         # Every rank leaves this all-reduce at (nearly) the same instant: the timeline's common clock.
-        self.sync_point = time.perf_counter()
-        self.spans.append(("norm_allreduce", None, None, start, self.sync_point))
-        grad_norm = float(torch.linalg.vector_norm(param_norms)) / self.scale.scale
+        self.clock.synced(end)
+        self.clock.add("norm_allreduce", None, None, start, end)
+        grad_norm = float(torch.linalg.vector_norm(packed[:-1])) / self.scale.scale
         loss = float(packed[-1])
         skipped = optim.update(self.optimizer, params, grad_norm, loss, self.step_index, lr, grad_clip, self.scale)
         self.result = {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
@@ -355,15 +391,15 @@ class Engine:
                                   self.virtual_stages)
         handlers = {Kind.RECV_ACT: self._recv_act, Kind.FORWARD: self._eval_forward,
                     Kind.SEND_ACT: self._send_act}
-        loss_sum, units = 0.0, 0
+        total, units = torch.zeros(1, dtype=torch.float64, device=self.device), 0
         for inputs, targets in batches:
             self._begin(inputs, targets, step=0)
             self._run(actions, handlers)
-            loss_sum += self.state.loss_total * self.state.units
+            if self.state.loss_total is not None:  # summed on the device, read once at the end
+                total += self.state.loss_total * self.state.units
             units += self.state.units
         if self.comm is not None:
             self.comm.wait_sends()
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
         if lay.world_size > 1:
             self._collective("evaluation loss all-reduce", dist.all_reduce, total)
         return float(total) / units
@@ -372,7 +408,7 @@ class Engine:
         st, m, c = self.state, action.microbatch, self._chunk(action)
         output = self._run_chunk(self._chunk_input(action), action)
         if c == self.last_chunk:
-            st.loss_total += float(self._loss(output, m))
+            st.add_loss(self._loss(output, m))
         elif self.layout.n_stages == 1:
             st.act_from_prev[action.v + 1, m] = output
         else:

@@ -1,6 +1,7 @@
 """A run's layers under the layer contract: layer i initialised from (seed, "init", i) only, so
 building one stage's layers alone gives bitwise the weights of the whole model; the tied head's
-weight (minipipe/tied.py); parameter counts from meta-device layers (no memory)."""
+weight (minipipe/tied.py); parameter counts and chunk input shapes from meta-device layers (no
+memory)."""
 from typing import Iterable
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 import models
 from minipipe import tied
 from minipipe.seeding import derive_seed
+from minipipe.values import map_tensors
 
 
 def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[int, nn.Module]:
@@ -44,3 +46,23 @@ def count_layer_params(cfg) -> list[int]:
     its own that copy is real memory); the model's total counts it once: see minipipe/tied.py."""
     with torch.device("meta"):
         return [sum(p.numel() for p in make().parameters()) for make in models.layer_factories(cfg)]
+
+
+def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, device) -> list:
+    """A zero value shaped like each chunk's input for a micro-batch of `rows` samples, traced
+    through the model's earlier layers on the meta device (no memory, no weights); floating
+    entries in `dtype` (the parameters'). Under autocast the real boundary may be narrower
+    (AmoebaNet's activations; the Transformer's residual stream stays float32)."""
+    family = models.family(cfg)
+    value = torch.zeros(family.input_shape(cfg, rows), device="meta",
+                        dtype=torch.long if family.reads_tokens else dtype)
+    starts, found = {chunk[0]: None for chunk in chunks}, 0
+    factories = models.layer_factories(cfg)
+    with torch.device("meta"), torch.no_grad():
+        for i, make in enumerate(factories[:max(starts) + 1]):
+            if i in starts:
+                starts[i], found = value, found + 1
+            if found < len(starts):
+                value = make().to(dtype).eval()(value)  # eval: the Head's logits are not needed
+    return [map_tensors(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device), starts[chunk[0]])
+            for chunk in chunks]
