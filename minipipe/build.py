@@ -116,5 +116,5 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
 
 
 def plan_table(run: Run) -> str:
-    params = count_layer_params(run.cfg)
+    params = count_layer_params(run.cfg, run.layout.n_stages)
     return partition.format_cut(run.balance, run.costs, params, run.cost_kind)

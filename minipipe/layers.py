@@ -41,11 +41,15 @@ def layer_param_numels(cfg) -> list[list[int]]:
                 for i, make in enumerate(models.layer_factories(cfg))]
 
 
-def count_layer_params(cfg) -> list[int]:
-    """Parameters each layer holds. A tied head counts its copy of the embedding (on a stage of
-    its own that copy is real memory); the model's total counts it once: see minipipe/tied.py."""
+def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
+    """Parameters each layer holds on a run of n_stages stages. A tied head counts its copy of
+    the embedding when it sits on another stage than layer 0 (K > 1: that copy is real memory),
+    not when one stage holds both (K = 1: one Parameter): see minipipe/tied.py."""
     with torch.device("meta"):
-        return [sum(p.numel() for p in make().parameters()) for make in models.layer_factories(cfg)]
+        counts = [sum(p.numel() for p in make().parameters()) for make in models.layer_factories(cfg)]
+    if n_stages == 1 and tied.is_tied(cfg):
+        counts[tied.head_index(cfg)] -= tied.copy_numel(cfg)
+    return counts
 
 
 def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, device) -> list:

@@ -208,7 +208,7 @@ class MetricsLogger:
 
 def config_record(cfg, balance: list[int]) -> dict:
     """What a run logs once: every config field, and the partition plan under 'plan'."""
-    params = count_layer_params(cfg)
+    params = count_layer_params(cfg, len(balance) // cfg.virtual_stages)
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import train
 from minipipe import plan, tied
 from minipipe.config import make_config
-from minipipe.metrics import MetricsLogger
+from minipipe.metrics import MetricsLogger, config_record
 from minipipe.layers import build_layers, layer_param_numels
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
@@ -117,3 +117,5 @@ def test_models_and_the_planner_count_the_tied_weight_once():
         held = sum(s.params for s in planned.stages)
         assert held == total + (copy if k > 1 else 0)  # K>1: the last stage holds a copy
         assert f"{total:,} parameters" in plan.format_plan(planned, None)
+        logged = config_record(cfg, [6] if k == 1 else [3, 3])["plan"]["stage_params"]
+        assert sum(logged) == held  # what a run logs per stage is what the stages hold
