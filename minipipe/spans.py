@@ -28,7 +28,7 @@ class SpanRecorder:
 
     def begin_step(self, timed: bool) -> None:
         self.enabled = timed or not self.on_cuda
-        self._marks, self._spans = [], None
+        self._marks, self._spans, self._anchor = [], None, None
         self._origin = self.mark()
 
     def mark(self):
