@@ -13,7 +13,8 @@ from tests.spawn import REPO_ROOT, run_workers
 
 def two_stage_comm(rank, timeout_s):
     layout = init_process_groups(n_stages=2, dp=1, timeout_s=30)
-    return StageComm(rank, layout.prev_rank, layout.next_rank, layout.stage, layout.device, timeout_s)
+    return StageComm(rank, layout.prev_rank, layout.next_rank, layout.stage, layout.device, timeout_s,
+                     layout.p2p)
 
 
 def messages():
