@@ -6,6 +6,7 @@
 - NCCL's and gloo's failure texts become the same reasons in PipelineErrors;
 - the CUDA device is made current also when the caller initialised the process group.
 """
+import functools
 from collections import defaultdict, deque
 from datetime import timedelta
 
@@ -61,7 +62,8 @@ def fake_groups(rank, backend):
 
 @pytest.mark.parametrize("backend,device", [
     ("nccl", "meta"), ("gloo", "meta"),
-    pytest.param("nccl", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("nccl", "cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ])
 def test_send_and_recv_never_read_a_payload_on_the_host_and_wait_on_nccl_payloads_by_stream(
         monkeypatch, backend, device):
@@ -122,14 +124,15 @@ _MESSAGES = {Kind.SEND_ACT: (ACTIVATION, True), Kind.RECV_ACT: (ACTIVATION, Fals
              Kind.SEND_GRAD: (GRADIENT, True), Kind.RECV_GRAD: (GRADIENT, False)}
 
 
-def completes_on_nccl_streams(lists, k, lane) -> bool:
+def completes_on_nccl_streams(lists, k, lane, stream_per_peer=True) -> bool:
     """Replay every rank's list as NCCL would run it with `lane(src, dst, channel)` choosing the
     group: the host posts everything at once (it never waits for the device); operations between
-    two ranks on one group run in posting order on one stream, and a send completes only with
-    its receive (the worst case NCCL allows); an operation starts after the compute listed before
-    it (the NCCL stream waits for the compute stream at enqueue); a compute starts after every
-    receive listed before it. True when everything completes."""
-    streams = defaultdict(deque)  # (rank, lane, peer) -> (is_send, computes before, receive index)
+    two ranks on one group run in posting order on one stream (stream_per_peer=False: one stream
+    per group for all peers, as when torch runs p2p on the group's collective communicator), and
+    a send completes only with its receive (the worst case NCCL allows); an operation starts
+    after the compute listed before it (the NCCL stream waits for the compute stream at enqueue);
+    a compute starts after every receive listed before it. True when everything completes."""
+    streams = defaultdict(deque)  # (rank, lane, peer) -> (is_send, computes before, receive index, peer)
     receives_before = {}  # rank -> receives listed before each compute
     for rank, actions in lists.items():
         computes, n_received = [], 0
@@ -140,7 +143,8 @@ def completes_on_nccl_streams(lists, k, lane) -> bool:
                 channel, sends = _MESSAGES[action.kind]
                 peer = (rank + (1 if (channel == ACTIVATION) == sends else -1)) % k
                 src, dst = (rank, peer) if sends else (peer, rank)
-                streams[rank, lane(src, dst, channel), peer].append((sends, len(computes), n_received))
+                streams[rank, lane(src, dst, channel), peer if stream_per_peer else None].append(
+                    (sends, len(computes), n_received, peer))
                 n_received += not sends
         receives_before[rank] = computes
     computed, received = dict.fromkeys(lists, 0), {rank: set() for rank in lists}
@@ -151,9 +155,12 @@ def completes_on_nccl_streams(lists, k, lane) -> bool:
             while computed[rank] < len(needs) and received[rank] >= set(range(needs[computed[rank]])):
                 computed[rank] += 1
                 progressed = True
-        for (rank, lane_id, peer), ops in list(streams.items()):
-            other = streams[peer, lane_id, rank]
-            if ops and other and ops[0][0] and not other[0][0] \
+        for (rank, lane_id, _), ops in list(streams.items()):
+            if not ops or not ops[0][0]:
+                continue
+            peer = ops[0][3]
+            other = streams[peer, lane_id, rank if stream_per_peer else None]
+            if other and not other[0][0] and other[0][3] == rank \
                     and ops[0][1] <= computed[rank] and other[0][1] <= computed[peer]:
                 ops.popleft()
                 received[peer].add(other.popleft()[2])
@@ -161,7 +168,13 @@ def completes_on_nccl_streams(lists, k, lane) -> bool:
     return not any(streams.values()) and all(computed[r] == len(n) for r, n in receives_before.items())
 
 
-def schedule_cases(max_k=8, max_m=16, max_v=4):
+@functools.cache
+def schedule_cases(max_k=8, max_m=16, max_v=4) -> list:
+    """(schedule, K, M, V, every rank's list) of every valid case."""
+    return list(_schedule_cases(max_k, max_m, max_v))
+
+
+def _schedule_cases(max_k, max_m, max_v):
     for schedule in SCHEDULES:
         for k in range(2, max_k + 1):
             for m in range(1, max_m + 1):
@@ -173,8 +186,10 @@ def schedule_cases(max_k=8, max_m=16, max_v=4):
                     yield schedule, k, m, v, {r: train_actions(schedule, r, k, m, v) for r in range(k)}
 
 
-def test_payload_lanes_keep_every_schedule_deadlock_free_when_nccl_sends_wait_for_receives():
-    stuck = [case[:4] for case in schedule_cases() if not completes_on_nccl_streams(case[4], case[1], lane_of)]
+@pytest.mark.parametrize("stream_per_peer", [True, False])
+def test_payload_lanes_keep_every_schedule_deadlock_free_when_nccl_sends_wait_for_receives(stream_per_peer):
+    stuck = [case[:4] for case in schedule_cases()
+             if not completes_on_nccl_streams(case[4], case[1], lane_of, stream_per_peer)]
     assert stuck == []
 
 
@@ -201,7 +216,8 @@ def test_fewer_groups_than_lanes_deadlock_a_real_schedule_on_nccl(groups, schedu
                            "milliseconds before timing out."), "timed out after 3 s"),
     (dist.DistBackendError("NCCL communicator was aborted on rank 1.  Original reason for failure was: "
                            "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
-                           "OpType=SEND) ran for 3004 milliseconds before timing out."), "timed out after 3 s"),
+                           "OpType=SEND) ran for 3004 milliseconds before timing out."),
+     "timed out after 3 s"),
     (dist.DistBackendError("NCCL communicator was aborted on rank 0. "),
      "found the NCCL communicator aborted (an earlier operation failed or timed out)"),
     (dist.DistBackendError("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:317, remote "
@@ -214,7 +230,8 @@ def test_fewer_groups_than_lanes_deadlock_a_real_schedule_on_nccl(groups, schedu
                            "or external library call failed or device error. \nLast error:\nsocketPoll"),
      "failed in NCCL (ncclSystemError: a system call or the network failed, or a peer exited)"),
     (dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, internal error\n"
-                           "ncclInternalError: Internal check failed."), "failed in NCCL (ncclInternalError)"),
+                           "ncclInternalError: Internal check failed."),
+     "failed in NCCL (ncclInternalError)"),
     (RuntimeError("Tensors must be CUDA and dense\nmore"), "failed (Tensors must be CUDA and dense)"),
 ])
 def test_gloo_and_nccl_failures_get_one_reason_each(exc, reason):
