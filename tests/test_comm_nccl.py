@@ -218,6 +218,8 @@ def test_fewer_groups_than_lanes_deadlock_a_real_schedule_on_nccl(groups, schedu
                            "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
                            "OpType=SEND) ran for 3004 milliseconds before timing out."),
      "timed out after 3 s"),
+    (dist.DistBackendError("[Rank 0] Work WorkNCCL(SeqNum=3, OpType=RECV) timed out in blocking wait "
+                           "(TORCH_NCCL_BLOCKING_WAIT=1)."), "timed out after 3 s"),
     (dist.DistBackendError("NCCL communicator was aborted on rank 0. "),
      "found the NCCL communicator aborted (an earlier operation failed or timed out)"),
     (dist.DistBackendError("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:317, remote "
