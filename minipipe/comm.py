@@ -1,6 +1,6 @@
 """Point-to-point of a Tensor or a tuple of Tensors between neighbouring stages.
 
-    comm = StageComm(rank, prev_rank, next_rank, stage, device, timeout_s)
+    comm = StageComm(rank, prev_rank, next_rank, stage, device, timeout_s, layout.p2p)
     comm.send(value, dst, what, tag)                 # non-blocking; keeps tensors alive until waited
     value = comm.recv(src, what, microbatch, tag,    # bounded wait; validated
                       expect_batch=None, expect_like=None)
@@ -9,33 +9,45 @@
 Wire format: one fixed-size int64 header, then each tensor. The header holds (count, is_tuple,
 then per tensor: dtype code, ndim, dims padded to MAX_NDIM), so shapes may change from message
 to message (a smaller last micro-batch, another sequence length) and the receiver allocates
-exactly what arrives. A 1-tuple stays a 1-tuple, a Tensor stays a Tensor. Transport is
-torch.distributed isend/irecv on the default group (gloo on CPU, NCCL on GPU) with global ranks;
-messages between one (src, dst) pair with one tag arrive in the order they were sent. The tag
-separates the two channels of a pair: ACTIVATION and GRADIENT (under interleaving both flow
-between the same two ranks, e.g. K = 2, and each keeps its own order).
+exactly what arrives. A 1-tuple stays a 1-tuple, a Tensor stays a Tensor.
 
-Bounded waits: every receive and every send wait is bounded by timeout_s. A timeout, or a peer
-that died (gloo: RuntimeError "Connection closed by peer ... remote worker crashing"), becomes a
-PipelineError naming this rank, stage, micro-batch and the exchange waited on. Validation failures
+No host-device synchronisation: a header is a host (CPU) tensor built from the shapes Python
+already knows and travels on a gloo group (minipipe.dist.P2PGroups.headers) on every backend,
+so neither building nor reading one waits for a GPU. Payloads travel on the compute device's
+backend (gloo on CPU, NCCL on GPU), on one of N_LANES groups (`lane_of`). Global ranks
+throughout; tags name the channel (ACTIVATION, GRADIENT): on gloo, messages with one (src, dst,
+tag) arrive in the order sent. NCCL ignores tags and runs every operation between a pair of
+ranks of one group on one communicator and one stream, in the order posted, where a send may
+wait for its receive: one lane per (channel, direction) gives each stream the messages of one
+sender in one order, which the schedule pairs (see `lane_of`).
+
+Bounded waits: a header wait (host) is bounded by timeout_s. A payload wait on gloo is bounded
+by timeout_s too; on NCCL it is `Work.wait()` without a timeout, which only makes the compute
+stream wait for the transfer (a timeout would make the host poll until the data is there): the
+process group's timeout bounds it, enforced by the NCCL watchdog (minipipe.dist sets it to
+--timeout), which aborts the communicator and, by default, the process. A dead peer still shows
+here on every backend: its header never comes and gloo reports the closed connection. A
+timeout, or a peer that died, becomes a PipelineError naming this rank, stage, micro-batch and
+the exchange waited on (reason: minipipe.errors.describe_comm_failure). Validation failures
 (dim 0 != expect_batch; count/shapes/dtypes != expect_like) are PipelineErrors too.
 
-Why a schedule cannot deadlock: sends never block (isend), so only receives can wait, and a
-receive waits for a message its sender lists before anything that depends on this rank. For
-GPipe by induction: forward phase from stage 0 up (stage 0 receives nothing, so it issues all its
-sends; then stage s's receives complete in turn), backward phase from the last stage down. For
-any list (1f1b, interleaved, hand-made), minipipe.schedule_check simulates every rank with this
-transport and proves that all ranks reach the all-reduce and that the k-th send and receive of
-each channel name the same (chunk, micro-batch); tests/test_schedule.py runs it for K <= 8,
-M <= 16, V <= 4. On NCCL, Work.wait(timeout) is best-effort: the process-group timeout
-(minipipe.dist) is the backstop there.
+Why a schedule cannot deadlock: sends never block the host (isend), so only receives can wait,
+and a receive waits for a message its sender lists before anything that depends on this rank.
+For GPipe by induction: forward phase from stage 0 up (stage 0 receives nothing, so it issues all
+its sends; then stage s's receives complete in turn), backward phase from the last stage down.
+For any list (1f1b, interleaved, hand-made), minipipe.schedule_check simulates every rank with
+this transport and proves that all ranks reach the all-reduce and that the k-th send and
+receive of each channel name the same (chunk, micro-batch); tests/test_schedule.py runs it for
+K <= 8, M <= 16, V <= 4. On NCCL the same holds for the device streams when each lane carries
+one sender's messages (tests/test_comm_nccl.py replays the schedules with sends that wait for
+their receive).
 """
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from minipipe.errors import PipelineError
+from minipipe.errors import PipelineError, describe_comm_failure
 
 MAX_TENSORS = 8
 MAX_NDIM = 6
@@ -44,6 +56,18 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
 _FIELDS = 2 + MAX_NDIM  # per tensor: dtype code, ndim, dims
 HEADER_LEN = 2 + MAX_TENSORS * _FIELDS
 ACTIVATION, GRADIENT = 0, 1  # message tags: the two channels between a pair of ranks
+N_LANES = 4  # payload groups: (activation | gradient) x (to a higher | to a lower rank)
+
+
+def lane_of(src: int, dst: int, channel: int) -> int:
+    """The payload lane of a message: one per channel and direction. Why: NCCL puts every send and
+    receive between two ranks of one group on one stream, in the order posted, and a send may
+    wait there until its receive is posted. One group per pair deadlocks 1f1b at K = 2 (rank 0
+    queues its next activation before the gradient it receives; rank 1 queues that gradient
+    before the activation it receives); one group per channel deadlocks interleaved at K = 2
+    (activations flow both ways between the two ranks). With one lane per (channel, direction),
+    each stream holds one sender's messages in the order both sides list them."""
+    return 2 * channel + (src < dst)
 
 
 def _describe(tensors) -> str:
@@ -59,11 +83,14 @@ class StageComm:
     (e.g. "activation of micro-batch 3 from stage 1")."""
 
     def __init__(self, rank: int, prev_rank: int | None, next_rank: int | None, stage: int,
-                 device: torch.device, timeout_s: float):
+                 device: torch.device, timeout_s: float, groups):
+        """groups: minipipe.dist.P2PGroups of this rank's replica (Layout.p2p)."""
         self.rank, self.prev_rank, self.next_rank, self.stage = rank, prev_rank, next_rank, stage
         self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
-        self._pending = []  # (work, tensors kept alive, what) of sends not yet waited
+        self.groups = groups
+        self._payload_on_stream = groups.backend == "nccl"  # see the module docstring
+        self._pending = []  # (work, tensor kept alive, what, on_stream) of sends not yet waited
         self._early_headers = {}  # (src, tag) -> (work, header) of a header receive posted ahead
 
     # --- sending -------------------------------------------------------------------------------
@@ -71,27 +98,32 @@ class StageComm:
         """Start sending `value` (Tensor or tuple of Tensors) to rank dst; returns at once."""
         is_tuple = isinstance(value, tuple)
         tensors = tuple(t.detach().contiguous() for t in (value if is_tuple else (value,)))
-        header = torch.tensor(self._encode(tensors, is_tuple, what), dtype=torch.int64, device=self.device)
+        header = torch.tensor(self._encode(tensors, is_tuple, what), dtype=torch.int64)  # host memory
         self._release_completed_sends()
-        for tensor in (header, *tensors):
-            self._pending.append((self._start(dist.isend, tensor, dst, what, tag), tensor, what))
+        self._pending.append((self._start(dist.isend, header, dst, what, tag, self.groups.headers),
+                              header, what, False))
+        lane = self.groups.lanes[lane_of(self.rank, dst, tag)]
+        for tensor in tensors:
+            self._pending.append((self._start(dist.isend, tensor, dst, what, tag, lane), tensor, what,
+                                  self._payload_on_stream))
 
     def _release_completed_sends(self) -> None:
         """Drop finished sends so their tensors can be freed (re-materialisation keeps only stage
         inputs: a stage must not also hold every activation it sent until the end of the step)."""
         still = []
-        for work, tensor, what in self._pending:
-            if work.is_completed():
-                self._wait(work, f"sending {what}", microbatch=None)  # surfaces a failed send
+        for work, tensor, what, on_stream in self._pending:
+            if work.is_completed():  # an event query on NCCL: does not wait
+                self._wait(work, f"sending {what}", None, on_stream)  # surfaces a failed send
             else:
-                still.append((work, tensor, what))
+                still.append((work, tensor, what, on_stream))
         self._pending = still
 
     def wait_sends(self) -> None:
-        """Wait for every outstanding send (bounded); after this the sent tensors may be reused."""
+        """Wait for every outstanding send (bounded); after this the sent tensors may be reused
+        (on NCCL by work the host queues from now on: the compute stream waits)."""
         pending, self._pending = self._pending, []
-        for work, _tensor, what in pending:
-            self._wait(work, f"sending {what}", microbatch=None)
+        for work, _tensor, what, on_stream in pending:
+            self._wait(work, f"sending {what}", None, on_stream)
 
     def _encode(self, tensors, is_tuple, what) -> list[int]:
         if not 1 <= len(tensors) <= MAX_TENSORS:
@@ -108,18 +140,21 @@ class StageComm:
     # --- receiving -----------------------------------------------------------------------------
     def recv(self, src: int, what: str, microbatch: int, tag: int = ACTIVATION,
              expect_batch: int | None = None, expect_like=None):
-        """Receive the next Tensor-or-tuple from rank src; the header and each tensor are each
-        awaited at most timeout_s.
+        """Receive the next Tensor-or-tuple from rank src. The header is awaited at most
+        timeout_s on the host; each tensor too on gloo, and on NCCL by the compute stream only
+        (the value is usable by work queued after this call; see the module docstring).
 
         expect_batch: every tensor's dim 0 must equal it. expect_like: a Tensor or tuple whose
         structure, shapes and dtypes the received value must match exactly (e.g. the activation
         this stage sent, when receiving its gradient).
         """
         work, header = self._early_headers.pop((src, tag), None) or self._post_header(src, what, tag)
-        self._wait(work, f"receiving {what}", microbatch)
-        is_tuple, tensors = self._decode(header.tolist(), what, microbatch)
+        self._wait(work, f"receiving {what}", microbatch, on_stream=False)
+        is_tuple, tensors = self._decode(header.tolist(), what, microbatch)  # host memory: no sync
+        lane = self.groups.lanes[lane_of(src, self.rank, tag)]
         for tensor in tensors:
-            self._wait(self._start(dist.irecv, tensor, src, what, tag), f"receiving {what}", microbatch)
+            self._wait(self._start(dist.irecv, tensor, src, what, tag, lane), f"receiving {what}",
+                       microbatch, self._payload_on_stream)
         # validated after the payload, so the channel stays in step even when we refuse a value
         self._validate(tensors, is_tuple, what, microbatch, expect_batch, expect_like)
         return tensors if is_tuple else tensors[0]
@@ -132,8 +167,8 @@ class StageComm:
             self._early_headers[src, tag] = self._post_header(src, what, tag)
 
     def _post_header(self, src, what, tag):
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        return self._start(dist.irecv, header, src, what, tag), header
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)  # host memory, on the gloo header group
+        return self._start(dist.irecv, header, src, what, tag, self.groups.headers), header
 
     def _decode(self, header, what, microbatch):
         count, is_tuple = header[0], bool(header[1])
@@ -166,24 +201,22 @@ class StageComm:
                                               f"received {_structure(is_tuple, tensors)}")
 
     # --- bounded waits -------------------------------------------------------------------------
-    def _start(self, op, tensor, peer, what, tag):
+    def _start(self, op, tensor, peer, what, tag, group):
         try:
-            return op(tensor, peer, tag=tag)
+            return op(tensor, peer, group=group, tag=tag)
         except RuntimeError as exc:
             raise self._error(None, f"could not start {what} with rank {peer}: {exc}") from exc
 
-    def _wait(self, work, doing: str, microbatch: int | None) -> None:
-        seconds = self.timeout.total_seconds()
+    def _wait(self, work, doing: str, microbatch: int | None, on_stream: bool) -> None:
+        """on_stream: an NCCL payload, awaited by the compute stream (bounded by the watchdog);
+        otherwise the host waits at most timeout_s."""
         try:
-            work.wait(timeout=self.timeout)
-        except RuntimeError as exc:  # gloo reports both timeouts and dead peers as RuntimeError
-            text = str(exc)
-            if "Timed out" in text:
-                reason = f"timed out after {seconds:g} s"
-            elif "Connection closed" in text or "Connection reset" in text:
-                reason = "lost the connection (the peer process exited or crashed)"
+            if on_stream:
+                work.wait()
             else:
-                reason = f"failed ({text.splitlines()[0] if text else type(exc).__name__})"
+                work.wait(timeout=self.timeout)
+        except RuntimeError as exc:  # gloo and NCCL (DistBackendError) failures alike
+            reason = describe_comm_failure(exc, self.timeout.total_seconds())
             raise self._error(microbatch, f"{reason} {doing}. The other stage probably failed or "
                                           "is stuck: check its log for the first error; if it is "
                                           "only slow, raise --timeout") from exc

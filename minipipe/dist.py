@@ -1,11 +1,21 @@
 """Process groups: world = dp x stages; rank -> (dp_rank, stage); backend nccl (GPU) or gloo (CPU).
 
 Rank layout: rank = dp_rank * n_stages + stage, so the stages of one pipeline replica are adjacent
-in rank order (on a multi-GPU node, neighbours share the fastest links). Two families of groups:
+in rank order (on a multi-GPU node, neighbours share the fastest links). Groups:
 - stage_group: the dp ranks holding the same stage (its gradients are all-reduced there);
-- pipeline_group: the n_stages ranks of one replica (point-to-point runs on the default group).
+- pipeline_group: the n_stages ranks of one replica (broadcasts along the pipeline);
+- p2p (only when n_stages > 1): the groups that minipipe.comm sends on, all over the ranks of one
+  replica: one gloo group for the shape headers (host tensors, so reading a header never waits
+  for a GPU) and one group per payload lane on the default backend (see minipipe.comm.lane_of
+  for why NCCL needs four).
 Every rank creates every group in the same order, as torch.distributed.new_group requires.
-The timeout bounds every collective; point-to-point waits are bounded in minipipe.comm.
+The timeout bounds every collective and, on NCCL, every payload (the watchdog); waits on gloo
+are bounded in minipipe.comm as well.
+
+On CUDA the process's current device is set to cuda:LOCAL_RANK, also when the caller initialised
+the default group: NCCL, the caching allocator and torch.cuda.manual_seed act on the current
+device, so a stage whose current device is another GPU would run its communicators and seed its
+dropout there.
 """
 import os
 import socket
@@ -15,7 +25,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from minipipe.comm import N_LANES
 from minipipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class P2PGroups:
+    """What one replica's point-to-point messages travel on (minipipe.comm picks per message)."""
+    headers: dist.ProcessGroup  # gloo on every backend: headers are host tensors
+    lanes: tuple  # N_LANES groups on the default backend; minipipe.comm.lane_of picks one
+    backend: str  # of the lanes: "nccl" (payload waits are stream waits) or "gloo"
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,7 @@ class Layout:
     stage_group: dist.ProcessGroup
     pipeline_group: dist.ProcessGroup
     device: torch.device
+    p2p: P2PGroups | None  # None with one stage (nothing is sent)
 
     @property
     def is_first(self) -> bool:
@@ -52,11 +72,11 @@ def init_process_groups(n_stages: int, dp: int, timeout_s: float, device: str = 
     use_cuda = device != "cpu" and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:  # before any NCCL communicator exists, also when the caller made the group
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         check_world(world_size, n_stages, dp)  # refuse before any process waits on a rendezvous
-        if use_cuda:
-            torch.cuda.set_device(device)
         backend = "nccl" if use_cuda else "gloo"
         timeout = timedelta(seconds=timeout_s)
         launched = world_size > 1 or {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
@@ -73,12 +93,24 @@ def init_process_groups(n_stages: int, dp: int, timeout_s: float, device: str = 
     pipeline_groups = [dist.new_group([d * n_stages + s for s in range(n_stages)], timeout=timeout)
                        for d in range(dp)]
     dp_rank, stage = divmod(rank, n_stages)
+    p2p = _p2p_groups(n_stages, dp, timeout, device)[dp_rank] if n_stages > 1 else None
     return Layout(rank=rank, world_size=world_size, stage=stage, dp_rank=dp_rank,
                   n_stages=n_stages, dp=dp,
                   prev_rank=rank - 1 if stage > 0 else None,
                   next_rank=rank + 1 if stage < n_stages - 1 else None,
                   stage_group=stage_groups[stage], pipeline_group=pipeline_groups[dp_rank],
-                  device=device)
+                  device=device, p2p=p2p)
+
+
+def _p2p_groups(n_stages: int, dp: int, timeout: timedelta, device: torch.device) -> list[P2PGroups]:
+    """Every replica's point-to-point groups (created on every rank, in one order)."""
+    backend = dist.get_backend()  # "nccl", "gloo", or per device type: "cpu:gloo,cuda:nccl"
+    if ":" in backend:
+        backend = dict(entry.split(":") for entry in backend.split(","))[device.type]
+    replicas = [[d * n_stages + s for s in range(n_stages)] for d in range(dp)]
+    headers = [dist.new_group(ranks, timeout=timeout, backend="gloo") for ranks in replicas]
+    lanes = [[dist.new_group(ranks, timeout=timeout) for _ in range(N_LANES)] for ranks in replicas]
+    return [P2PGroups(headers[d], tuple(lanes[d]), backend) for d in range(dp)]
 
 
 def check_world(world_size: int, n_stages: int, dp: int) -> None:

@@ -13,7 +13,8 @@ from tests.spawn import REPO_ROOT, run_workers
 
 def two_stage_comm(rank, timeout_s):
     layout = init_process_groups(n_stages=2, dp=1, timeout_s=30)
-    return StageComm(rank, layout.prev_rank, layout.next_rank, layout.stage, layout.device, timeout_s)
+    return StageComm(rank, layout.prev_rank, layout.next_rank, layout.stage, layout.device, timeout_s,
+                     layout.p2p)
 
 
 def messages():
@@ -145,6 +146,11 @@ def layout_worker(rank, world_size):
     dist.all_reduce(stage_sum, group=layout.stage_group)
     pipeline_sum = torch.tensor([float(rank)])
     dist.all_reduce(pipeline_sum, group=layout.pipeline_group)
+    p2p = layout.p2p  # every point-to-point group spans this replica's pipeline, headers on gloo
+    p2p_groups = [p2p.headers, *p2p.lanes]
+    assert len(set(map(id, p2p_groups))) == 5 and p2p.backend == "gloo" == dist.get_backend(p2p.headers)
+    assert all(dist.get_process_group_ranks(g) == dist.get_process_group_ranks(layout.pipeline_group)
+               for g in p2p_groups)
     return (layout.rank, layout.stage, layout.dp_rank, layout.prev_rank, layout.next_rank,
             dist.get_process_group_ranks(layout.stage_group),
             dist.get_process_group_ranks(layout.pipeline_group),
@@ -176,7 +182,7 @@ ONE_RANK = """
 import torch, torch.distributed as dist
 from minipipe.dist import init_process_groups
 layout = init_process_groups(n_stages=1, dp=1, timeout_s=10)
-assert (layout.rank, layout.stage, layout.prev_rank, layout.next_rank) == (0, 0, None, None)
+assert (layout.rank, layout.stage, layout.prev_rank, layout.next_rank, layout.p2p) == (0, 0, None, None, None)
 value = torch.ones(1)
 dist.all_reduce(value, group=layout.stage_group)
 assert value.item() == 1.0
