@@ -6,8 +6,10 @@
 #   4. a short 1-GPU training run with --kernels triton beside --kernels torch: loss curves must
 #      agree; tokens/s and peak memory side by side,
 #   5. a 1-stage NCCL run under torchrun (its warm-up time in the log),
-#   6. the engine on the device: no synchronising call in any per-micro-batch action
-#      (torch.cuda.set_sync_debug_mode("error")), CUDA-event spans, timed / untimed step time,
+#   6. the engine and comm on the device: no synchronising call in any per-micro-batch action
+#      or exchange (torch.cuda.set_sync_debug_mode("error")), CUDA-event spans, timed / untimed
+#      step time,
+#   7. with two GPUs or more: 2-stage NCCL runs of every schedule, set_device under a caller's group,
 # then appends a dated section with the device name to BENCHMARKS.md.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere
@@ -64,7 +66,7 @@ fi
 TRAIN_COMMON=(--eval-every 0 --wandb disabled --seed 1337 "${TRAIN_ARGS[@]}")
 
 part kernel_tests 600 python -m pytest -q "${KERNEL_TESTS[@]}"
-part engine_on_device 300 python -m pytest -q -s tests/test_gpu_engine.py
+part engine_on_device 300 python -m pytest -q -s tests/test_gpu_engine.py tests/test_comm_nccl.py
 part compile_report 600 python bench/compile_report.py "${REPORT_ARGS[@]}"
 if [[ $DRY_RUN -eq 1 ]]; then
   part kernel_bench 120 python bench/kernels.py --help  # the benchmark itself needs CUDA
@@ -81,6 +83,24 @@ rm -f "$OUT/train_nccl.jsonl"
 part train_1stage_torchrun 300 torchrun --standalone --nproc_per_node=1 train.py \
   --metrics-jsonl "$OUT/train_nccl.jsonl" --out-dir "$OUT" "${TRAIN_COMMON[@]}" \
   --steps "$((TRAIN_STEPS < 20 ? TRAIN_STEPS : 20))"
+
+# Two GPUs or more: stages exchange over NCCL (NCCL refuses two ranks on one GPU). The lanes keep
+# 1f1b and interleaved at K = 2 (traffic both ways) free of deadlock; set_device with a caller's group.
+if [[ $DRY_RUN -eq 0 && $(python -c "import torch; print(torch.cuda.device_count())") -ge 2 ]]; then
+  for schedule in gpipe 1f1b interleaved; do
+    part "nccl_2stage_$schedule" 300 torchrun --standalone --nproc_per_node=2 train.py --device cuda \
+      --stages 2 --schedule "$schedule" --virtual-stages "$([[ $schedule == interleaved ]] && echo 2 || echo 1)" \
+      --microbatches 4 --steps 20 --out-dir "$OUT" "${TRAIN_COMMON[@]}"
+  done
+  part set_device 120 env LOCAL_RANK=1 RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
+    python -c "
+import torch, torch.distributed as dist
+from minipipe.dist import init_process_groups
+dist.init_process_group('nccl')
+layout = init_process_groups(1, 1, 60, 'cuda')
+assert torch.cuda.current_device() == 1 == layout.device.index, torch.cuda.current_device()
+dist.destroy_process_group()"
+fi
 
 if [[ $DRY_RUN -eq 1 ]]; then
   TARGET="$OUT/BENCHMARKS.dry-run.md"

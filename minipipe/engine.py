@@ -24,7 +24,7 @@ import torch.distributed as dist
 from minipipe import values
 from minipipe import optim, running_stats
 from minipipe.comm import ACTIVATION, GRADIENT, StageComm
-from minipipe.errors import PipelineError
+from minipipe.errors import PipelineError, describe_comm_failure
 from minipipe.generate import generate
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.schedule import Action, Kind, forward_actions, train_actions
@@ -104,7 +104,8 @@ class Engine:
         base = lay.rank - lay.stage
         self.act_src, self.act_dst = base + (lay.stage - 1) % k, base + (lay.stage + 1) % k
         self.comm = StageComm(lay.rank, lay.prev_rank, lay.next_rank, lay.stage, lay.device,
-                              timeout_s) if k > 1 else None
+                              timeout_s, lay.p2p) if k > 1 else None
+        self.timeout_s = timeout_s
         self.actions = train_actions(schedule, lay.stage, k, n_microbatches, virtual_stages)
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
         self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/spans.py)
@@ -299,10 +300,10 @@ class Engine:
             return fn(*args, **kwargs)
         except RuntimeError as err:
             lay = self.layout
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise PipelineError(f"rank {lay.rank} (stage {lay.stage}), step {self.step_index}: the {name} "
-                                f"failed ({first}). Another rank probably failed or is stuck: check "
-                                f"its log for the first error; if it is only slow, raise --timeout") from err
+                                f"failed: {describe_comm_failure(err, self.timeout_s)}. Another rank "
+                                f"probably failed or is stuck: check its log for the first error; if "
+                                f"it is only slow, raise --timeout") from err
 
     def _allreduce(self, _):
         """Sum gradients over the dp replicas of this stage (their losses were already divided by
@@ -317,7 +318,8 @@ class Engine:
             self._collective("data-parallel gradient all-reduce", work.wait)
             for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(synced)
-        self.tied.sum_copies()  # issue 12: the tied embedding's two copies get their summed gradient
+        # issue 12: the tied embedding's two copies get their summed gradient
+        self._collective("tied-embedding gradient all-reduce", self.tied.sum_copies)
         if not self.stats_layers:
             return
         def all_reduce(flat):  # noqa: E306 (one flat collective over this stage's replicas)
