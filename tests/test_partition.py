@@ -13,7 +13,7 @@ from minipipe import build
 from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.errors import ConfigError
-from minipipe.partition import (PROFILE_RUNS, balance_by_cost, check_balance, format_cut,
+from minipipe.partition import (balance_by_cost, check_balance, format_cut,
                                 profile_costs, stage_ranges)
 
 

@@ -123,6 +123,7 @@ def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     AmoebaNet cell's output is bfloat16. The planner must see what crosses each boundary."""
     import models
     from minipipe.data import load_dataset
+    from minipipe.microbatch import as_tuple
     cfg = make_config(**CASES[family], **COMMON, dtype="bfloat16")
     micro = cfg.batch_size // cfg.microbatches
     value, _ = load_dataset(cfg).batch(0, micro)
@@ -131,7 +132,7 @@ def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     real = []  # bytes each layer receives in a real forward
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(len(layers)):
-            real.append(sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,))))
+            real.append(sum(t.numel() * t.element_size() for t in as_tuple(value)))
             value = layers[i](value)
     planned = [p.input_bytes for p in plan.profile_layers(cfg)[:-1]]
     assert planned == real
