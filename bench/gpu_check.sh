@@ -9,7 +9,9 @@
 #   6. the engine and comm on the device: no synchronising call in any per-micro-batch action
 #      or exchange (torch.cuda.set_sync_debug_mode("error")), CUDA-event spans, timed / untimed
 #      step time,
-#   7. with two GPUs or more: 2-stage NCCL runs of every schedule, set_device under a caller's group,
+#   7. --balance-by time under bf16 (layer-at-a-time profiling on the device),
+#   8. with two GPUs or more: 2-stage NCCL runs of every schedule, set_device under a caller's
+#      group, dropout seeding the value's GPU,
 # then appends a dated section with the device name to BENCHMARKS.md.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere
@@ -79,6 +81,9 @@ for backend in triton torch; do
     --metrics-jsonl "$OUT/train_$backend.jsonl" --out-dir "$OUT" "${TRAIN_COMMON[@]}" \
     --steps "$TRAIN_STEPS"
 done
+# --balance-by time profiles one layer at a time on the device, under bf16 autocast
+part balance_by_time 300 python train.py --balance-by time --dtype "$([[ $DRY_RUN -eq 1 ]] && echo float32 || echo bfloat16)" \
+  --out-dir "$OUT" "${TRAIN_COMMON[@]}" --steps 2
 rm -f "$OUT/train_nccl.jsonl"
 part train_1stage_torchrun 300 torchrun --standalone --nproc_per_node=1 train.py \
   --metrics-jsonl "$OUT/train_nccl.jsonl" --out-dir "$OUT" "${TRAIN_COMMON[@]}" \
@@ -100,6 +105,16 @@ dist.init_process_group('nccl')
 layout = init_process_groups(1, 1, 60, 'cuda')
 assert torch.cuda.current_device() == 1 == layout.device.index, torch.cuda.current_device()
 dist.destroy_process_group()"
+  # dropout seeds the generator of the value's GPU, not the current one's
+  part dropout_device 120 python -c "
+import torch
+from minipipe.stage import Stage
+masks = []
+for current in (1, 0):
+    torch.cuda.set_device(current)
+    stage = Stage({0: torch.nn.Dropout(0.5)}, seed=7).to('cuda:1').train()
+    masks.append(stage(torch.ones(1000, device='cuda:1'), step=3, microbatch=2))
+assert torch.equal(*masks), 'the mask depends on the current device'"
 fi
 
 if [[ $DRY_RUN -eq 1 ]]; then

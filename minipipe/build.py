@@ -100,14 +100,20 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
         return [int(x) for x in cfg.balance.split(",")], params, "params"
     if cfg.balance_by == "params":
         return partition.balance_by_cost(params, n_chunks), params, "params"
-    # Profiled costs differ run to run: rank 0 measures, everyone uses its cut.
+    # Profiled costs differ run to run: rank 0 measures, everyone uses its cut. One rank measures
+    # every layer so that the costs compare (one device, one clock); it builds, profiles and
+    # frees them one at a time, so a model that only fits cut into stages is profiled too.
     plan = [None]
     if layout.rank == 0:
-        layers = build_layers(cfg, range(n_layers), backend)
-        stack = [layers[i].to(layout.device, PARAM_DTYPES[cfg.dtype]) for i in range(n_layers)]
-        inputs, _ = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
+        inputs, targets = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
         inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
-        costs = partition.profile_costs(stack, inputs, cfg.balance_by, layout.device)
+        loss_sum, targets = models.loss_fn(cfg, backend), targets.to(layout.device)
+
+        def build_layer(i):
+            return build_layers(cfg, [i], backend)[i].to(layout.device, PARAM_DTYPES[cfg.dtype])
+        costs = partition.profile_costs(build_layer, n_layers, inputs, cfg.balance_by, layout.device,
+                                        loss=lambda output: loss_sum(output, targets),
+                                        autocast_dtype=AUTOCAST_DTYPES.get(cfg.dtype))
         plan = [(partition.balance_by_cost(costs, n_chunks), costs)]
     if layout.world_size > 1:
         dist.broadcast_object_list(plan, src=0)

@@ -41,15 +41,14 @@ from minipipe.checkpoint_files import (
     TRAINER_STATE,
     check_data_order,
     check_model_shape,
-    checkpoint_path,
     digest,
     read_index,
     read_tensors,
     read_trainer_state,
 )
-from minipipe.checkpoint_dir import (DirectoryClaim, claim_checkpoint_dir, holds_only_checkpoint_files,
-                                     is_checkpoint)
-from minipipe.errors import CheckpointError, PipelineError
+from minipipe.checkpoint_dir import (DirectoryClaim, agreed_resume_path, claim_checkpoint_dir, collective,
+                                     from_rank0, gathered, holds_only_checkpoint_files, is_checkpoint)
+from minipipe.errors import CheckpointError, PipelineError, describe_comm_failure
 
 
 # ---- the training loop's view ----------------------------------------------------------------
@@ -65,7 +64,7 @@ class Checkpointer:
         self.enabled = self.cfg.ckpt_dir is not None
         self.sigterm_received = False  # on this rank: a SIGTERM or SIGINT asked to stop
         self.stopped = False  # agreed by every rank: the run ended early at a step boundary
-        self.claim = DirectoryClaim(None, "")
+        self.claim, self.claimed = DirectoryClaim(None, ""), False
         self._previous_handlers = ({sig: signal.signal(sig, self._on_stop_signal)
                                     for sig in self.STOP_SIGNALS} if self.enabled else {})
 
@@ -77,12 +76,14 @@ class Checkpointer:
                         b"(Ctrl-C again to stop without saving)\n")
 
     def resume(self) -> int:
-        """Restore the checkpoint --resume names (if any), then claim --ckpt-dir (see
-        checkpoint_dir.py); returns the first step to run."""
-        path = resume_path(self.cfg)
+        """Restore the checkpoint --resume names (if any; rank 0 decides which, every rank checks
+        it reads the same step), then claim --ckpt-dir (see checkpoint_dir.py), which checks that
+        every rank shares it; returns the first step to run. Saving needs the claim first."""
+        path = agreed_resume_path(self.cfg, self.run.layout)
         step = None if path is None else load_checkpoint(self.run, self.cursor, path)  # read only
         if self.enabled:
             self.claim = claim_checkpoint_dir(self.cfg, self.run.layout, path)
+            self.claimed = True
         if path is None:
             return 0
         if self.run.layout.rank == 0:
@@ -93,6 +94,8 @@ class Checkpointer:
         """Save if due; True when the run must stop here (a SIGTERM reached any rank)."""
         if not self.enabled:
             return False
+        if not self.claimed:  # the claim proved every rank writes where rank 0 reads
+            raise RuntimeError("a checkpoint save before resume() claimed --ckpt-dir")
         self.stopped = self._any_rank_stopping()
         done, every = step + 1, self.cfg.ckpt_every
         if self.stopped or done == self.cfg.steps or (every and done % every == 0):
@@ -111,8 +114,8 @@ class Checkpointer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         except RuntimeError as err:  # a peer died after the step: say so, not a raw gloo error
             raise PipelineError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
-                                f"agree whether to stop after this step failed "
-                                f"({str(err).splitlines()[0]}); the first error is in another "
+                                f"agree whether to stop after this step failed: "
+                                f"{describe_comm_failure(err, self.cfg.timeout)}; the first error is in another "
                                 f"rank's log") from err
         return bool(flag.item())
 
@@ -143,12 +146,19 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
             with _write_failure_reported(root, tmp / file_name, lay):
                 report[kind] = _write_shard(tmp, file_name, tensors)
     reports = _gather_to_rank0(report, lay, f"write its shards of {final.name}")
+    problem = None
     if lay.rank == 0:
-        with _write_failure_reported(root, tmp / TRAINER_STATE, lay):
-            _write_trainer_state(run, cursor, step, lr, tmp, reports)
-        _publish(root, tmp, final)
-        _prune(root, run.cfg.keep)
-    _barrier(lay, f"see {final.name} published")
+        try:
+            _check_shards_visible(tmp, reports)
+            with _write_failure_reported(root, tmp / TRAINER_STATE, lay):
+                _write_trainer_state(run, cursor, step, lr, tmp, reports)
+            _publish(root, tmp, final)
+            _prune(root, run.cfg.keep)
+        except CheckpointError as err:
+            problem = str(err)
+    problem = from_rank0(lay, [problem], f"see {final.name} published")[0]
+    if problem:  # rank 0's verdict: every rank stops with the same message
+        raise CheckpointError(problem)
     return final
 
 
@@ -157,6 +167,20 @@ def optimizer_tensors(stage, optimizer) -> dict:
     names = {id(p): name for name, p in stage.named_parameters()}
     return {f"{names[id(p)]}.{key}": value for p, state in optimizer.state.items()
             for key, value in state.items()}
+
+
+def _check_shards_visible(tmp: Path, reports: list) -> None:
+    """Rank 0, before publishing: every shard another rank wrote is here, whole. The claim's probe
+    proved the filesystem shared; this keeps a checkpoint from naming a file rank 0 cannot read."""
+    for rank, report in enumerate(reports):
+        for shard in (report[kind] for kind in INDEX_FILES if kind in report):
+            path = tmp / shard["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != shard["bytes"]:
+                raise CheckpointError(
+                    f"rank 0 cannot see {path} as rank {rank} wrote it ({shard['bytes']} bytes; "
+                    f"rank 0 sees {'nothing' if size is None else f'{size} bytes'}); a multi-node "
+                    f"run needs --ckpt-dir on a filesystem every node shares; nothing was published")
 
 
 def _write_shard(directory: Path, file_name: str, tensors: dict) -> dict:
@@ -247,18 +271,6 @@ def _prune(root: Path, keep: int) -> None:
 
 
 # ---- resume and load -------------------------------------------------------------------------
-def resume_path(cfg) -> Path | None:
-    """The checkpoint --resume asks for: none; auto = `latest` of --ckpt-dir if there is one;
-    or a PATH (a step directory, or a checkpoint directory whose `latest` is taken)."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        if cfg.ckpt_dir is None or not (Path(cfg.ckpt_dir) / LATEST).exists():
-            return None
-        return checkpoint_path(cfg.ckpt_dir)
-    return checkpoint_path(cfg.resume)
-
-
 def load_checkpoint(run, cursor, path: Path) -> int:
     """Verify, then restore weights, buffers, optimizer state, data cursor and (same layout only)
     RNG states; returns the checkpoint's step. A problem found by any rank raises the same
@@ -272,9 +284,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
         problem = None
     except CheckpointError as err:
         problem = f"rank {lay.rank} (stage {lay.stage}): {err}"
-    problems = [problem] if lay.world_size == 1 else [None] * lay.world_size
-    if lay.world_size > 1:
-        dist.all_gather_object(problems, problem)
+    problems = gathered(lay, problem, f"verify {path}")
     first = next((p for p in problems if p), None)
     if first:
         raise CheckpointError(first)
@@ -365,12 +375,6 @@ def _gather_to_rank0(report: dict, lay, what: str) -> list:
     return reports
 
 
-def _agree(lay, what: str, collective) -> None:
-    """A collective of the save; a rank that failed (disk full, killed) surfaces here, after at
-    most --timeout, as an error that says what this rank waited for."""
-    try:
-        collective()
-    except RuntimeError as err:
-        raise CheckpointError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
-                              f"{what} failed ({str(err).splitlines()[0]}); the first error is in "
-                              f"another rank's log, and the previous checkpoint is intact") from err
+def _agree(lay, what: str, run) -> None:
+    """A collective of the save; a rank that failed (disk full, killed) surfaces here."""
+    collective(lay, what, run, consequence=", and the previous checkpoint is intact")

@@ -11,6 +11,11 @@ Claimed at start-up, before the first step, by `claim_checkpoint_dir` (every ran
 - every rank writes a probe file that rank 0 must then see: a --ckpt-dir that is not shared by
   every node (multi-node runs need a shared filesystem) is refused here, not at the first save.
 
+Which checkpoint a run resumes is decided once, by rank 0 (`agreed_resume_path`): it resolves
+--resume (auto reads `latest`, which a save may replace at any moment) and every rank takes its
+step directory; then every rank reads that directory's step itself, and any rank that reads
+another step, or nothing, fails every rank with the same CheckpointError before anything loads.
+
 A checkpoint is recognised by its trainer_state.json (see `is_checkpoint`): pruning and the fresh
 run check never count, move or delete anything else, such as a user's `step-7/notes.txt`.
 """
@@ -23,11 +28,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from minipipe.checkpoint_files import STEP_DIR, TRAINER_STATE
-from minipipe.errors import CheckpointError
+from minipipe.checkpoint_files import LATEST, STEP_DIR, TRAINER_STATE, checkpoint_path, read_trainer_state
+from minipipe.errors import CheckpointError, describe_comm_failure
 
 LOCK = "minipipe.lock"
 PROBE = ".probe-rank{}"
+CLAIM = "claim --ckpt-dir"
+SHARED_FS = ("a multi-node run needs --ckpt-dir (and any --resume PATH) on a filesystem every "
+             "node shares")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -82,7 +90,7 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
             claim = _lock(root)
         except CheckpointError as err:
             problem = str(err)
-    token, problem = _from_rank0(layout, [claim.token, problem])
+    token, problem = from_rank0(layout, [claim.token, problem], CLAIM)
     if problem:
         raise CheckpointError(problem)
     try:  # each rank says "I can write here"; rank 0 checks that it sees every rank's word
@@ -90,12 +98,11 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
         problem = None
     except OSError as err:
         problem = (f"rank {layout.rank} cannot write in --ckpt-dir {root}, which rank 0 created "
-                   f"({err.strerror}); a multi-node run needs a --ckpt-dir on a filesystem every "
-                   f"node shares, writable by every rank")
-    problems = _gathered(layout, problem)
+                   f"({err.strerror}); {SHARED_FS}, writable by every rank")
+    problems = gathered(layout, problem, CLAIM)
     if layout.rank == 0:
         problem = next((p for p in problems if p), None) or _check_probes(root, layout, token)
-    problem = _from_rank0(layout, [problem])[0]
+    problem = from_rank0(layout, [problem], CLAIM)[0]
     try:  # a probe rank 0 could not see (another node's filesystem) is its writer's to remove
         (root / PROBE.format(layout.rank)).unlink(missing_ok=True)
     except OSError:
@@ -198,29 +205,84 @@ def _check_probes(root: Path, layout, token: str) -> str | None:
             missing.append(rank)
     if missing:
         return (f"--ckpt-dir {root}: rank 0 cannot see the files that ranks {missing} wrote "
-                f"there; a multi-node run needs a --ckpt-dir on a filesystem every node shares")
+                f"there; {SHARED_FS}")
     return None
 
 
-def _from_rank0(layout, values: list) -> list:
+# ---- which checkpoint to resume ------------------------------------------------------------
+def resume_path(cfg) -> Path | None:
+    """The checkpoint --resume asks for, as this process sees it: none; auto = `latest` of
+    --ckpt-dir if there is one; or a PATH (a step directory, or a checkpoint directory whose
+    `latest` is taken)."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        if cfg.ckpt_dir is None or not (Path(cfg.ckpt_dir) / LATEST).exists():
+            return None
+        return checkpoint_path(cfg.ckpt_dir)
+    return checkpoint_path(cfg.resume)
+
+
+def agreed_resume_path(cfg, layout) -> Path | None:
+    """Every rank: rank 0's `resume_path`, once every rank has checked that it reads the same
+    step there; otherwise the same CheckpointError on every rank."""
+    decision = [None, None, None]  # step directory, its step, or the problem rank 0 found
+    if layout.rank == 0:
+        try:
+            path = resume_path(cfg)
+            decision = [None if path is None else str(path),
+                        None if path is None else read_trainer_state(path)["step"], None]
+        except CheckpointError as err:
+            decision = [None, None, str(err)]
+    path, step, problem = from_rank0(layout, decision, "agree on the checkpoint to resume")
+    if problem:
+        raise CheckpointError(problem)
+    if path is None:
+        return None
+    try:  # each rank reads the step itself: a node with another view of the path shows here
+        seen = read_trainer_state(Path(path))["step"]
+    except CheckpointError as err:
+        seen = f"cannot read it ({err})"
+    problem = disagreement(path, step, gathered(layout, seen, "agree on the checkpoint to resume"))
+    if problem:
+        raise CheckpointError(problem)
+    return Path(path)
+
+
+def disagreement(path: str, step: int, seen_by_rank: list) -> str | None:
+    """None when every rank read `step` in `path`; else the message every rank raises."""
+    others = [f"rank {rank} {'sees step ' + str(seen) if isinstance(seen, int) else seen}"
+              for rank, seen in enumerate(seen_by_rank) if seen != step]
+    if not others:
+        return None
+    return (f"the ranks disagree on the checkpoint to resume: rank 0 resumes {path} at step {step}, "
+            f"but {'; '.join(others)}; {SHARED_FS} (or the same checkpoint copied to that path on "
+            f"every node), then run again")
+
+
+# ---- collectives of the claim and the resume -------------------------------------------------
+def from_rank0(layout, values: list, what: str) -> list:
+    """Rank 0's values, on every rank."""
     if layout.world_size > 1:
-        _collective(layout, lambda: dist.broadcast_object_list(values, src=0))
+        collective(layout, what, lambda: dist.broadcast_object_list(values, src=0))
     return values
 
 
-def _gathered(layout, value) -> list:
+def gathered(layout, value, what: str) -> list:
+    """Every rank's value, by rank, on every rank."""
     if layout.world_size == 1:
         return [value]
     values = [None] * layout.world_size
-    _collective(layout, lambda: dist.all_gather_object(values, value))
+    collective(layout, what, lambda: dist.all_gather_object(values, value))
     return values
 
 
-def _collective(layout, run) -> None:
-    """A rank that died (or failed before this point) surfaces here within --timeout."""
+def collective(layout, what: str, run, consequence: str = "") -> None:
+    """A rank that died (or failed before this point) surfaces here within --timeout, as an error
+    that says what this rank waited for."""
     try:
         run()
     except RuntimeError as err:
-        raise CheckpointError(f"rank {layout.rank}: waiting for every rank to claim --ckpt-dir "
-                              f"failed ({str(err).splitlines()[0]}); the first error is in another "
-                              f"rank's log") from err
+        raise CheckpointError(f"rank {layout.rank} (stage {layout.stage}): waiting for every rank to "
+                              f"{what} failed: {describe_comm_failure(err)}; the first error is in "
+                              f"another rank's log{consequence}") from err

@@ -2,9 +2,11 @@
 building one stage's layers alone gives bitwise the weights of the whole model; the tied head's
 weight (minipipe/tied.py); parameter counts and chunk input shapes from meta-device layers (no
 memory)."""
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
 import models
@@ -52,21 +54,29 @@ def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
     return counts
 
 
-def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, device) -> list:
+def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, device,
+                 autocast_dtype: torch.dtype | None = None) -> list:
     """A zero value shaped like each chunk's input for a micro-batch of `rows` samples, traced
-    through the model's earlier layers on the meta device (no memory, no weights); floating
-    entries in `dtype` (the parameters'). Under autocast the real boundary may be narrower
-    (AmoebaNet's activations; the Transformer's residual stream stays float32)."""
+    through the model's earlier layers without memory: on the meta device, or under autocast on
+    fake CPU tensors (meta tensors ignore autocast), so each boundary has the run's dtype (under
+    bf16 the Transformer's residual stream stays float32, AmoebaNet's cells hand over bf16).
+    Floating inputs of the model are in `dtype` (the parameters')."""
     family = models.family(cfg)
-    value = torch.zeros(family.input_shape(cfg, rows), device="meta",
-                        dtype=torch.long if family.reads_tokens else dtype)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        value = torch.zeros(family.input_shape(cfg, rows), dtype=torch.long if family.reads_tokens else dtype)
     starts, found = {chunk[0]: None for chunk in chunks}, 0
-    factories = models.layer_factories(cfg)
-    with torch.device("meta"), torch.no_grad():
-        for i, make in enumerate(factories[:max(starts) + 1]):
-            if i in starts:
-                starts[i], found = value, found + 1
-            if found < len(starts):
-                value = make().to(dtype).eval()(value)  # eval: the Head's logits are not needed
+    tracing = nullcontext() if autocast_dtype is None else torch.autocast("cpu", dtype=autocast_dtype)
+    for i, make in enumerate(models.layer_factories(cfg)[:max(starts) + 1]):
+        if i in starts:
+            starts[i], found = value, found + 1
+        if found == len(starts):
+            break
+        with torch.device("meta"):
+            layer = make().to(dtype).eval()  # eval: the Head's logits are not needed
+        with fake:
+            layer.to_empty(device="cpu")
+        with fake, torch.no_grad(), tracing:
+            value = layer(value)
     return [map_tensors(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device), starts[chunk[0]])
             for chunk in chunks]

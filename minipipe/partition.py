@@ -8,13 +8,14 @@ profiling one micro-batch (`profile_costs`, by 'time' or 'memory').
 """
 import statistics
 import time
-from typing import Sequence
+from contextlib import nullcontext
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from minipipe.errors import ConfigError
-from minipipe.values import as_tuple
+from minipipe.values import as_tuple, map_tensors
 from minipipe.recompute import grad_leaf
 
 PROFILE_RUNS = 5  # timed runs per layer after one warm-up; the median is the cost
@@ -85,65 +86,78 @@ def stage_ranges(balance: Sequence[int]) -> list[range]:
     return ranges
 
 
-def profile_costs(layers: Sequence[nn.Module], sample_input, by: str, device) -> list[float]:
+def profile_costs(build_layer: Callable[[int], nn.Module], n_layers: int, sample_input, by: str,
+                  device, loss: Callable | None = None, autocast_dtype=None) -> list[float]:
     """Profile each layer on one micro-batch: by='time' (seconds of forward+backward, median of
     PROFILE_RUNS after a warm-up) or by='memory' (bytes saved for backward + parameter bytes).
 
-    Layer i is fed layer i-1's output, a Tensor or a tuple passed as one argument (the layer
-    contract). Profiling leaves no trace: parameter .grad, buffers (e.g. BatchNorm running stats)
-    and the RNG state are as they were.
+    Layer i comes from build_layer(i), already on `device`, is profiled, makes layer i + 1's input
+    (a Tensor or a tuple passed as one argument: the layer contract) and is dropped before layer
+    i + 1 is built: one layer exists at a time, so a model that needs a pipeline to fit is
+    profiled on one device. `loss(output)` is part of the last layer's cost (the
+    Transformer's fused head leaves the logits and the cross entropy to the loss). Under
+    autocast_dtype the layers run as the engine runs them. Profiling leaves no trace: parameter
+    .grad, buffers (e.g. BatchNorm running stats) and the RNG state are as they were.
     """
     if by not in ("time", "memory"):
         raise ConfigError(f"unknown profiling mode {by!r}; use 'time' or 'memory'")
     device = torch.device(device)
-    value = _map(lambda t: t.to(device), sample_input)
+    value = map_tensors(lambda t: t.to(device), sample_input)
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     costs = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for layer in layers:
+        for i in range(n_layers):
+            layer = build_layer(i)
+            finish = loss if i == n_layers - 1 and loss is not None else _sum_outputs
             saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
-            if by == "time":
-                costs.append(_time_layer(layer, value, device))
-            else:
-                costs.append(_memory_layer(layer, value))
+            with autocast():
+                if by == "time":
+                    costs.append(_time_layer(layer, value, finish, device))
+                else:
+                    costs.append(_memory_layer(layer, value, finish))
+                with torch.no_grad():
+                    value = map_tensors(torch.Tensor.detach, layer(value))
             with torch.no_grad():
-                value = _map(torch.Tensor.detach, layer(value))
                 for buffer, saved in saved_buffers:
                     buffer.copy_(saved)
+            del layer, saved_buffers  # before the next layer is built
     return costs
 
 
-def _map(fn, value):
-    """fn applied to a Tensor, or to each entry of a tuple of Tensors (the structure is kept)."""
-    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+def _sum_outputs(output):
+    """What a layer that does not end the model backpropagates from: every differentiable output."""
+    outputs = [t for t in as_tuple(output) if t.is_floating_point() and t.requires_grad]
+    return sum(t.sum() for t in outputs) if outputs else None
 
 
-def _forward_backward(layer: nn.Module, value) -> None:
-    """One forward and backward; gradients are returned by autograd.grad, not accumulated in .grad."""
+def _forward_backward(layer: nn.Module, value, finish) -> None:
+    """One forward (then `finish`) and backward; gradients are returned by autograd.grad, not
+    accumulated in .grad."""
     inputs = grad_leaf(value)
-    outputs = [t for t in as_tuple(layer(inputs)) if t.is_floating_point() and t.requires_grad]
+    total = finish(layer(inputs))
     wrt = ([t for t in as_tuple(inputs) if t.requires_grad]
            + [p for p in layer.parameters() if p.requires_grad])
-    if outputs and wrt:
-        torch.autograd.grad(sum(t.sum() for t in outputs), wrt, allow_unused=True)
+    if total is not None and total.requires_grad and wrt:
+        torch.autograd.grad(total, wrt, allow_unused=True)
 
 
-def _time_layer(layer: nn.Module, value, device: torch.device) -> float:
+def _time_layer(layer: nn.Module, value, finish, device: torch.device) -> float:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    _forward_backward(layer, value)  # warm-up: allocator, kernel selection, lazy init
+    _forward_backward(layer, value, finish)  # warm-up: allocator, kernel selection, lazy init
     durations = []
     for _ in range(PROFILE_RUNS):
         sync()
         start = time.perf_counter()
-        _forward_backward(layer, value)
+        _forward_backward(layer, value, finish)
         sync()
         durations.append(time.perf_counter() - start)
     return statistics.median(durations)
 
 
-def _memory_layer(layer: nn.Module, value) -> float:
+def _memory_layer(layer: nn.Module, value, finish) -> float:
     param_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = {}  # storage pointer -> bytes: a tensor saved twice (or views of it) counts once
 
@@ -154,7 +168,7 @@ def _memory_layer(layer: nn.Module, value) -> float:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(grad_leaf(value))
+        finish(layer(grad_leaf(value)))
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     return float(sum(saved.values()) + param_bytes)
 

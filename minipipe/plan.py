@@ -6,9 +6,10 @@ model that fits a memory budget (the question of GPipe's Table 1).
     python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --schedule 1f1b
 
 Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device (no
-memory, no data, no processes): parameters are counted, activations are the bytes autograd saves
-for backward while one micro-batch runs through the layers (saved_tensors_hooks, each storage
-counted once), FLOPs come from torch's FlopCounterMode over a forward and backward.
+memory, no data, no processes; traced as fake tensors under autocast): parameters are counted,
+activations are the bytes autograd saves for backward while one micro-batch runs through the
+layers (saved_tensors_hooks, each storage counted once), FLOPs come from torch's FlopCounterMode
+over a forward and backward.
 
 Bytes of a stage (GPipe section 2.3), per device:
     state        weights + gradients + AdamW's two moments: 4 copies of each parameter
@@ -22,21 +23,26 @@ Bytes of a stage (GPipe section 2.3), per device:
                  flight keeps boundary + intermediate (gpipe: M x (boundary + intermediate)).
 Not counted: communication buffers, the allocator's slack, one op's temporary workspace, the CUDA
 context. Estimates follow the plain-torch ops (Triton's flash attention saves no T x T scores);
-under bf16/fp16 autocast the layers are traced in that dtype (an approximation). Identical layers
-are traced once.
+under bf16/fp16 the layers hold float32 weights and are traced under autocast, as the run is
+(the activations have the run's dtypes, a float32 Transformer boundary included). Identical
+layers are traced once.
 """
 import argparse
 import dataclasses
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from minipipe import partition, tied
+from minipipe.build import AUTOCAST_DTYPES, PARAM_DTYPES
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
 from minipipe.values import as_tuple
@@ -44,8 +50,6 @@ from minipipe.schedule import Kind, bubble_fraction, check_schedule, train_actio
 
 STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
-TRACE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
 UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _TRACES: dict = {}  # (previous layer, layer, input) signature -> traced numbers; layers repeat
 
@@ -107,7 +111,7 @@ def _spec(value) -> tuple:
 
 def _fresh(spec, requires_grad: bool):
     is_tuple, entries = spec
-    tensors = tuple(torch.empty(shape, dtype=dtype, device="meta").requires_grad_(
+    tensors = tuple(torch.empty(shape, dtype=dtype).requires_grad_(  # on the tracing device
         requires_grad and dtype.is_floating_point) for shape, dtype in entries)
     return tensors if is_tuple else tensors[0]
 
@@ -151,7 +155,8 @@ def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool
 
 
 def _flops(layer: nn.Module, spec, model_input: bool) -> float:
-    with FlopCounterMode(display=False) as counter:
+    # The model's FLOPs whichever attention kernel runs: SDPA's math path counts its two matmuls.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         output = layer(_fresh(spec, requires_grad=not model_input))
         outputs = [t for t in as_tuple(output) if t.requires_grad]
         if outputs:
@@ -167,7 +172,34 @@ class _Loss(nn.Module):
         self.loss_sum, self.targets_shape = models.loss_fn(cfg), targets_shape
 
     def forward(self, output):
-        return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long, device="meta"))
+        return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long))
+
+
+def _as_the_run_computes(cfg):
+    """The context to trace the meta-built layers in, with the activation dtypes of the run.
+    Without autocast: the meta device. Under bf16/fp16 autocast (float32 weights) the layers move
+    to fake CPU tensors (no memory; once, and only when a trace is not cached), because meta
+    tensors ignore autocast: the Transformer's residual stream, its stage boundary, then stays
+    float32 as in the run. CPU autocast casts matmuls, convolutions and elementwise ops as CUDA's
+    does. There SDPA saves what the CPU's flash kernel saves (no T x T scores, as on a GPU); on
+    the meta device it takes the math path, which saves them."""
+    autocast, moved = AUTOCAST_DTYPES.get(cfg.dtype), set()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+
+    @contextmanager
+    def tracing(*layers):
+        if autocast is None:
+            with torch.device("meta"):
+                yield
+            return
+        with fake:
+            for layer in layers:
+                if layer is not None and id(layer) not in moved:
+                    layer.to_empty(device="cpu")
+                    moved.add(id(layer))
+        with fake, torch.autocast("cpu", dtype=autocast):
+            yield
+    return tracing
 
 
 def resolve_data_fields(cfg) -> Config:
@@ -181,7 +213,7 @@ def profile_layers(cfg) -> list[LayerProfile]:
     cfg = resolve_data_fields(cfg)
     family = models.family(cfg)
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
-    dtype = TRACE_DTYPES[cfg.dtype]
+    dtype = PARAM_DTYPES[cfg.dtype]
     built = {}  # one module per distinct factory: the Transformer's blocks share one
     with torch.device("meta"):
         layers = []
@@ -190,17 +222,19 @@ def profile_layers(cfg) -> list[LayerProfile]:
                 built[id(factory)] = factory().to(dtype)
             layers.append(built[id(factory)])
         layers.append(_Loss(cfg, family.targets_shape(cfg, micro)))
+    trace_as_the_run_computes = _as_the_run_computes(cfg)
     spec = (False, ((family.input_shape(cfg, micro), torch.long if family.reads_tokens else dtype),))
     profiles, previous, previous_spec = [], None, None
     signatures = {id(layer): _signature(layer) for layer in layers}
     for i, layer in enumerate(layers):
-        key = (signatures[id(previous)] if previous is not None else None, previous_spec,
+        key = (cfg.dtype, signatures[id(previous)] if previous is not None else None, previous_spec,
                signatures[id(layer)], spec)
         if key not in _TRACES:
             first = previous is None
-            alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
-                                                 model_input=first)
-            _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first)
+            with trace_as_the_run_computes(previous, layer):
+                alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
+                                                  model_input=first)
+                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first)
         alone, chained, out_spec, flops = _TRACES[key]
         input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])
         params = sum(p.numel() for p in layer.parameters())

@@ -12,15 +12,17 @@ the layer, and a re-materialising recompute replays them exactly with no RNG sta
 import torch
 from torch import nn
 
+from minipipe.values import as_tuple
 from minipipe.seeding import derive_seed
 
 
-def _seed_generators(seed: int) -> None:
-    """The CPU generator and this process's current CUDA device's (not every GPU's, as
-    torch.manual_seed would): dropout draws from the device its tensor lives on."""
+def _seed_generators(seed: int, device: torch.device) -> None:
+    """The CPU generator and, for a value on a GPU, that GPU's generator: dropout draws from the
+    generator of the device its tensor lives on, which need not be the current device that
+    torch.cuda.manual_seed would seed (nor every GPU, as torch.manual_seed would)."""
     torch.random.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():
-        torch.cuda.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index].manual_seed(seed)
 
 
 def _is_stochastic(layer: nn.Module) -> bool:
@@ -39,6 +41,7 @@ class Stage(nn.Module):
     def forward(self, value, step: int = 0, microbatch: int = 0, chunk: int = 0):
         for i in self.chunks[chunk]:
             if self.training and i in self._stochastic:
-                _seed_generators(derive_seed(self.seed, "dropout", step, i, microbatch))
+                _seed_generators(derive_seed(self.seed, "dropout", step, i, microbatch),
+                                 as_tuple(value)[0].device)
             value = self.layers[str(i)](value)
         return value

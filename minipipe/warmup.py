@@ -25,7 +25,8 @@ def warm_up_run(run) -> float:
     rows = cfg.batch_size // cfg.dp // cfg.microbatches
     param_dtype = next(run.stage.parameters()).dtype
     targets = torch.zeros(models.family(cfg).targets_shape(cfg, rows), dtype=torch.long, device=device)
-    return warm_up(run.engine, chunk_inputs(cfg, run.stage.chunks, rows, param_dtype, device), targets)
+    values = chunk_inputs(cfg, run.stage.chunks, rows, param_dtype, device, run.engine.autocast_dtype)
+    return warm_up(run.engine, values, targets)
 
 
 def warm_up(engine, chunk_inputs: list, targets: torch.Tensor) -> float:

@@ -94,7 +94,7 @@ class Block(nn.Module):
 class Head(nn.Module):
     def __init__(self, d_model: int, vocab: int, backend: str, tied: bool = False):
         super().__init__()
-        self.tied = tied  # proj.weight is the Embedding's tokens.weight (models.build_layers)
+        self.tied = tied  # proj.weight is the Embedding's tokens.weight (minipipe/layers.py builds them)
         self.ln = LayerNorm(d_model, backend)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         _init_linear(self.proj, 0.02)

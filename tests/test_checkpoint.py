@@ -300,3 +300,59 @@ def test_a_rank_failing_mid_save_makes_the_others_say_what_they_waited_for(tmp_p
     assert outcomes[0].error == "CheckpointError", outcomes[0]
     assert "rank 0 (stage 0): waiting for every rank to write its shards of step-000001" in outcomes[0].message
     assert not (tmp_path / "latest").exists()
+
+
+def _other_view_worker(rank, world_size, shared, node_view):
+    """train.main on every rank; rank 1's node shows `node_view` where the others see `shared`
+    (a --ckpt-dir on node-local disks): what it reads of a checkpoint comes from there."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from minipipe import checkpoint_dir
+    if rank == 1:
+        real_read = checkpoint_dir.read_trainer_state
+        checkpoint_dir.read_trainer_state = lambda path: real_read(Path(str(path).replace(shared, node_view)))
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in TINY.items()]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = train.main([*flags, f"--ckpt-dir={shared}", "--resume=auto", "--timeout=30"])
+    return code, stderr.getvalue()
+
+
+def test_ranks_that_see_another_checkpoint_are_refused_on_every_rank_before_training(straight, tmp_path):
+    shared, node_view = tmp_path / "shared", tmp_path / "node1"
+    shutil.copytree(straight[2][0], shared)
+    node_view.mkdir()  # rank 1's disk holds an older copy of the run: step-000003 only
+    shutil.copytree(straight[2][0] / "step-000003", node_view / "step-000003")
+    before = {p.name: _file_hashes(p) for p in shared.iterdir() if p.is_dir()}
+    for code, stderr in run_workers(_other_view_worker, 2, str(shared), str(node_view), timeout_s=90):
+        assert code == 2, stderr
+        assert (f"rank 0 resumes {shared / 'step-000006'} at step 5, but rank 1 cannot read it "
+                f"({node_view / 'step-000006' / 'trainer_state.json'} is missing") in stderr, stderr
+        assert "on a filesystem every node shares" in stderr
+    assert {p.name: _file_hashes(p) for p in shared.iterdir() if p.is_dir()} == before
+    assert sorted(p.name for p in shared.iterdir()) == ["latest", "step-000003", "step-000006"]
+
+
+def test_a_disagreement_names_every_rank_that_differs_and_what_it_saw():
+    from minipipe.checkpoint_dir import disagreement
+    assert disagreement("ck/step-000006", 5, [5, 5, 5]) is None
+    message = disagreement("ck/step-000006", 5, [5, 2, 5, "cannot read it (gone)"])
+    assert message.startswith("the ranks disagree on the checkpoint to resume: rank 0 resumes "
+                              "ck/step-000006 at step 5, but rank 1 sees step 2; rank 3 cannot read it (gone);")
+    assert "rank 2" not in message and "filesystem every node shares" in message
+
+
+def test_a_shard_rank_0_cannot_see_is_never_published(tmp_path, monkeypatch):
+    """What a rank on a node with its own disk would do: write its shard where rank 0 cannot read."""
+    real_write, elsewhere = checkpoint._write_shard, tmp_path / "other-node"
+    elsewhere.mkdir()
+    monkeypatch.setattr(checkpoint, "_write_shard", lambda directory, name, tensors: real_write(
+        elsewhere if name.startswith("optimizer") else directory, name, tensors))
+    cfg = make_config(**AMOEBA, ckpt_dir=str(tmp_path / "ckpt"))
+    run = build_run(cfg)
+    with pytest.raises(CheckpointError, match=r"rank 0 cannot see .*optimizer-00001-of-00001\.safetensors "
+                                              r"as rank 0 wrote it \(\d+ bytes; rank 0 sees nothing\)"):
+        save_checkpoint(run, DataCursor(run.dataset, cfg.batch_size), 0, 1e-3)
+    assert not (tmp_path / "ckpt" / "latest").exists() and not (tmp_path / "ckpt" / "step-000001").exists()

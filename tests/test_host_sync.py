@@ -7,9 +7,11 @@ import torch
 
 from minipipe.build import build_run
 from minipipe.config import make_config
+from minipipe.layers import build_layers, chunk_inputs
 from minipipe.optim import lr_at
 from minipipe.schedule import Kind
 from minipipe.spans import SpanRecorder
+from minipipe.values import as_tuple
 from minipipe.warmup import warm_up_run
 
 TINY = dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic", batch_size=8,
@@ -141,3 +143,25 @@ def test_warm_up_runs_every_chunk_of_a_batchnorm_stage_without_tracking():
     before = {n: b.clone() for n, b in run.stage.named_buffers()}
     warm_up_run(run)
     assert all(torch.equal(before[n], b) for n, b in run.stage.named_buffers())
+
+
+@pytest.mark.parametrize("model", ["transformer", "amoebanet"])
+def test_warm_up_inputs_have_the_shapes_and_dtypes_of_a_real_bf16_forward(model):
+    """chunk_inputs traces without memory; a real forward under CPU bf16 autocast is the truth
+    (the Transformer's boundary stays float32, AmoebaNet's cells hand over bfloat16)."""
+    case = (dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic") if model == "transformer"
+            else dict(model="amoebanet", preset="tiny", data="synthetic", image_size=8))
+    cfg = make_config(**case, batch_size=4, microbatches=2, dtype="bfloat16")
+    run = build_run(cfg)
+    n_layers = len(run.stage.indices)
+    chunks = [[0], [1, 2], list(range(3, n_layers))]
+    traced = chunk_inputs(cfg, chunks, 2, torch.float32, "cpu", torch.bfloat16)
+    value, _ = run.dataset.batch(0, 2)
+    value = value.float() if value.is_floating_point() else value
+    layers = build_layers(cfg, range(n_layers))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(n_layers):
+            if i in (0, 1, 3):
+                expected = [(t.shape, t.dtype) for t in as_tuple(value)]
+                assert [(t.shape, t.dtype) for t in as_tuple(traced[(0, 1, 3).index(i)])] == expected
+            value = layers[i].eval()(value)

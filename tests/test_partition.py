@@ -1,12 +1,17 @@
 import itertools
 import random
+import time
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import models
+from minipipe import build
 from minipipe.config import make_config
+from minipipe.data import load_dataset
 from minipipe.errors import ConfigError
 from minipipe.layers import build_layers
 from minipipe.partition import (balance_by_cost, check_balance, format_cut,
@@ -82,7 +87,8 @@ def tiny_stack():
 
 
 def test_profile_time_is_positive_per_layer():
-    costs = profile_costs(tiny_stack(), torch.randn(16, 8), by="time", device="cpu")
+    stack = tiny_stack()
+    costs = profile_costs(stack.__getitem__, len(stack), torch.randn(16, 8), by="time", device="cpu")
     assert len(costs) == 4 and all(0 < c < 1.0 for c in costs)
 
 
@@ -91,7 +97,7 @@ def test_profile_memory_grows_with_layer_width_and_leaves_no_trace():
     before = [p.detach().clone() for layer in layers for p in layer.parameters()]
     sample = torch.randn(16, 8)
     rng_before = torch.get_rng_state()
-    costs = profile_costs(layers, sample, by="memory", device="cpu")
+    costs = profile_costs(layers.__getitem__, len(layers), sample, by="memory", device="cpu")
     assert all(c > 0 for c in costs)
     assert costs[1] > costs[0]  # 8 -> 256 saves the same input but holds 32x the weights
     assert costs[2] > 0  # tanh saves its 16x256 output: activation bytes, no parameters
@@ -117,7 +123,8 @@ def test_profile_accepts_tuples_and_integer_inputs():
             return hidden * mask.unsqueeze(-1)
 
     ids = torch.randint(0, 10, (2, 5))
-    costs = profile_costs([Embed(), Head()], (ids, torch.ones(2, 5)), by="time", device="cpu")
+    layers = [Embed(), Head()]
+    costs = profile_costs(layers.__getitem__, 2, (ids, torch.ones(2, 5)), by="time", device="cpu")
     assert all(c > 0 for c in costs)
 
 
@@ -125,8 +132,70 @@ def test_profile_runs_amoebanet_whose_cells_take_a_pair():
     cfg = make_config(model="amoebanet", cells=1, filters=4, image_size=8, channels=3, classes=10)
     layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
     for by in ("time", "memory"):
-        costs = profile_costs(list(layers.values()), torch.randn(2, 3, 8, 8), by=by, device="cpu")
+        costs = profile_costs(layers.__getitem__, len(layers), torch.randn(2, 3, 8, 8), by=by, device="cpu")
         assert len(costs) == 3 * cfg.cells + 4 and all(c > 0 for c in costs), (by, costs)
+
+
+def test_the_loss_is_timed_with_the_last_layer():
+    stack, slow = tiny_stack(), 0.01
+
+    def slow_loss(output):  # a loss that takes at least `slow` seconds, forward included
+        time.sleep(slow)
+        return output.sum()
+    costs = profile_costs(stack.__getitem__, len(stack), torch.randn(16, 8), by="time", device="cpu",
+                          loss=slow_loss)
+    assert costs[-1] >= slow and max(costs[:-1]) < slow
+
+
+def _saved_bytes(layer, value, loss=None) -> int:
+    """Reference: bytes autograd saves for one forward of `layer` (and `loss`), parameters excluded,
+    each storage once, plus the parameter bytes: what --balance-by memory costs a layer."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value) if isinstance(
+        value, tuple) else value.detach().requires_grad_(value.is_floating_point())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = layer(leaf)
+        if loss is not None:
+            loss(output)
+    return sum(saved.values()) + sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def test_profiled_balance_builds_one_layer_at_a_time_and_costs_what_the_whole_model_costs(monkeypatch):
+    cfg = make_config(model="transformer", layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic",
+                      batch_size=8, microbatches=2, balance_by="memory")
+    data = load_dataset(cfg)
+    n_layers = len(models.layer_factories(cfg))
+    real_build, live, seen = build_layers, weakref.WeakValueDictionary(), []
+
+    def build_and_count(config, indices, backend="torch"):
+        layers = real_build(config, indices, backend)
+        live.update(layers)
+        seen.append(sorted(live.keys()))  # the layers alive right after each build
+        return layers
+    monkeypatch.setattr(build, "build_layers", build_and_count)
+    layout = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    balance, costs, kind = build._choose_balance(cfg, layout, data, "torch", n_layers, 2)
+    monkeypatch.undo()
+    assert seen == [[i] for i in range(n_layers)]  # each layer freed before the next is built
+    whole = build_layers(cfg, range(n_layers))  # the reference: every layer at once
+    value, targets = data.batch(0, cfg.batch_size // cfg.microbatches)
+    loss_sum = models.loss_fn(cfg)
+    expected = []
+    for i in range(n_layers):
+        last = i == n_layers - 1
+        expected.append(_saved_bytes(whole[i], value, (lambda out: loss_sum(out, targets)) if last else None))
+        if not last:
+            with torch.no_grad():
+                value = whole[i](value)
+    assert costs == [float(c) for c in expected] and kind == "memory"
+    assert costs[-1] > _saved_bytes(whole[n_layers - 1], value)  # the head's logits and cross entropy count
+    assert balance == balance_by_cost(costs, 2)
 
 
 def test_format_cut_lists_each_stage():

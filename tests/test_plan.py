@@ -1,5 +1,6 @@
 """The planner: its activation estimate matches the bytes a real 2-stage train step holds, for
-both model families, recompute modes and every schedule; --largest finds the deepest model that fits."""
+both model families, recompute modes, every schedule and bf16 autocast (whose boundary dtypes it
+traces as a real forward has them); --largest finds the deepest model that fits."""
 import weakref
 
 import pytest
@@ -53,8 +54,10 @@ class _Holder:
         self.tensor = tensor
 
 
-def _measured_and_planned(family: str, recompute: str, schedule: str = "gpipe", v: int = 1) -> tuple[int, int]:
-    cfg = make_config(**CASES[family], **COMMON, recompute=recompute, schedule=schedule, virtual_stages=v)
+def _measured_and_planned(family: str, recompute: str, schedule: str = "gpipe", v: int = 1,
+                          dtype: str = "float32") -> tuple[int, int]:
+    cfg = make_config(**CASES[family], **COMMON, recompute=recompute, schedule=schedule, virtual_stages=v,
+                      dtype=dtype)
     run = build_run(cfg)
     held = HeldActivations(run.engine)
     real_forward = run.engine._forward
@@ -78,6 +81,8 @@ def _plan_worker(rank, world_size):
             for family in CASES for mode in ("always", "never")}
     held.update({("transformer", mode, schedule): _measured_and_planned("transformer", mode, schedule, v)
                  for mode in ("always", "never") for schedule, v in (("1f1b", 1), ("interleaved", 2))})
+    held.update({(family, "always", "bfloat16"): _measured_and_planned(family, "always", dtype="bfloat16")
+                 for family in CASES})  # CPU autocast, float32 weights: boundaries of both dtypes
     return held
 
 
@@ -110,3 +115,27 @@ def test_planner_cli_prints_every_stage_and_whether_it_fits(capsys):
                                             ("1e9", 1e9)])
 def test_memory_budget_parses_units(text, expected):
     assert plan.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
+    """float32 weights under bf16 autocast: the Transformer's residual stream stays float32, an
+    AmoebaNet cell's output is bfloat16. The planner must see what crosses each boundary."""
+    import models
+    from minipipe.data import load_dataset
+    from minipipe.layers import build_layers
+    from minipipe.values import as_tuple
+    cfg = make_config(**CASES[family], **COMMON, dtype="bfloat16")
+    micro = cfg.batch_size // cfg.microbatches
+    value, _ = load_dataset(cfg).batch(0, micro)
+    value = value.float() if value.is_floating_point() else value  # as build_run feeds stage 0
+    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
+    real = []  # bytes each layer receives in a real forward
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(len(layers)):
+            real.append(sum(t.numel() * t.element_size() for t in as_tuple(value)))
+            value = layers[i](value)
+    planned = [p.input_bytes for p in plan.profile_layers(cfg)[:-1]]
+    assert planned == real
+    if family == "transformer":  # a Block's input is float32: 4 bytes per element of (micro, T, D)
+        assert real[1] == micro * cfg.seq_len * cfg.d_model * 4
