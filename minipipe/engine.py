@@ -32,23 +32,6 @@ from minipipe.spans import SpanRecorder
 from minipipe.tied import TiedEmbedding
 
 
-def _grad_spec(value):
-    """Shape and dtype of the gradient expected back for a sent value: its floating entries,
-    with the same structure (Tensor or tuple), as meta tensors that hold no memory."""
-    return values.map_tensors(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value,
-                              floating_only=True)
-
-
-def _input_grads(leaf):
-    """The gradient a chunk sends back: one per floating input entry, structured like the input."""
-    return values.map_tensors(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), leaf,
-                              floating_only=True)
-
-
-def _detached(value):
-    return values.map_tensors(torch.Tensor.detach, value)
-
-
 @dataclass
 class StepState:
     """What one step holds between actions, keyed by (chunk, micro-batch); names say which way
@@ -243,14 +226,14 @@ class Engine:
             st.graphs[action.v, m] = (leaf, output)
         if c < self.last_chunk:
             if self.layout.n_stages == 1:  # the next chunk is on this rank: hand over in memory
-                st.act_from_prev[action.v + 1, m] = _detached(output)
+                st.act_from_prev[action.v + 1, m] = values.detached(output)
             else:
-                st.act_to_next[action.v, m] = _detached(output)
+                st.act_to_next[action.v, m] = values.detached(output)
 
     def _send_act(self, action):
         key = (action.v, action.microbatch)
         value = self.state.act_to_next.pop(key)
-        self.state.sent_like[key] = _grad_spec(value)
+        self.state.sent_like[key] = values.grad_spec(value)
         self.comm.send(value, self.act_dst, what=f"activation of micro-batch {action.microbatch}",
                        tag=ACTIVATION)
 
@@ -282,9 +265,9 @@ class Engine:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if c > 0:
             if self.layout.n_stages == 1:  # the previous chunk is on this rank
-                st.grad_from_next[action.v - 1, m] = _input_grads(leaf)
+                st.grad_from_next[action.v - 1, m] = values.input_grads(leaf)
             else:
-                st.grad_to_prev[key] = _input_grads(leaf)
+                st.grad_to_prev[key] = values.input_grads(leaf)
 
     def _send_grad(self, action):
         self.comm.send(self.state.grad_to_prev.pop((action.v, action.microbatch)), self.act_src,

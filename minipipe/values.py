@@ -26,3 +26,20 @@ def split(value, n_microbatches: int) -> list:
         return list(torch.tensor_split(value, n_microbatches))
     parts = [torch.tensor_split(t, n_microbatches) for t in value]
     return [tuple(p[m] for p in parts) for m in range(n_microbatches)]
+
+
+def grad_spec(value):
+    """Shape and dtype of the gradient expected back for a sent value: its floating entries,
+    with the same structure (Tensor or tuple), as meta tensors that hold no memory."""
+    return map_tensors(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value,
+                       floating_only=True)
+
+
+def input_grads(leaf):
+    """The gradient a chunk sends back: one per floating input entry, structured like the input."""
+    return map_tensors(lambda t: t.grad if t.grad is not None else torch.zeros_like(t), leaf,
+                       floating_only=True)
+
+
+def detached(value):
+    return map_tensors(torch.Tensor.detach, value)
