@@ -58,7 +58,8 @@ def build_run(cfg) -> Run:
                           f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
                           "add layers")
     if cfg.balance:  # its form (counts >= 1) was checked with the config; here against the model
-        partition.check_balance([int(x) for x in cfg.balance.split(",")], n_layers, n_chunks)
+        partition.check_balance([int(x) for x in cfg.balance.split(",")], n_layers, n_stages,
+                                cfg.virtual_stages)
     elif n_chunks > n_layers:
         partition.balance_by_cost([1.0] * n_layers, n_chunks)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)

@@ -63,12 +63,15 @@ def balance_by_cost(costs: Sequence[float], n_stages: int) -> list[int]:
     return balance
 
 
-def check_balance(balance: Sequence[int], n_layers: int, n_stages: int) -> list[int]:
-    """Validate an explicit --balance (e.g. 3,3,2) against the model and --stages."""
+def check_balance(balance: Sequence[int], n_layers: int, n_stages: int, virtual_stages: int = 1) -> list[int]:
+    """Validate an explicit --balance (e.g. 3,3,2) against the model and the K*V model chunks."""
     balance = list(balance)
-    if len(balance) != n_stages:
-        raise ConfigError(f"--balance {_csv(balance)} has {len(balance)} entries but --stages is "
-                          f"{n_stages}; give one layer count per stage")
+    n_chunks = n_stages * virtual_stages
+    if len(balance) != n_chunks:
+        wanted = (f"--stages is {n_stages}; give one layer count per stage" if virtual_stages == 1 else
+                  f"--stages {n_stages} x --virtual-stages {virtual_stages} = {n_chunks} model chunks; "
+                  f"give one layer count per chunk")
+        raise ConfigError(f"--balance {_csv(balance)} has {len(balance)} entries but {wanted}")
     if any(b < 1 for b in balance):
         raise ConfigError(f"--balance {_csv(balance)}: every stage needs at least 1 layer")
     if sum(balance) != n_layers:

@@ -247,7 +247,8 @@ def profile_layers(cfg) -> list[LayerProfile]:
 def _balance(cfg, profiles: list[LayerProfile], n_chunks: int) -> list[int]:
     layers = profiles[:-1]
     if cfg.balance:
-        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers), n_chunks)
+        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers),
+                                       n_chunks // cfg.virtual_stages, cfg.virtual_stages)
     # The planner profiles nothing: 'time' cuts by FLOPs, 'memory' by state + saved bytes.
     costs = {"params": [p.params for p in layers], "time": [p.flops for p in layers],
              "memory": [STATE_COPIES * p.params + p.chained_bytes for p in layers]}[cfg.balance_by]

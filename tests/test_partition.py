@@ -77,6 +77,12 @@ def test_bad_explicit_balance_is_a_config_error(balance, message):
     assert check_balance((3, 3, 2), 8, 3) == [3, 3, 2]
 
 
+def test_an_interleaved_balance_counts_model_chunks():
+    with pytest.raises(ConfigError, match=r"--stages 2 x --virtual-stages 2 = 4 model chunks"):
+        check_balance([4, 4], n_layers=8, n_stages=2, virtual_stages=2)
+    assert check_balance([2, 2, 2, 2], 8, 2, virtual_stages=2) == [2, 2, 2, 2]
+
+
 def test_stage_ranges_are_global_layer_indices():
     assert stage_ranges([3, 3, 2]) == [range(0, 3), range(3, 6), range(6, 8)]
 
