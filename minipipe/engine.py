@@ -141,7 +141,7 @@ class Engine:
         self.state = StepState(
             units=self.count_units(targets),
             batch_inputs=values.split(self._to_device(inputs, own), self.n_microbatches) if first else None,
-            targets=values.split(targets[own].to(self.device), self.n_microbatches) if last else None,
+            targets=values.split(self._to_device(targets, own, cast=False), self.n_microbatches) if last else None,
             sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)])
 
     def _chunk(self, action) -> int:
@@ -153,10 +153,16 @@ class Engine:
         that index keys its dropout masks, so dp=2 x M draws the masks of dp=1 x 2M."""
         return self.layout.dp_rank * self.n_microbatches + m
 
-    def _to_device(self, value, rows):
-        """This replica's rows on the stage's device; floating inputs in the parameters' dtype."""
-        return values.map_tensors(
-            lambda t: t[rows].to(self.device, self.input_dtype if t.is_floating_point() else None), value)
+    def _to_device(self, value, rows, cast: bool = True):
+        """This replica's rows on the stage's device (floating inputs in the parameters' dtype with
+        `cast`). To a GPU through pinned memory, without waiting: a pageable copy would wait for
+        the device to finish the previous step's work."""
+        def move(t):
+            t, dtype = t[rows], self.input_dtype if cast and t.is_floating_point() else None
+            if self.device.type != "cuda":
+                return t.to(self.device, dtype)
+            return t.pin_memory().to(self.device, dtype, non_blocking=True)
+        return values.map_tensors(move, value)
 
     def autocast(self):
         if self.autocast_dtype is None:

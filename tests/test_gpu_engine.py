@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CASE = dict(layers=4, d_model=128, heads=4, max_seq_len=128, data="synthetic", batch_size=16,
             microbatches=4, dtype="bfloat16", device="cuda", eval_every=0, dropout=0.1)
-PER_MICROBATCH = ("_forward", "_backward", "_recv_act", "_send_act", "_recv_grad", "_send_grad")
+# the step's set-up (batch to the device through pinned memory) and every per-micro-batch action
+PER_MICROBATCH = ("_begin", "_forward", "_backward", "_recv_act", "_send_act", "_recv_grad", "_send_grad")
 
 
 def _step(run, step):
@@ -33,10 +34,10 @@ def test_per_microbatch_actions_never_synchronise(monkeypatch, kernels):
     for name in PER_MICROBATCH:
         real = getattr(run.engine, name)
 
-        def checked(action, real=real):
+        def checked(*args, real=real):
             torch.cuda.set_sync_debug_mode("error")
             try:
-                return real(action)
+                return real(*args)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         monkeypatch.setattr(run.engine, name, checked)
