@@ -17,12 +17,12 @@ schedule, recompute mode and chunking draws the same masks.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from minipipe import values
-from minipipe import optim, running_stats
+from minipipe import optim, running_stats, values
 from minipipe.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.errors import PipelineError, describe_comm_failure
 from minipipe.generate import generate
@@ -309,14 +309,13 @@ class Engine:
                 grad.copy_(synced)
         # issue 12: the tied embedding's two copies get their summed gradient
         self._collective("tied-embedding gradient all-reduce", self.tied.sum_copies)
-        if not self.stats_layers:
-            return
-        def all_reduce(flat):  # noqa: E306 (one flat collective over this stage's replicas)
-            self._collective("BatchNorm statistics all-reduce", dist.all_reduce, flat, group=lay.stage_group)
-        if self.deferred_bn:
-            running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
-        elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
-            running_stats.average_buffers(self.stage, all_reduce, lay.dp)
+        if self.stats_layers:  # BatchNorm: one flat collective over this stage's replicas
+            all_reduce = partial(self._collective, "BatchNorm statistics all-reduce", dist.all_reduce,
+                                 group=lay.stage_group)
+            if self.deferred_bn:
+                running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
+            elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
+                running_stats.average_buffers(self.stage, all_reduce, lay.dp)
 
     def _start_grad_buckets(self) -> list[tuple]:
         """(work, flat bucket, its gradients) of asynchronous all-reduces over the stage's dp
