@@ -25,9 +25,10 @@ import torch.distributed as dist
 from minipipe import optim, running_stats, values
 from minipipe.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.errors import PipelineError, describe_comm_failure
+from minipipe.evaluate import evaluate
 from minipipe.generate import generate
 from minipipe.recompute import grad_leaf, recompute_forward, recomputes
-from minipipe.schedule import Action, Kind, forward_actions, train_actions
+from minipipe.schedule import Action, Kind, train_actions
 from minipipe.spans import SpanRecorder
 from minipipe.tied import TiedEmbedding
 
@@ -372,34 +373,6 @@ class Engine:
         """Sampling through the pipeline: see minipipe.generate."""
         return generate(self, prompt, n_new, max_context, temperature, top_k, seed)
 
-    @torch.no_grad()
     def evaluate(self, batches) -> float:
-        """Mean loss over `batches` (an iterable of global (inputs, targets)), on every rank."""
-        self.stage.eval()
-        lay = self.layout
-        actions = forward_actions(self.schedule, lay.stage, lay.n_stages, self.n_microbatches,
-                                  self.virtual_stages)
-        handlers = {Kind.RECV_ACT: self._recv_act, Kind.FORWARD: self._eval_forward,
-                    Kind.SEND_ACT: self._send_act}
-        total, units = torch.zeros(1, dtype=torch.float64, device=self.device), 0
-        for inputs, targets in batches:
-            self._begin(inputs, targets, step=0)
-            self._run(actions, handlers)
-            if self.state.loss_total is not None:  # summed on the device, read once at the end
-                total += self.state.loss_total * self.state.units
-            units += self.state.units
-        if self.comm is not None:
-            self.comm.wait_sends()
-        if lay.world_size > 1:
-            self._collective("evaluation loss all-reduce", dist.all_reduce, total)
-        return float(total) / units
-
-    def _eval_forward(self, action):
-        st, m, c = self.state, action.microbatch, self._chunk(action)
-        output = self._run_chunk(self._chunk_input(action), action)
-        if c == self.last_chunk:
-            st.add_loss(self._loss(output, m))
-        elif self.layout.n_stages == 1:
-            st.act_from_prev[action.v + 1, m] = output
-        else:
-            st.act_to_next[action.v, m] = output
+        """Mean loss over `batches` (global (inputs, targets)), on every rank: see minipipe.evaluate."""
+        return evaluate(self, batches)

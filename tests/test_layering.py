@@ -11,7 +11,7 @@ from minipipe import config, presets
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that run a step: they see layers only through the layer contract and running_stats.
 ENGINE = ["engine", "recompute", "stage", "comm", "optim", "schedule", "values", "running_stats",
-          "generate", "timeline"]
+          "generate", "evaluate", "spans", "timeline"]
 # The config's own validation and GPT-2's format (a Transformer's) may name a family.
 MAY_NAME_A_FAMILY = {"minipipe/config.py", "minipipe/presets.py", "minipipe/hf_gpt2.py",
                      "minipipe/export.py"}

@@ -1,0 +1,44 @@
+"""Validation loss through the pipeline, forward only.
+
+    loss = evaluate(engine, batches)   # on every rank; batches: global (inputs, targets)
+
+The schedule's forward actions (schedule.forward_actions) run on every batch with the engine's
+receives and sends; the last chunk adds each micro-batch's summed loss to a device scalar, so
+the host reads the total once, after the last batch and one all-reduce. The result is the mean
+over every counted unit (token or sample) of all batches, as training's loss is for one batch.
+"""
+import torch
+import torch.distributed as dist
+
+from minipipe.schedule import Kind, forward_actions
+
+
+@torch.no_grad()
+def evaluate(engine, batches) -> float:
+    engine.stage.eval()
+    lay = engine.layout
+    actions = forward_actions(engine.schedule, lay.stage, lay.n_stages, engine.n_microbatches,
+                              engine.virtual_stages)
+
+    def forward(action):
+        st, m = engine.state, action.microbatch
+        output = engine._run_chunk(engine._chunk_input(action), action)
+        if engine._chunk(action) == engine.last_chunk:
+            st.add_loss(engine._loss(output, m))
+        elif lay.n_stages == 1:  # the next chunk is on this rank: hand over in memory
+            st.act_from_prev[action.v + 1, m] = output
+        else:
+            st.act_to_next[action.v, m] = output
+    handlers = {Kind.RECV_ACT: engine._recv_act, Kind.FORWARD: forward, Kind.SEND_ACT: engine._send_act}
+    total, units = torch.zeros(1, dtype=torch.float64, device=engine.device), 0
+    for inputs, targets in batches:
+        engine._begin(inputs, targets, step=0)
+        engine._run(actions, handlers)
+        if engine.state.loss_total is not None:
+            total += engine.state.loss_total * engine.state.units
+        units += engine.state.units
+    if engine.comm is not None:
+        engine.comm.wait_sends()
+    if lay.world_size > 1:
+        engine._collective("evaluation loss all-reduce", dist.all_reduce, total)
+    return float(total) / units
