@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import models
+from minipipe.models import registry
 from minipipe import timeline
 from minipipe.build import build_run, plan_table
 from minipipe.checkpoint import Checkpointer
@@ -65,7 +65,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             load_into_stage(run)
             if rank == 0:
                 print(f"initialised from {cfg.init_from}", flush=True)
-        family = models.family(cfg)
+        family = registry.family(cfg)
         if on_cuda:  # compile and autotune before any exchange (CPU: torch ops, nothing to compile)
             seconds = warm_up_run(run)
             if rank == 0:

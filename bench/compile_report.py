@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import aot  # noqa: E402
+from minipipe.kernels import aot  # noqa: E402
 
 _jobs = []  # (launch, config, capability), shared with forked workers
 

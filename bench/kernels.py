@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
-from kernels.batchnorm import batch_norm_reference  # noqa: E402
-from kernels.flash_attention import attention_reference  # noqa: E402
-from kernels.fused_cross_entropy import (cross_entropy_reference,  # noqa: E402
+from minipipe.kernels import ops  # noqa: E402
+from minipipe.kernels.batchnorm import batch_norm_reference  # noqa: E402
+from minipipe.kernels.flash_attention import attention_reference  # noqa: E402
+from minipipe.kernels.fused_cross_entropy import (cross_entropy_reference,  # noqa: E402
                                          linear_cross_entropy_reference)
-from kernels.gelu import bias_gelu_reference  # noqa: E402
-from kernels.layernorm import layer_norm_reference  # noqa: E402
+from minipipe.kernels.gelu import bias_gelu_reference  # noqa: E402
+from minipipe.kernels.layernorm import layer_norm_reference  # noqa: E402
 
 FIELDS = ["gpu", "op", "shape", "dtype", "impl", "mode", "ms", "rate", "unit", "peak_mib",
           "target", "achieved", "met"]
@@ -118,7 +118,7 @@ def bench_layer_norm(rows, quick, copy_gbps):
         n = 16384
         inputs = leaves(torch.randn(n, dim, device="cuda", dtype=dtype),
                         torch.ones(dim, device="cuda"), torch.zeros(dim, device="cuda"))
-        impls = {"triton": lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5, "triton"),
+        impls = {"triton": lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, "triton"),
                  **both_compiled(lambda x, w, b: layer_norm_reference(x, w, b, 1e-5))}
         size = n * dim * dtype.itemsize
         shape = f"{n}x{dim}"
@@ -141,7 +141,7 @@ def bench_attention(rows, quick):
         [(t, d) for d in (64, 128) for t in (1024, 2048, 4096, 8192)]
     for t, d in cases:
         inputs = leaves(*(torch.randn(batch, heads, t, d, device="cuda", dtype=dtype) for _ in range(3)))
-        impls = {"triton": lambda q, k, v: kernels.attention(q, k, v, True, "triton"),
+        impls = {"triton": lambda q, k, v: ops.attention(q, k, v, True, "triton"),
                  "sdpa flash": sdpa_flash}
         if t <= EAGER_ATTENTION_MAX_T:
             impls.update(both_compiled(lambda q, k, v: attention_reference(q, k, v, True)))
@@ -167,7 +167,7 @@ def bench_cross_entropy(rows, quick):
     n = 4096 if quick else 16384
     for vocab in (32768, 131072) if quick else (32768, 65536, 131072):
         logits_inputs = leaves(torch.randn(n, vocab, device="cuda"), _targets(n, vocab))
-        impls = {"triton": lambda x, t: kernels.cross_entropy(x, t, backend="triton"),
+        impls = {"triton": lambda x, t: ops.cross_entropy(x, t, backend="triton"),
                  **both_compiled(lambda x, t: cross_entropy_reference(x, t, -100, "mean"))}
         size = n * vocab * 4
         run_op(rows, "cross_entropy", f"{n}x{vocab}", torch.float32, impls, logits_inputs,
@@ -177,7 +177,7 @@ def bench_cross_entropy(rows, quick):
         inputs = leaves(torch.randn(n, dim, device="cuda", dtype=dtype),
                         torch.randn(vocab, dim, device="cuda", dtype=dtype) * 0.02,
                         _targets(n, vocab))
-        impls = {"triton": lambda h, w, t: kernels.linear_cross_entropy(h, w, None, t, backend="triton"),
+        impls = {"triton": lambda h, w, t: ops.linear_cross_entropy(h, w, None, t, backend="triton"),
                  **both_compiled(lambda h, w, t: linear_cross_entropy_reference(h, w, None, t, -100, "mean"))}
         flops = 2 * n * dim * vocab
         shape = f"{n}x{dim} V{vocab}"
@@ -195,7 +195,7 @@ def bench_bias_gelu(rows, quick):
     for n, dim in [(16384, 4096)] if quick else [(16384, 4096), (16384, 16384)]:
         inputs = leaves(torch.randn(n, dim, device="cuda", dtype=dtype),
                         torch.randn(dim, device="cuda", dtype=dtype))
-        impls = {"triton": lambda x, b: kernels.bias_gelu(x, b, "tanh", "triton"),
+        impls = {"triton": lambda x, b: ops.bias_gelu(x, b, "tanh", "triton"),
                  **both_compiled(lambda x, b: bias_gelu_reference(x, b, "tanh"))}
         size = n * dim * dtype.itemsize
         run_op(rows, "bias_gelu", f"{n}x{dim}", dtype, impls, inputs,
@@ -207,7 +207,7 @@ def bench_batch_norm(rows, quick):
         channels = shape[1]
         inputs = leaves(torch.randn(shape, device="cuda"), torch.ones(channels, device="cuda"),
                         torch.zeros(channels, device="cuda"))
-        impls = {"triton": lambda x, w, b: kernels.batch_norm(x, w, b, 1e-5, True, "triton")[0],
+        impls = {"triton": lambda x, w, b: ops.batch_norm(x, w, b, 1e-5, True, "triton")[0],
                  **both_compiled(lambda x, w, b: batch_norm_reference(x, w, b, 1e-5, True)[0])}
         size = math.prod(shape) * 4
         run_op(rows, "batch_norm+relu", "x".join(map(str, shape)), torch.float32, impls, inputs,
@@ -220,7 +220,7 @@ def bench_adamw(rows, quick):
              (1024,), (1024,), (1024,), (1024,), (1024,)]
     shapes = layer * (6 if quick else 24)
     numel = sum(math.prod(s) for s in shapes)
-    optimizers = {"triton": lambda p: kernels.AdamW(p, backend="triton"),
+    optimizers = {"triton": lambda p: ops.AdamW(p, backend="triton"),
                   "torch foreach": lambda p: torch.optim.AdamW(p, foreach=True),
                   "torch fused": lambda p: torch.optim.AdamW(p, fused=True)}
     timings = {}

@@ -85,8 +85,7 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
     from torch.distributed import pipelining
     from torch.utils.checkpoint import checkpoint
 
-    import models
-
+    from minipipe.models import registry
     class Chunk(torch.nn.Module):
         def __init__(self, layers):
             super().__init__()
@@ -102,7 +101,7 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
     stages = [pipelining.PipelineStage(chunk, v * k + lay.stage, k * len(chunks), lay.device)
               for v, chunk in enumerate(chunks)]
 
-    loss_sum = models.loss_fn(run.cfg, run.backend)  # minipipe's own loss: like for like
+    loss_sum = registry.loss_fn(run.cfg, run.backend)  # minipipe's own loss: like for like
 
     def loss_fn(output, y):  # a training Head hands over (hidden, weight): the fused head's loss
         return loss_sum(output, y) / y.numel()

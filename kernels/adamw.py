@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kernels.runtime import resolve_backend, tl, triton
+from minipipe.kernels.runtime import resolve_backend, tl, triton
 
 BLOCK = 4096
 

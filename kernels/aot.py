@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
-from kernels.runtime import triton
+from minipipe.kernels import adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
+from minipipe.kernels.runtime import triton
 
 # The modules holding @triton.jit kernels: each kernel in them must be launched by launcher_sweep().
 OP_MODULES = (adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm)

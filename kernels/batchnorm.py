@@ -8,7 +8,7 @@ a normalise pass over (channel, block) programs; backward reduces sum(dy) and su
 channel (these are db and dw) and then writes dx. The ReLU mask is recomputed from x, not saved."""
 import torch
 
-from kernels.runtime import empty, tl, triton
+from minipipe.kernels.runtime import empty, tl, triton
 
 BLOCK = 1024
 

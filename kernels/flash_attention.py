@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kernels.runtime import INTERPRETING, autotune_configs, empty, tf32_allowed, tl, triton
+from minipipe.kernels.runtime import INTERPRETING, autotune_configs, empty, tf32_allowed, tl, triton
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2_E = 1.4426950408889634

@@ -12,7 +12,7 @@ hidden/weight/bias gradients, so the (N, V) logits never exist whole."""
 import torch
 import torch.nn.functional as F
 
-from kernels.runtime import empty, tl, triton
+from minipipe.kernels.runtime import empty, tl, triton
 
 REDUCTIONS = ("mean", "sum")
 MAX_BLOCK_V = 8192

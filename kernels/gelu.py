@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.runtime import autotune_configs, empty, tl, triton
+from minipipe.kernels.runtime import autotune_configs, empty, tl, triton
 
 APPROXIMATIONS = ("tanh", "none")
 # A compiled kernel may read a module global only if it is a tl.constexpr (the interpreter reads any).

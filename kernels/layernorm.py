@@ -4,7 +4,7 @@ so the result is deterministic. Statistics are fp32 whatever the storage dtype."
 import torch
 import torch.nn.functional as F
 
-from kernels.runtime import empty, sm_count, tl, triton
+from minipipe.kernels.runtime import empty, sm_count, tl, triton
 
 # 8192, not more: the backward keeps dw, db, x and dy of a row live, four row-wide fp32 blocks,
 # which at 16384 columns is the whole register file of an SM (compile report: spills)

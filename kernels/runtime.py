@@ -1,12 +1,16 @@
 """What every launcher shares: the triton import, the interpreter switch, output allocation.
 
-Imported only after `kernels/__init__.py` has decided TRITON_INTERPRET, because triton reads it
-at import time.
+Every kernel module takes `triton` from here, never by its own import: triton reads
+TRITON_INTERPRET when it is imported, so the switch below must run first.
 """
 import os
 from contextlib import contextmanager
 
 import torch
+
+# No GPU: run the kernels in Triton's CPU interpreter unless the user decided otherwise.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 class _TritonMissing:

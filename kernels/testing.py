@@ -4,7 +4,7 @@ kernel test shares: the device, the dtypes and the mark of the GPU-only (bfloat1
 import pytest
 import torch
 
-from kernels.runtime import poisoned_outputs
+from minipipe.kernels.runtime import poisoned_outputs
 
 # Kernel tests run on the GPU when there is one, else on the CPU through Triton's interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import kernels
-import models
+from minipipe.kernels import ops
+from minipipe.models import registry
 from minipipe import partition
 from minipipe.data import load_dataset
 from minipipe.dist import Layout, check_world, init_process_groups
@@ -52,7 +52,7 @@ def build_run(cfg) -> Run:
     n_stages = planned_stages(cfg)
     check_schedule(cfg.schedule, n_stages, cfg.microbatches, cfg.virtual_stages)
     n_chunks = n_stages * cfg.virtual_stages
-    n_layers = len(models.layer_factories(cfg))
+    n_layers = len(registry.layer_factories(cfg))
     if cfg.virtual_stages > 1 and n_chunks > n_layers:
         raise ConfigError(f"--virtual-stages {cfg.virtual_stages} x {n_stages} stages = {n_chunks} model "
                           f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
@@ -66,7 +66,7 @@ def build_run(cfg) -> Run:
     if layout.device.type == "cuda":
         allow_tf32()
     try:
-        backend = kernels.resolve_backend(cfg.kernels, layout.device)
+        backend = ops.resolve_backend(cfg.kernels, layout.device)
     except ValueError as err:  # the kernels know nothing of the trainer's error types
         raise ConfigError(f"--kernels {cfg.kernels}: {err}") from None
     balance, costs, cost_kind = _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks)
@@ -75,8 +75,8 @@ def build_run(cfg) -> Run:
     stage = Stage(build_layers(cfg, indices, backend), cfg.seed, chunks)
     stage.to(device=layout.device, dtype=PARAM_DTYPES[cfg.dtype])
     optimizer = build_optimizer(stage, cfg, backend)
-    engine = Engine(stage, layout, models.loss_fn(cfg, backend),
-                    lambda targets: models.count_loss_units(cfg, targets), optimizer,
+    engine = Engine(stage, layout, registry.loss_fn(cfg, backend),
+                    lambda targets: registry.count_loss_units(cfg, targets), optimizer,
                     cfg.microbatches, cfg.recompute, cfg.timeout, AUTOCAST_DTYPES.get(cfg.dtype),
                     cfg.deferred_bn, [len(n) for n in layer_param_numels(cfg)],
                     PARAM_DTYPES[cfg.dtype], cfg.schedule, cfg.virtual_stages)
@@ -108,7 +108,7 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
     if layout.rank == 0:
         inputs, targets = dataset.batch(0, cfg.batch_size // cfg.dp // cfg.microbatches)
         inputs = inputs.to(layout.device, PARAM_DTYPES[cfg.dtype] if inputs.is_floating_point() else None)
-        loss_sum, targets = models.loss_fn(cfg, backend), targets.to(layout.device)
+        loss_sum, targets = registry.loss_fn(cfg, backend), targets.to(layout.device)
 
         def build_layer(i):
             return build_layers(cfg, [i], backend)[i].to(layout.device, PARAM_DTYPES[cfg.dtype])

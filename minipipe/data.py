@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models
+from minipipe.models import registry
 from minipipe.errors import DataError
 from minipipe.seeding import derive_seed
 
@@ -108,7 +108,7 @@ class DataCursor:
 
 def load_dataset(cfg):
     """The dataset `cfg.data` names; fills cfg.vocab / classes / channels from it when unset."""
-    family = models.family(cfg)
+    family = registry.family(cfg)
     source = cfg.data or family.default_data
     if family.reads_tokens:
         dataset = _load_tokens(source, cfg)

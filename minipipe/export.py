@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import models
+from minipipe.models import registry
 from minipipe import hf_gpt2, tied
 from minipipe.build import PARAM_DTYPES
 from minipipe.checkpoint_files import (
@@ -62,7 +62,7 @@ def load_exported(path) -> tuple:
     in eval mode."""
     directory = Path(path)
     cfg = make_config(**{**json.loads((directory / EXPORTED_CONFIG).read_text()), "init_from": None})
-    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
+    layers = build_layers(cfg, range(len(registry.layer_factories(cfg))))
     model = nn.Sequential(*layers.values()).to(PARAM_DTYPES[cfg.dtype])
     tensors = tied.with_copy(cfg, load_file(directory / EXPORTED_WEIGHTS))  # a tied weight is stored once
     model.load_state_dict({name.removeprefix("layers."): t for name, t in tensors.items()})

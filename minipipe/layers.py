@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
-import models
+from minipipe.models import registry
 from minipipe import tied
 from minipipe.seeding import derive_seed
 from minipipe.values import map_tensors
@@ -19,7 +19,7 @@ def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[in
     """Layers `indices`, initialised from (seed, layer index) only, in float32 on the CPU.
     A tied head (--tie-embeddings) shares layer 0's token matrix when both are built here, and
     otherwise holds a copy of it made from layer 0's seed: equal on every stage, for any cut."""
-    factories = models.layer_factories(cfg, backend)
+    factories = registry.layer_factories(cfg, backend)
 
     def build(i):
         with torch.random.fork_rng(devices=[]):
@@ -40,7 +40,7 @@ def layer_param_numels(cfg) -> list[list[int]]:
     with torch.device("meta"):
         return [[p.numel() for name, p in make().named_parameters()
                  if not (tied.is_tied(cfg) and i == tied.head_index(cfg) and name == tied.COPY_PARAM)]
-                for i, make in enumerate(models.layer_factories(cfg))]
+                for i, make in enumerate(registry.layer_factories(cfg))]
 
 
 def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
@@ -48,7 +48,7 @@ def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
     the embedding when it sits on another stage than layer 0 (K > 1: that copy is real memory),
     not when one stage holds both (K = 1: one Parameter): see minipipe/tied.py."""
     with torch.device("meta"):
-        counts = [sum(p.numel() for p in make().parameters()) for make in models.layer_factories(cfg)]
+        counts = [sum(p.numel() for p in make().parameters()) for make in registry.layer_factories(cfg)]
     if n_stages == 1 and tied.is_tied(cfg):
         counts[tied.head_index(cfg)] -= tied.copy_numel(cfg)
     return counts
@@ -61,13 +61,13 @@ def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, de
     fake CPU tensors (meta tensors ignore autocast), so each boundary has the run's dtype (under
     bf16 the Transformer's residual stream stays float32, AmoebaNet's cells hand over bf16).
     Floating inputs of the model are in `dtype` (the parameters')."""
-    family = models.family(cfg)
+    family = registry.family(cfg)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         value = torch.zeros(family.input_shape(cfg, rows), dtype=torch.long if family.reads_tokens else dtype)
     starts, found = {chunk[0]: None for chunk in chunks}, 0
     tracing = nullcontext() if autocast_dtype is None else torch.autocast("cpu", dtype=autocast_dtype)
-    for i, make in enumerate(models.layer_factories(cfg)[:max(starts) + 1]):
+    for i, make in enumerate(registry.layer_factories(cfg)[:max(starts) + 1]):
         if i in starts:
             starts[i], found = value, found + 1
         if found == len(starts):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from minipipe.kernels import ops
 from minipipe.errors import MinipipeError
 
 
@@ -25,7 +25,7 @@ def build_optimizer(module: torch.nn.Module, cfg, backend: str) -> torch.optim.O
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if backend == "triton":
-        return kernels.AdamW(groups, backend="triton", **kwargs)
+        return ops.AdamW(groups, backend="triton", **kwargs)
     # Not a loop of per-tensor ops: on CUDA one fused kernel; elsewhere the foreach ops, which
     # round exactly as the loop does (the CPU fused kernel differs in the last bits, and the
     # float64 exactness tests compare against torch's default AdamW to 1e-10).

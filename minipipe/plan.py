@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
+from minipipe.models import registry
 from minipipe import partition, tied
 from minipipe.build import AUTOCAST_DTYPES, PARAM_DTYPES
 from minipipe.config import Config, build_parser, parse_config
@@ -169,7 +169,7 @@ class _Loss(nn.Module):
 
     def __init__(self, cfg, targets_shape):
         super().__init__()
-        self.loss_sum, self.targets_shape = models.loss_fn(cfg), targets_shape
+        self.loss_sum, self.targets_shape = registry.loss_fn(cfg), targets_shape
 
     def forward(self, output):
         return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long))
@@ -205,19 +205,19 @@ def _as_the_run_computes(cfg):
 def resolve_data_fields(cfg) -> Config:
     """A copy of cfg with the data-dependent fields filled as the default data would fill them
     (bytes: vocab 256; digits: 1 channel, 10 classes), so planning reads no data."""
-    return dataclasses.replace(cfg, **models.family(cfg).planning_defaults(cfg))
+    return dataclasses.replace(cfg, **registry.family(cfg).planning_defaults(cfg))
 
 
 def profile_layers(cfg) -> list[LayerProfile]:
     """One profile per global layer, plus the loss last, for one micro-batch of cfg."""
     cfg = resolve_data_fields(cfg)
-    family = models.family(cfg)
+    family = registry.family(cfg)
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
     dtype = PARAM_DTYPES[cfg.dtype]
     built = {}  # one module per distinct factory: the Transformer's blocks share one
     with torch.device("meta"):
         layers = []
-        for factory in models.layer_factories(cfg):
+        for factory in registry.layer_factories(cfg):
             if id(factory) not in built:
                 built[id(factory)] = factory().to(dtype)
             layers.append(built[id(factory)])
@@ -277,12 +277,12 @@ def plan_run(cfg, n_stages: int) -> Plan:
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
                                 order))
-    return Plan(cfg, stages, _flops_per_unit(cfg, profiles), models.family(cfg).unit)
+    return Plan(cfg, stages, _flops_per_unit(cfg, profiles), registry.family(cfg).unit)
 
 
 def _flops_per_unit(cfg, profiles: list[LayerProfile]) -> float:
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
-    return sum(p.flops for p in profiles) / (micro * models.family(cfg).units_per_sample(cfg))
+    return sum(p.flops for p in profiles) / (micro * registry.family(cfg).units_per_sample(cfg))
 
 
 def model_flops_per_unit(cfg) -> float:
@@ -293,7 +293,7 @@ def model_flops_per_unit(cfg) -> float:
 def largest_that_fits(cfg, n_stages: int, budget: int) -> Plan | None:
     """The deepest model of cfg's shape (Transformer blocks or AmoebaNet cells) whose every stage
     fits `budget` bytes, found by doubling then bisection; None when even the smallest does not."""
-    family = models.family(cfg)
+    family = registry.family(cfg)
     field, smallest = family.depth_field, family.smallest_depth(n_stages)
 
     def fitting(depth):
@@ -331,7 +331,7 @@ def _size(n_bytes: float) -> str:
 
 def format_plan(plan: Plan, budget: int | None) -> str:
     cfg, k = plan.cfg, len(plan.stages)
-    shape = models.family(cfg).describe(cfg)
+    shape = registry.family(cfg).describe(cfg)
     micro = cfg.batch_size // cfg.dp // cfg.microbatches
     rows = [("stage", "layers", "params", "weights+grads+adam", "act. re-mat", "act. no re-mat",
              f"total ({cfg.recompute})") + (("fits",) if budget else ())]
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
             if plan is None:
                 print(f"even the smallest model does not fit {_size(budget)} with K={n_stages}")
                 return 1
-            field = models.family(cfg).depth_field
+            field = registry.family(cfg).depth_field
             print(f"largest that fits {_size(budget)} with K={n_stages}: --{field} "
                   f"{getattr(plan.cfg, field)}")
         else:

@@ -10,7 +10,7 @@ that is removed again; nothing else is written. The checkpoint directory has its
 import os
 from pathlib import Path
 
-import models
+from minipipe.models import registry
 from minipipe.data import cache_dir
 from minipipe.errors import ConfigError
 from minipipe.metrics import wandb_mode
@@ -23,7 +23,7 @@ def check_before_work(cfg) -> None:
     for flag, path in (("--metrics-jsonl", cfg.metrics_jsonl), ("--trace", cfg.trace)):
         if path:
             writable_file(Path(path), flag)
-    if (cfg.data or models.family(cfg).default_data) == "stdlib":  # cached on first use
+    if (cfg.data or registry.family(cfg).default_data) == "stdlib":  # cached on first use
         writable_directory(cache_dir(), "MINIPIPE_CACHE")
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import models
+from minipipe.models import registry
 from minipipe import running_stats
 from minipipe.layers import chunk_inputs
 from minipipe.recompute import grad_leaf
@@ -24,7 +24,7 @@ def warm_up_run(run) -> float:
     cfg, device = run.cfg, run.layout.device
     rows = cfg.batch_size // cfg.dp // cfg.microbatches
     param_dtype = next(run.stage.parameters()).dtype
-    targets = torch.zeros(models.family(cfg).targets_shape(cfg, rows), dtype=torch.long, device=device)
+    targets = torch.zeros(registry.family(cfg).targets_shape(cfg, rows), dtype=torch.long, device=device)
     values = chunk_inputs(cfg, run.stage.chunks, rows, param_dtype, device, run.engine.autocast_dtype)
     return warm_up(run.engine, values, targets)
 

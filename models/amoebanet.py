@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from models.batchnorm import PipelineBatchNorm2d
-from models.family import Family
+from minipipe.kernels import ops
+from minipipe.models.batchnorm import PipelineBatchNorm2d
+from minipipe.models.family import Family
 
 # (input state, op) pairs; node k of the cell sums ops 2k and 2k+1.
 NORMAL_OPS = [(1, "conv_1x1"), (1, "max_pool_3x3"), (1, "none"), (0, "conv_1x7_7x1"),
@@ -139,7 +139,7 @@ def make_loss(backend: str):
         """Cross-entropy summed over the samples."""
         if logits.element_size() < 4:
             logits = logits.float()
-        return kernels.cross_entropy(logits, targets, reduction="sum", backend=backend)
+        return ops.cross_entropy(logits, targets, reduction="sum", backend=backend)
     return loss_sum
 
 

@@ -12,7 +12,7 @@ running statistics is the pipeline's to decide, through minipipe/running_stats.p
 import torch
 from torch import nn
 
-import kernels
+from minipipe.kernels import ops
 
 
 class PipelineBatchNorm2d(nn.Module):
@@ -30,9 +30,9 @@ class PipelineBatchNorm2d(nn.Module):
 
     def forward(self, x):
         if not self.training:
-            return kernels.batch_norm_eval(x, self.weight, self.bias, self.running_mean,
+            return ops.batch_norm_eval(x, self.weight, self.bias, self.running_mean,
                                            self.running_var, self.eps, self.relu, self.backend)
-        y, mean, var = kernels.batch_norm(x, self.weight, self.bias, self.eps, self.relu, self.backend)
+        y, mean, var = ops.batch_norm(x, self.weight, self.bias, self.eps, self.relu, self.backend)
         if not self.frozen:
             self._track(mean.detach(), var.detach(), x.numel() // x.shape[1])
         return y
@@ -51,7 +51,7 @@ class PipelineBatchNorm2d(nn.Module):
 
     @torch.no_grad()
     def _update(self, mean, var_biased, count: int):
-        kernels.update_running_stats(self.running_mean, self.running_var, mean, var_biased, count,
+        ops.update_running_stats(self.running_mean, self.running_var, mean, var_biased, count,
                                      self.momentum)
 
     def pending_stats(self):

@@ -2,7 +2,7 @@
 
 Layer values: token ids (B, T) int64 -> hidden (B, T, D) -> ... -> logits (B, T, V) in eval mode.
 In training the Head hands the loss (normalised hidden (B, T, D), its weight (V, D)) instead of
-logits, and the loss runs kernels.linear_cross_entropy, which goes through the tokens a chunk at a
+logits, and the loss runs ops.linear_cross_entropy, which goes through the tokens a chunk at a
 time: the (tokens x vocab) logits never exist whole. The weight in that tuple is the Parameter
 itself, so the loss's gradient reaches it through autograd like any other use.
 Pre-LN blocks (LayerNorm -> causal attention -> residual, LayerNorm -> GELU MLP -> residual),
@@ -26,8 +26,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-import kernels
-from models.family import Family
+from minipipe.kernels import ops
+from minipipe.models.family import Family
 
 IGNORE_INDEX = -100
 
@@ -46,7 +46,7 @@ class LayerNorm(nn.Module):
         self.eps, self.backend = eps, backend
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
 
 class Embedding(nn.Module):
@@ -84,9 +84,9 @@ class Block(nn.Module):
     def forward(self, x):
         q, k, v = rearrange(self.qkv(self.ln_attn(x)), "b t (three h d) -> three b h t d",
                             three=3, h=self.heads)
-        attn = kernels.attention(q, k, v, causal=True, backend=self.backend)
+        attn = ops.attention(q, k, v, causal=True, backend=self.backend)
         x = x + self.dropout(self.attn_proj(rearrange(attn, "b h t d -> b t (h d)")))
-        hidden = kernels.bias_gelu(nn.functional.linear(self.ln_mlp(x), self.fc.weight), self.fc.bias,
+        hidden = ops.bias_gelu(nn.functional.linear(self.ln_mlp(x), self.fc.weight), self.fc.bias,
                                    approximate="tanh", backend=self.backend)
         return x + self.dropout(self.mlp_proj(hidden))
 
@@ -124,13 +124,13 @@ def make_loss(backend: str):
             if device != "meta" and torch.is_autocast_enabled(device):  # F.linear's dtype there
                 dtype = torch.get_autocast_dtype(device)
                 hidden, weight = hidden.to(dtype), weight.to(dtype)
-            return kernels.linear_cross_entropy(hidden, weight, None, targets.reshape(-1),
+            return ops.linear_cross_entropy(hidden, weight, None, targets.reshape(-1),
                                                 ignore_index=IGNORE_INDEX, reduction="sum",
                                                 backend=backend)
         logits = output.reshape(-1, output.shape[-1])
         if logits.element_size() < 4:  # half-precision logits: reduce in fp32
             logits = logits.float()
-        return kernels.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        return ops.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                      reduction="sum", backend=backend)
     return loss_sum
 

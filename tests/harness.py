@@ -3,7 +3,7 @@ losses, the first step's gradients and the final weights, all keyed by global pa
 import torch
 import torch.nn.functional as F
 
-import models
+from minipipe.models import registry
 from minipipe.build import build_run
 from minipipe.config import make_config
 from minipipe.data import load_dataset
@@ -65,7 +65,7 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
     cfg = make_config(**cfg_values)
     dataset = load_dataset(cfg)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    n_layers = len(models.layer_factories(cfg))
+    n_layers = len(registry.layer_factories(cfg))
     model = torch.nn.Sequential(*build_layers(cfg, range(n_layers)).values()).to(dtype)
     named = {f"layers.{n}": p for n, p in model.named_parameters()}
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-import kernels.runtime
+from minipipe.kernels import runtime
 from minipipe import data
 
 
@@ -73,7 +73,7 @@ def test_a_wandb_mode_wandb_would_choke_on(cli, monkeypatch, mode):
 
 
 def test_triton_kernels_without_triton(cli, monkeypatch):
-    monkeypatch.setattr(kernels.runtime, "HAVE_TRITON", False)
+    monkeypatch.setattr(runtime, "HAVE_TRITON", False)
     refused(cli("--kernels", "triton"), "--kernels triton: the triton backend needs the triton package", "--kernels torch")
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from minipipe.running_stats import commit_deferred, frozen, stats_layers
-from models.batchnorm import PipelineBatchNorm2d
+from minipipe.models.batchnorm import PipelineBatchNorm2d
 
 
 def _reference_after(batches):

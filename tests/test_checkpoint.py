@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+from minipipe.models import registry
 import train
 from minipipe import checkpoint, checkpoint_files
 from minipipe.build import build_run
@@ -173,8 +173,8 @@ def test_exported_model_computes_the_pipelines_validation_loss(straight, tmp_pat
     with torch.no_grad():
         for i in range(cfg.eval_batches):
             inputs, targets = data.batch(i, cfg.batch_size, split="val")
-            loss_sum += float(models.loss_fn(cfg)(model(inputs), targets))
-            units += models.count_loss_units(cfg, targets)
+            loss_sum += float(registry.loss_fn(cfg)(model(inputs), targets))
+            units += registry.count_loss_units(cfg, targets)
     pipeline_val = history["val_losses"][-1][1]
     assert abs(loss_sum / units - pipeline_val) <= 1e-6 * pipeline_val
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.testing import DEVICE, DTYPES, assert_close
+from minipipe.kernels import ops
+from minipipe.kernels.testing import DEVICE, DTYPES, assert_close
 
 SHAPES = [(37, 5), (129,), (3, 7, 11), (1,), (5000,)]  # (5000,) spans two kernel blocks
 LRS = [1e-2, 3e-3, 5e-2, 1e-3, 2e-2]  # an LR schedule: lr changes before every step
@@ -35,7 +35,7 @@ def test_adamw_matches_torch_over_five_steps_with_changing_lr(backend, dtype):
     expected = [p.detach().clone().requires_grad_() for p in params]
     reference = torch.optim.AdamW(expected, **hyper)
     _run_steps(reference, expected, grads, range(5))
-    optimizer = kernels.AdamW(params, **hyper, backend=backend)
+    optimizer = ops.AdamW(params, **hyper, backend=backend)
     _run_steps(optimizer, params, grads, range(5))
     for p, q in zip(params, expected):
         assert_close(p, q, dtype, "param")
@@ -52,7 +52,7 @@ def test_checkpoints_interchange_with_torch_adamw():
     _run_steps(torch.optim.AdamW(expected, **hyper), expected, grads, range(5))
     reference = torch.optim.AdamW(params, **hyper)
     _run_steps(reference, params, grads, range(3))
-    optimizer = kernels.AdamW(params, **hyper, backend="triton")
+    optimizer = ops.AdamW(params, **hyper, backend="triton")
     optimizer.load_state_dict(reference.state_dict())
     _run_steps(optimizer, params, grads, range(3, 5))
     for p, q in zip(params, expected):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels.flash_attention import attention_reference
-from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
+from minipipe.kernels import ops
+from minipipe.kernels.flash_attention import attention_reference
+from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 # (B, H, T, D): a single query row, a tail shorter than one block, T across several blocks.
 SHAPES = [(1, 1, 1, 16), (2, 1, 5, 32), (1, 2, 37, 16), (1, 1, 50, 64), (1, 1, 19, 128)]
@@ -12,7 +12,7 @@ SHAPES = [(1, 1, 1, 16), (2, 1, 5, 32), (1, 2, 37, 16), (1, 1, 50, 64), (1, 1, 1
 def _run(shape, causal, dtype):
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
-    check_against_reference(lambda q, k, v: kernels.attention(q, k, v, causal, backend="triton"),
+    check_against_reference(lambda q, k, v: ops.attention(q, k, v, causal, backend="triton"),
                             lambda q, k, v: attention_reference(q, k, v, causal),
                             [q, k, v], dtype)
 
@@ -28,7 +28,7 @@ def test_flash_attention_accepts_strided_heads():
     """The Transformer hands over q, k, v as strided views of one qkv projection."""
     torch.manual_seed(0)
     qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE).permute(2, 0, 3, 1, 4).requires_grad_()
-    check_against_reference(lambda t: kernels.attention(t[0], t[1], t[2], True, backend="triton"),
+    check_against_reference(lambda t: ops.attention(t[0], t[1], t[2], True, backend="triton"),
                             lambda t: attention_reference(t[0], t[1], t[2], True),
                             [qkv], torch.float32)
 
@@ -43,14 +43,14 @@ def test_flash_attention_matches_reference_bf16(shape, causal):
 def test_reference_is_deterministic_in_float64():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 11, 16, dtype=torch.float64) for _ in range(3))
-    first = kernels.attention(q, k, v, True, backend="torch")
-    assert torch.equal(first, kernels.attention(q, k, v, True, backend="torch"))
+    first = ops.attention(q, k, v, True, backend="torch")
+    assert torch.equal(first, ops.attention(q, k, v, True, backend="torch"))
 
 
 def test_unsupported_head_dim_is_refused():
     q = torch.randn(1, 1, 4, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head dims"):
-        kernels.attention(q, q, q, True, backend="triton")
+        ops.attention(q, q, q, True, backend="triton")
 
 
 def test_autotuning_settles_over_a_200_token_generation():
@@ -58,8 +58,8 @@ def test_autotuning_settles_over_a_200_token_generation():
     max_context). The autotuner benchmarks every config once per distinct key: count the keys its
     own key names take over the launches a 200-token generation makes (forward and backward
     kernels, recorded from the real launcher on meta tensors, nothing run)."""
-    from kernels import aot
-    from kernels.flash_attention import attention_backward, attention_forward
+    from minipipe.kernels import aot
+    from minipipe.kernels.flash_attention import attention_backward, attention_forward
 
     prompt_len, max_context = 1, 256
     with aot.record_launches() as launches:
@@ -77,7 +77,7 @@ def test_torch_backend_is_sdpa_and_matches_the_explicit_reference_in_float64(cau
     """--kernels torch runs F.scaled_dot_product_attention; the explicit softmax stays the check."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 13, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    sdpa = kernels.attention(q, k, v, causal, backend="torch")
+    sdpa = ops.attention(q, k, v, causal, backend="torch")
     assert torch.equal(sdpa, torch.nn.functional.scaled_dot_product_attention(q, k, v,
                                                                                 is_causal=causal))
     grad = torch.randn_like(sdpa)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels.fused_cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
+from minipipe.kernels import ops
+from minipipe.kernels.fused_cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
+from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 IGNORE = -100
 # (N tokens, V classes): a single row, a vocab below one block, a vocab over several blocks.
@@ -20,7 +20,7 @@ def _run_cross_entropy(shape, reduction, dtype):
     torch.manual_seed(0)
     logits = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
     check_against_reference(
-        lambda x, t: kernels.cross_entropy(x, t, IGNORE, reduction, backend="triton"),
+        lambda x, t: ops.cross_entropy(x, t, IGNORE, reduction, backend="triton"),
         lambda x, t: cross_entropy_reference(x, t, IGNORE, reduction),
         [logits, _targets(*shape)], dtype)
 
@@ -32,7 +32,7 @@ def _run_linear_cross_entropy(shape, reduction, dtype, with_bias, chunk_size):
     weight = (torch.randn(n_classes, 24, device=DEVICE) * 0.3).to(dtype).requires_grad_()
     bias = torch.randn(n_classes, device=DEVICE).to(dtype).requires_grad_() if with_bias else None
     check_against_reference(
-        lambda h, w, b, t: kernels.linear_cross_entropy(h, w, b, t, IGNORE, reduction,
+        lambda h, w, b, t: ops.linear_cross_entropy(h, w, b, t, IGNORE, reduction,
                                                         backend="triton", chunk_size=chunk_size),
         lambda h, w, b, t: linear_cross_entropy_reference(h, w, b, t, IGNORE, reduction),
         [hidden, weight, bias, _targets(n, n_classes)], dtype)
@@ -60,14 +60,14 @@ def test_cross_entropy_gradient_only_on_request():
     """Without requires_grad the kernel skips the gradient pass and stores nothing."""
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 50, device=DEVICE), _targets(6, 50)
-    loss = kernels.cross_entropy(logits, targets, IGNORE, "mean", backend="triton")
+    loss = ops.cross_entropy(logits, targets, IGNORE, "mean", backend="triton")
     torch.testing.assert_close(loss, cross_entropy_reference(logits, targets, IGNORE, "mean"))
     assert not loss.requires_grad
 
 
 def test_cross_entropy_refuses_second_backward_through_same_graph():
     logits = torch.randn(3, 10, device=DEVICE, requires_grad=True)
-    loss = kernels.cross_entropy(logits, _targets(3, 10), IGNORE, "sum", backend="triton")
+    loss = ops.cross_entropy(logits, _targets(3, 10), IGNORE, "sum", backend="triton")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
@@ -82,5 +82,5 @@ def test_cross_entropy_matches_reference_bf16(reduction):
 
 def test_unknown_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
-        kernels.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), reduction="none",
+        ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), reduction="none",
                               backend="torch")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels.gelu import bias_gelu_reference
-from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
+from minipipe.kernels import ops
+from minipipe.kernels.gelu import bias_gelu_reference
+from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 # The interpreter (numpy) warns when exp overflows to inf in a saturated sigmoid; the result is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -14,7 +14,7 @@ def _run(shape, dtype, approximate, with_bias):
     x = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
     bias = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_() if with_bias else None
     check_against_reference(
-        lambda x, b: kernels.bias_gelu(x, b, approximate, backend="triton"),
+        lambda x, b: ops.bias_gelu(x, b, approximate, backend="triton"),
         lambda x, b: bias_gelu_reference(x, b, approximate),
         [x, bias], dtype)
 
@@ -35,7 +35,7 @@ def test_gelu_far_tails_stay_finite():
     """Large |x| saturates the sigmoid / erf: outputs must be x or 0, never NaN."""
     x = torch.tensor([[-60.0, -10.0, 10.0, 60.0]], device=DEVICE, requires_grad=True)
     for approximate in ("tanh", "none"):
-        check_against_reference(lambda t: kernels.bias_gelu(t, None, approximate, "triton"),
+        check_against_reference(lambda t: ops.bias_gelu(t, None, approximate, "triton"),
                                 lambda t: bias_gelu_reference(t, None, approximate),
                                 [x], torch.float32)
 
@@ -48,4 +48,4 @@ def test_bias_gelu_matches_reference_bf16(approximate):
 
 def test_bias_gelu_rejects_unknown_approximation():
     with pytest.raises(ValueError, match="tanh"):
-        kernels.bias_gelu(torch.randn(2, 3), None, "sigmoid", backend="torch")
+        ops.bias_gelu(torch.randn(2, 3), None, "sigmoid", backend="torch")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels import layernorm
-from kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
+from minipipe.kernels import ops
+from minipipe.kernels import layernorm
+from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 
 def _run(shape, dtype):
@@ -13,7 +13,7 @@ def _run(shape, dtype):
     weight = torch.randn(n, device=DEVICE).requires_grad_()
     bias = torch.randn(n, device=DEVICE).requires_grad_()
     check_against_reference(
-        lambda *a: kernels.layer_norm(*a, eps=1e-5, backend="triton"),
+        lambda *a: ops.layer_norm(*a, eps=1e-5, backend="triton"),
         lambda *a: layernorm.layer_norm_reference(*a, eps=1e-5),
         [x, weight, bias], dtype)
 
@@ -36,6 +36,6 @@ def test_layer_norm_matches_reference_bf16(shape):
 
 def test_layer_norm_rejects_oversized_hidden():
     with pytest.raises(ValueError, match="up to"):
-        kernels.layer_norm(torch.randn(2, layernorm.MAX_HIDDEN + 1, device=DEVICE),
+        ops.layer_norm(torch.randn(2, layernorm.MAX_HIDDEN + 1, device=DEVICE),
                            torch.ones(layernorm.MAX_HIDDEN + 1, device=DEVICE),
                            torch.zeros(layernorm.MAX_HIDDEN + 1, device=DEVICE), 1e-5, "triton")

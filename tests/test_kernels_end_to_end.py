@@ -11,7 +11,7 @@ float64 run as torch's own float32 ops do.
 import pytest
 import torch
 
-from kernels.testing import TOLERANCES
+from minipipe.kernels.testing import TOLERANCES
 from tests.harness import run_steps
 
 MODELS = {

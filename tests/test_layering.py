@@ -4,9 +4,9 @@ import ast
 import re
 from pathlib import Path
 
-import kernels
-import models
 from minipipe import config, presets
+from minipipe.kernels import runtime
+from minipipe.models import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that run a step: they see layers only through the layer contract and running_stats.
@@ -18,27 +18,46 @@ MAY_NAME_A_FAMILY = {"minipipe/config.py", "minipipe/presets.py", "minipipe/hf_g
 
 
 def imported_packages(path: Path) -> set[str]:
+    """The packages a file imports, minipipe's own parts named as such: `minipipe.kernels`,
+    `minipipe.models`, or `minipipe` for the trainer."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            modules = [node.module]
+            if node.module == "minipipe":
+                modules = [f"minipipe.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            own_part = parts[0] == "minipipe" and len(parts) > 1 and parts[1] in ("kernels", "models")
+            names.add(".".join(parts[:2]) if own_part else parts[0])
     return names
 
 
 def test_kernels_and_models_never_import_the_trainer():
     for package in ("kernels", "models"):
         for path in sorted((ROOT / package).glob("*.py")):
-            assert "minipipe" not in imported_packages(path), f"{path.relative_to(ROOT)} imports minipipe"
+            assert "minipipe" not in imported_packages(path), f"{path.relative_to(ROOT)} imports the trainer"
     for path in sorted((ROOT / "kernels").glob("*.py")):
-        assert "models" not in imported_packages(path), f"{path.relative_to(ROOT)} imports models"
+        assert "minipipe.models" not in imported_packages(path), f"{path.relative_to(ROOT)} imports models"
+
+
+def test_the_top_level_folders_are_not_packages_of_their_own():
+    """`kernels` and `models` are other projects' names (Hugging Face's kernels package is a
+    transformers dependency): an __init__.py would make the repository root's folder win."""
+    for package in ("kernels", "models"):
+        assert not (ROOT / package / "__init__.py").exists()
+        for path in sorted((ROOT / package).glob("*.py")):
+            assert not {"kernels", "models"} & imported_packages(path), f"{path} imports a bare name"
 
 
 def test_the_engine_does_not_import_model_code():
     for name in ENGINE:
         path = ROOT / "minipipe" / f"{name}.py"
-        assert "models" not in imported_packages(path), f"minipipe/{name}.py imports models"
+        assert "minipipe.models" not in imported_packages(path), f"minipipe/{name}.py imports models"
 
 
 def test_no_family_branches_outside_models():
@@ -50,6 +69,6 @@ def test_no_family_branches_outside_models():
 
 
 def test_every_family_has_presets_and_each_choice_list_one_meaning():
-    assert list(models.FAMILIES) == list(presets.MODEL_FAMILIES)
+    assert list(registry.FAMILIES) == list(presets.MODEL_FAMILIES)
     # the kernel library cannot import the config (nor the config torch): equal by test instead
-    assert config.KERNEL_BACKENDS == kernels.runtime.BACKENDS
+    assert config.KERNEL_BACKENDS == runtime.BACKENDS

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import models
+from minipipe.models import registry
 from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.layers import build_layers, count_layer_params
@@ -27,7 +27,7 @@ def test_transformer_preset_param_count_matches_closed_form(preset):
     cfg = transformer_cfg(preset=preset)
     counted = sum(count_layer_params(cfg))
     assert counted == closed_form_param_count(cfg)
-    assert len(models.layer_factories(cfg)) == cfg.layers + 2
+    assert len(registry.layer_factories(cfg)) == cfg.layers + 2
 
 
 def test_gpipe_transformer_preset_has_paper_shape():
@@ -54,7 +54,7 @@ def test_transformer_shapes_through_every_layer():
 @pytest.mark.parametrize("preset,cells,filters", [("tiny", 1, 8), ("small", 2, 32)])
 def test_amoebanet_layers_and_shapes(preset, cells, filters):
     cfg = make_config(model="amoebanet", preset=preset, classes=10, channels=3)
-    factories = models.layer_factories(cfg)
+    factories = registry.layer_factories(cfg)
     assert len(factories) == 3 * cells + 4
     layers = build_layers(cfg, range(len(factories)))
     value = torch.randn(2, 3, 32, 32)
@@ -76,7 +76,7 @@ def test_init_is_independent_of_the_cut(family):
         cfg = transformer_cfg(layers=6, d_model=32, heads=2, max_seq_len=16, dropout=0.1)
     else:
         cfg = make_config(model="amoebanet", classes=10, channels=3)
-    n = len(models.layer_factories(cfg))
+    n = len(registry.layer_factories(cfg))
     whole = build_layers(cfg, range(n))
     part = build_layers(cfg, range(2, n - 1))
     for i, layer in part.items():
@@ -106,22 +106,22 @@ def test_lm_loss_at_init_is_ln_vocab():
     with torch.no_grad():
         for i in range(4):
             value = layers[i](value)
-    loss = models.loss_fn(cfg)(value, targets) / models.count_loss_units(cfg, targets)
+    loss = registry.loss_fn(cfg)(value, targets) / registry.count_loss_units(cfg, targets)
     assert abs(loss.item() - math.log(256)) < 0.1
 
 
 def test_the_transformer_training_loss_runs_the_fused_linear_cross_entropy(monkeypatch):
     """Training never asks the head for whole logits: the loss gets (hidden, weight) and calls
-    kernels.linear_cross_entropy (chunked on the Triton path), once per micro-batch forward."""
-    import kernels
+    ops.linear_cross_entropy (chunked on the Triton path), once per micro-batch forward."""
+    from minipipe.kernels import ops
     from tests.harness import run_steps
     calls = []
-    fused = kernels.linear_cross_entropy
+    fused = ops.linear_cross_entropy
 
     def spy(hidden, weight, *args, **kwargs):
         calls.append((tuple(hidden.shape), tuple(weight.shape)))
         return fused(hidden, weight, *args, **kwargs)
-    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
+    monkeypatch.setattr(ops, "linear_cross_entropy", spy)
     run_steps(1, model="transformer", layers=1, d_model=16, heads=2, max_seq_len=8, data="synthetic",
               batch_size=4, microbatches=2, recompute="never")
     assert calls == [((2 * 8, 16), (256, 16))] * 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from minipipe.models import registry
 from minipipe import build
 from minipipe.config import make_config
 from minipipe.data import load_dataset
@@ -136,7 +136,7 @@ def test_profile_accepts_tuples_and_integer_inputs():
 
 def test_profile_runs_amoebanet_whose_cells_take_a_pair():
     cfg = make_config(model="amoebanet", cells=1, filters=4, image_size=8, channels=3, classes=10)
-    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
+    layers = build_layers(cfg, range(len(registry.layer_factories(cfg))))
     for by in ("time", "memory"):
         costs = profile_costs(layers.__getitem__, len(layers), torch.randn(2, 3, 8, 8), by=by, device="cpu")
         assert len(costs) == 3 * cfg.cells + 4 and all(c > 0 for c in costs), (by, costs)
@@ -176,7 +176,7 @@ def test_profiled_balance_builds_one_layer_at_a_time_and_costs_what_the_whole_mo
     cfg = make_config(model="transformer", layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic",
                       batch_size=8, microbatches=2, balance_by="memory")
     data = load_dataset(cfg)
-    n_layers = len(models.layer_factories(cfg))
+    n_layers = len(registry.layer_factories(cfg))
     real_build, live, seen = build_layers, weakref.WeakValueDictionary(), []
 
     def build_and_count(config, indices, backend="torch"):
@@ -191,7 +191,7 @@ def test_profiled_balance_builds_one_layer_at_a_time_and_costs_what_the_whole_mo
     assert seen == [[i] for i in range(n_layers)]  # each layer freed before the next is built
     whole = build_layers(cfg, range(n_layers))  # the reference: every layer at once
     value, targets = data.batch(0, cfg.batch_size // cfg.microbatches)
-    loss_sum = models.loss_fn(cfg)
+    loss_sum = registry.loss_fn(cfg)
     expected = []
     for i in range(n_layers):
         last = i == n_layers - 1

@@ -121,7 +121,7 @@ def test_memory_budget_parses_units(text, expected):
 def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     """float32 weights under bf16 autocast: the Transformer's residual stream stays float32, an
     AmoebaNet cell's output is bfloat16. The planner must see what crosses each boundary."""
-    import models
+    from minipipe.models import registry
     from minipipe.data import load_dataset
     from minipipe.layers import build_layers
     from minipipe.values import as_tuple
@@ -129,7 +129,7 @@ def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     micro = cfg.batch_size // cfg.microbatches
     value, _ = load_dataset(cfg).batch(0, micro)
     value = value.float() if value.is_floating_point() else value  # as build_run feeds stage 0
-    layers = build_layers(cfg, range(len(models.layer_factories(cfg))))
+    layers = build_layers(cfg, range(len(registry.layer_factories(cfg))))
     real = []  # bytes each layer receives in a real forward
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(len(layers)):

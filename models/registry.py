@@ -10,8 +10,8 @@ from typing import Callable
 
 from torch import nn
 
-from models import amoebanet, transformer
-from models.family import Family
+from minipipe.models import amoebanet, transformer
+from minipipe.models.family import Family
 
 FAMILIES = {f.name: f for f in (transformer.FAMILY, amoebanet.FAMILY)}  # keys: minipipe.presets.MODEL_FAMILIES
 

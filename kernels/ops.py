@@ -5,23 +5,17 @@ differentiable on both backends; the torch path is stock PyTorch's fastest op (a
 float64 exactness tests run on CPU); each op's `*_reference` is the independent check. Without a
 GPU the triton backend runs through Triton's CPU interpreter.
 
-`kernels.<op>` is always the dispatch function: an op's module is named for the implementation it
-holds (`flash_attention`, `fused_cross_entropy`, `layernorm`, `batchnorm`, `gelu`, `adamw`), never
-after a dispatch function, so `kernels.<module>` and `kernels.<op>` never shadow each other.
+`ops.<op>` is always a dispatch function: an op's module is named for the implementation it holds
+(`flash_attention`, `fused_cross_entropy`, `layernorm`, `batchnorm`, `gelu`, `adamw`), never after a
+dispatch function, so `minipipe.kernels.<module>` and `ops.<op>` never name the same word.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-# Triton reads TRITON_INTERPRET when it is imported: decide before any kernel module imports it.
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm  # noqa: E402
-from kernels.adamw import AdamW  # noqa: E402
-from kernels.batchnorm import update_running_stats  # noqa: E402
-from kernels.runtime import resolve_backend  # noqa: E402
+from minipipe.kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
+from minipipe.kernels.adamw import AdamW
+from minipipe.kernels.batchnorm import update_running_stats
+from minipipe.kernels.runtime import resolve_backend
 
 __all__ = ["AdamW", "attention", "batch_norm", "batch_norm_eval", "bias_gelu", "cross_entropy",
            "layer_norm", "linear_cross_entropy", "resolve_backend", "update_running_stats"]
