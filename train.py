@@ -14,20 +14,24 @@ import time
 import torch
 import torch.distributed as dist
 
-from minipipe.models import registry
-from minipipe import timeline
-from minipipe.build import build_run, plan_table
-from minipipe.checkpoint import Checkpointer
+from minipipe.build import build_run, plan_table, warm_up_run
+from minipipe.checkpoint.checkpointer import Checkpointer
+from minipipe.checkpoint.hf_gpt2 import load_into_stage
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import ConfigError, MinipipeError
-from minipipe.hf_gpt2 import load_into_stage
-from minipipe.metrics import (MetricsLogger, compute_precision, config_record, flops_utilisation,
-                              make_logger)
-from minipipe.optim import lr_at
+from minipipe.models import registry
+from minipipe.pipeline.optim import lr_at
 from minipipe.plan import model_flops_per_unit
 from minipipe.preflight import check_before_work
-from minipipe.warmup import warm_up_run
+from minipipe.tracking import timeline
+from minipipe.tracking.metrics import (
+    MetricsLogger,
+    compute_precision,
+    config_record,
+    flops_utilisation,
+    make_logger,
+)
 
 
 def validation_loss(run) -> float:

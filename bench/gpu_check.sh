@@ -108,7 +108,7 @@ dist.destroy_process_group()"
   # dropout seeds the generator of the value's GPU, not the current one's
   part dropout_device 120 python -c "
 import torch
-from minipipe.stage import Stage
+from minipipe.pipeline.stage import Stage
 masks = []
 for current in (1, 0):
     torch.cuda.set_device(current)

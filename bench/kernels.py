@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipipe.kernels import ops  # noqa: E402
 from minipipe.kernels.batchnorm import batch_norm_reference  # noqa: E402
 from minipipe.kernels.flash_attention import attention_reference  # noqa: E402
-from minipipe.kernels.fused_cross_entropy import (cross_entropy_reference,  # noqa: E402
-                                         linear_cross_entropy_reference)
+from minipipe.kernels.fused_cross_entropy import cross_entropy_reference, linear_cross_entropy_reference  # noqa: E402
 from minipipe.kernels.gelu import bias_gelu_reference  # noqa: E402
 from minipipe.kernels.layernorm import layer_norm_reference  # noqa: E402
 

@@ -126,7 +126,7 @@ def worker(args) -> None:
     from minipipe.build import build_run
     from minipipe.config import make_config
     from minipipe.errors import ConfigError
-    from minipipe.schedule import bubble_fraction, check_schedule
+    from minipipe.schedule.actions import bubble_fraction, check_schedule
 
     model = dict(model="transformer", layers=args.layers, d_model=args.d_model, heads=args.heads,
                  max_seq_len=args.seq_len, data="stdlib", batch_size=args.batch_size, grad_clip=0.0,

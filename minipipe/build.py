@@ -9,17 +9,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipipe.kernels import ops
-from minipipe.models import registry
 from minipipe import partition
 from minipipe.data import load_dataset
 from minipipe.dist import Layout, check_world, init_process_groups
-from minipipe.engine import Engine
 from minipipe.errors import ConfigError
-from minipipe.layers import build_layers, count_layer_params, layer_param_numels
-from minipipe.optim import build_optimizer
-from minipipe.schedule import check_schedule
-from minipipe.stage import Stage
+from minipipe.kernels import ops
+from minipipe.layers import build_layers, chunk_inputs, count_layer_params, layer_param_numels
+from minipipe.models import registry
+from minipipe.pipeline.engine import Engine
+from minipipe.pipeline.optim import build_optimizer
+from minipipe.pipeline.stage import Stage
+from minipipe.pipeline.warmup import warm_up
+from minipipe.schedule.actions import check_schedule
 
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                 "bfloat16": torch.float32, "float16": torch.float32}
@@ -125,3 +126,13 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
 def plan_table(run: Run) -> str:
     params = count_layer_params(run.cfg, run.layout.n_stages)
     return partition.format_cut(run.balance, run.costs, params, run.cost_kind)
+
+
+def warm_up_run(run) -> float:
+    """warm_up for a built run: one micro-batch of its shape on each of this rank's chunks."""
+    cfg, device = run.cfg, run.layout.device
+    rows = cfg.batch_size // cfg.dp // cfg.microbatches
+    param_dtype = next(run.stage.parameters()).dtype
+    targets = torch.zeros(registry.family(cfg).targets_shape(cfg, rows), dtype=torch.long, device=device)
+    values = chunk_inputs(cfg, run.stage.chunks, rows, param_dtype, device, run.engine.autocast_dtype)
+    return warm_up(run.engine, values, targets)

@@ -8,18 +8,18 @@ until `minipipe.data` has looked at the data.
 This module is a leaf: it imports neither torch nor the models, so importing it (or making a
 Config) has no side effects such as choosing the Triton interpreter. Each option's choices are
 defined once: here, or in the torch-free module that implements them (model families and presets
-in minipipe.presets, schedules in minipipe.schedule).
+in minipipe.presets, schedules in minipipe.schedule.actions).
 """
 import argparse
 import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, get_args, get_origin, Union
+from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
 from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
-from minipipe.schedule import SCHEDULES
+from minipipe.schedule.actions import SCHEDULES
 
 try:
     import tomllib
@@ -67,7 +67,7 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(1337, "seed of every random stream (init, data, dropout)")
-    # precision defaults (issue 9): 'auto' is resolved by make_config, so the rest of the run (and
+    # precision defaults: 'auto' is resolved by make_config, so the rest of the run (and
     # its checkpoints and logs) sees the dtype it actually runs with
     dtype: str = _f("auto", "parameter/compute dtype; bf16/fp16 = autocast with fp32 weights; auto = "
                             "bfloat16 on CUDA, float32 on CPU",
@@ -90,7 +90,7 @@ class Config:
     recompute: str = _f("always", "re-materialisation (GPipe 2.3)", ("always", "except_last", "never"))
     deferred_bn: bool = _f(False, "BatchNorm running stats over the whole mini-batch, not per micro-batch")
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
-    # pipeline schedules (issue 11): see minipipe/schedule.py
+    # pipeline schedules: see minipipe/schedule/actions.py
     schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
                                 "interleaved (Megatron, needs --virtual-stages >= 2)",
                        SCHEDULES)
@@ -112,7 +112,7 @@ class Config:
     # checkpoint-directory safety: a fresh run never mixes with (and prunes) another run's checkpoints
     overwrite_ckpt: bool = _f(False, "start a fresh run in a --ckpt-dir that holds another run's "
                                      "checkpoints (--keep may then prune them)")
-    # GPT-2 in and out (issue 12: minipipe/tied.py, minipipe/hf_gpt2.py)
+    # GPT-2 in and out (minipipe/pipeline/tied.py, minipipe/checkpoint/hf_gpt2.py)
     tie_embeddings: Optional[bool] = _f(None, "the head's weight is the token embedding, as in GPT-2 "
                                               "(default: off, or as the --init-from model is)")
     init_from: Optional[str] = _f(None, "start from a Hugging Face GPT-2 directory (config.json + "
@@ -216,7 +216,7 @@ def make_config(**values) -> Config:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
     if cfg.init_from:  # the imported model's config.json sets the shape before any preset
-        from minipipe.hf_gpt2 import apply_config  # (torch comes with it only for an import)
+        from minipipe.checkpoint.hf_gpt2 import apply_config  # (torch comes with it only for an import)
         apply_config(cfg)
     if cfg.tie_embeddings and cfg.model != "transformer":
         raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")

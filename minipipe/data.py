@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minipipe.models import registry
 from minipipe.errors import DataError
+from minipipe.models import registry
 from minipipe.seeding import derive_seed
 
 VAL_EVERY = 20  # every 20th file (or sample) goes to validation; contiguous files: the last 1/20th

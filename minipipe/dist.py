@@ -4,13 +4,13 @@ Rank layout: rank = dp_rank * n_stages + stage, so the stages of one pipeline re
 in rank order (on a multi-GPU node, neighbours share the fastest links). Groups:
 - stage_group: the dp ranks holding the same stage (its gradients are all-reduced there);
 - pipeline_group: the n_stages ranks of one replica (broadcasts along the pipeline);
-- p2p (only when n_stages > 1): the groups that minipipe.comm sends on, all over the ranks of one
+- p2p (only when n_stages > 1): the groups that minipipe.pipeline.comm sends on, all over the ranks of one
   replica: one gloo group for the shape headers (host tensors, so reading a header never waits
-  for a GPU) and one group per payload lane on the default backend (see minipipe.comm.lane_of
+  for a GPU) and one group per payload lane on the default backend (see minipipe.pipeline.comm.lane_of
   for why NCCL needs four).
 Every rank creates every group in the same order, as torch.distributed.new_group requires.
 The timeout bounds every collective and, on NCCL, every payload (the watchdog); waits on gloo
-are bounded in minipipe.comm as well.
+are bounded in minipipe.pipeline.comm as well.
 
 On CUDA the process's current device is set to cuda:LOCAL_RANK, also when the caller initialised
 the default group: NCCL, the caching allocator and torch.cuda.manual_seed act on the current
@@ -25,15 +25,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from minipipe.comm import N_LANES
 from minipipe.errors import ConfigError
+from minipipe.pipeline.comm import N_LANES
 
 
 @dataclass(frozen=True)
 class P2PGroups:
-    """What one replica's point-to-point messages travel on (minipipe.comm picks per message)."""
+    """What one replica's point-to-point messages travel on (minipipe.pipeline.comm picks per message)."""
     headers: dist.ProcessGroup  # gloo on every backend: headers are host tensors
-    lanes: tuple  # N_LANES groups on the default backend; minipipe.comm.lane_of picks one
+    lanes: tuple  # N_LANES groups on the default backend; minipipe.pipeline.comm.lane_of picks one
     backend: str  # of the lanes: "nccl" (payload waits are stream waits) or "gloo"
 
 

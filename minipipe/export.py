@@ -7,7 +7,7 @@
 Every shard is verified against trainer_state.json (size, sha256) before it is read. The minipipe
 format keeps the global names (`layers.7.qkv.weight`; a tied embedding once, as
 `layers.0.tokens.weight`); `--format hf` writes GPT-2's names, layouts and config.json
-(minipipe/hf_gpt2.py), for a Transformer checkpoint.
+(minipipe/checkpoint/hf_gpt2.py), for a Transformer checkpoint.
 """
 import argparse
 import json
@@ -17,10 +17,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minipipe.models import registry
-from minipipe import hf_gpt2, tied
 from minipipe.build import PARAM_DTYPES
-from minipipe.checkpoint_files import (
+from minipipe.checkpoint import hf_gpt2
+from minipipe.checkpoint.files import (
     checkpoint_path,
     read_index,
     read_tensors,
@@ -29,6 +28,8 @@ from minipipe.checkpoint_files import (
 from minipipe.config import make_config
 from minipipe.errors import CheckpointError, MinipipeError
 from minipipe.layers import build_layers
+from minipipe.models import registry
+from minipipe.pipeline import tied
 
 EXPORTED_WEIGHTS = "model.safetensors"
 EXPORTED_CONFIG = "config.json"

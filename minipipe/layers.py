@@ -1,18 +1,18 @@
 """A run's layers under the layer contract: layer i initialised from (seed, "init", i) only, so
 building one stage's layers alone gives bitwise the weights of the whole model; the tied head's
-weight (minipipe/tied.py); parameter counts and chunk input shapes from meta-device layers (no
+weight (minipipe/pipeline/tied.py); parameter counts and chunk input shapes from meta-device layers (no
 memory)."""
 from contextlib import nullcontext
 from typing import Iterable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from minipipe.models import registry
-from minipipe import tied
+from minipipe.pipeline import tied
+from minipipe.pipeline.values import map_tensors
 from minipipe.seeding import derive_seed
-from minipipe.values import map_tensors
 
 
 def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[int, nn.Module]:
@@ -46,7 +46,7 @@ def layer_param_numels(cfg) -> list[list[int]]:
 def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
     """Parameters each layer holds on a run of n_stages stages. A tied head counts its copy of
     the embedding when it sits on another stage than layer 0 (K > 1: that copy is real memory),
-    not when one stage holds both (K = 1: one Parameter): see minipipe/tied.py."""
+    not when one stage holds both (K = 1: one Parameter): see minipipe/pipeline/tied.py."""
     with torch.device("meta"):
         counts = [sum(p.numel() for p in make().parameters()) for make in registry.layer_factories(cfg)]
     if n_stages == 1 and tied.is_tied(cfg):

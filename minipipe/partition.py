@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from minipipe.errors import ConfigError
-from minipipe.values import as_tuple, map_tensors
-from minipipe.recompute import grad_leaf
+from minipipe.pipeline.recompute import grad_leaf
+from minipipe.pipeline.values import as_tuple, map_tensors
 
 PROFILE_RUNS = 5  # timed runs per layer after one warm-up; the median is the cost
 

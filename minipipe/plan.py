@@ -40,13 +40,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minipipe.models import registry
-from minipipe import partition, tied
+from minipipe import partition
 from minipipe.build import AUTOCAST_DTYPES, PARAM_DTYPES
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
-from minipipe.values import as_tuple
-from minipipe.schedule import Kind, bubble_fraction, check_schedule, train_actions
+from minipipe.models import registry
+from minipipe.pipeline import tied
+from minipipe.pipeline.values import as_tuple
+from minipipe.schedule.actions import Kind, bubble_fraction, check_schedule, train_actions
 
 STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes

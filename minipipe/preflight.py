@@ -10,10 +10,10 @@ that is removed again; nothing else is written. The checkpoint directory has its
 import os
 from pathlib import Path
 
-from minipipe.models import registry
 from minipipe.data import cache_dir
 from minipipe.errors import ConfigError
-from minipipe.metrics import wandb_mode
+from minipipe.models import registry
+from minipipe.tracking.metrics import wandb_mode
 
 
 def check_before_work(cfg) -> None:

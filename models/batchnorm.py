@@ -1,7 +1,7 @@
 """BatchNorm2d that knows it runs inside a pipeline.
 
 Training normalises each micro-batch with its own statistics (as GPipe does). What happens to the
-running statistics is the pipeline's to decide, through minipipe/running_stats.py's protocol:
+running statistics is the pipeline's to decide, through minipipe/pipeline/running_stats.py's protocol:
 - `frozen`: the re-materialising recompute replays a forward that already updated them once, so
   while it is set nothing is tracked.
 - deferred mode (`--deferred-bn`, torchgpipe's DeferredBatchNorm): micro-batches only accumulate

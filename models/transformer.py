@@ -10,7 +10,7 @@ final LayerNorm + bias-free linear head. The hot ops go through `kernels` (Trito
 torch reference, chosen by `backend`).
 
 The math is GPT-2's (transformers' GPT2LMHeadModel), term by term, so weights convert both ways
-(minipipe/hf_gpt2.py): token + learned position embeddings; LayerNorm eps 1e-5; q, k, v from one
+(minipipe/checkpoint/hf_gpt2.py): token + learned position embeddings; LayerNorm eps 1e-5; q, k, v from one
 biased linear in that order, heads split as (head, head_dim); softmax(q k^T / sqrt(head_dim));
 GELU with the tanh approximation (GPT-2's gelu_new); biased linears; a final LayerNorm; a head
 without bias. Dropout sits where GPT-2's embd_pdrop and resid_pdrop do (after the embedding sum
@@ -18,7 +18,7 @@ and after each residual branch's projection); GPT-2's attn_pdrop (on the attenti
 probabilities) has no counterpart here, so exports say attn_pdrop 0.
 
 With `tie_embeddings` the Embedding's token matrix is also the Head's weight (both layers carry
-`tied = True`; minipipe/tied.py keeps the copies one weight when they sit on different stages).
+`tied = True`; minipipe/pipeline/tied.py keeps the copies one weight when they sit on different stages).
 """
 import math
 

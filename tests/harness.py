@@ -3,13 +3,13 @@ losses, the first step's gradients and the final weights, all keyed by global pa
 import torch
 import torch.nn.functional as F
 
-from minipipe.models import registry
 from minipipe.build import build_run
 from minipipe.config import make_config
 from minipipe.data import load_dataset
-from minipipe.optim import lr_at
-from minipipe.seeding import derive_seed
 from minipipe.layers import build_layers
+from minipipe.models import registry
+from minipipe.pipeline.optim import lr_at
+from minipipe.seeding import derive_seed
 
 
 def run_steps(n_steps: int = 1, watch: tuple = (), **cfg_values) -> dict:

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from minipipe.kernels import runtime
 from minipipe import data
+from minipipe.kernels import runtime
 
 
 def _tree(root) -> dict:
@@ -230,7 +230,7 @@ def _claim_worker(rank, world_size, ckpt_dirs):
     """Each rank sees its own --ckpt-dir: what ranks on nodes without a shared filesystem see."""
     import train
     from minipipe.config import make_config
-    from minipipe.metrics import MetricsLogger
+    from minipipe.tracking.metrics import MetricsLogger
     cfg = make_config(model="transformer", layers=2, d_model=16, heads=2, max_seq_len=8,
                       data="synthetic", batch_size=8, microbatches=2, steps=1, eval_every=0,
                       ckpt_dir=ckpt_dirs[rank], timeout=30.0)

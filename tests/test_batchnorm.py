@@ -1,8 +1,8 @@
 """PipelineBatchNorm2d: per-micro-batch normalisation, deferred statistics, frozen replays."""
 import torch
 
-from minipipe.running_stats import commit_deferred, frozen, stats_layers
 from minipipe.models.batchnorm import PipelineBatchNorm2d
+from minipipe.pipeline.running_stats import commit_deferred, frozen, stats_layers
 
 
 def _reference_after(batches):

@@ -10,17 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minipipe.models import registry
 import train
-from minipipe import checkpoint, checkpoint_files
 from minipipe.build import build_run
-from minipipe.checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
+from minipipe.checkpoint import checkpointer as checkpoint
+from minipipe.checkpoint import files as checkpoint_files
+from minipipe.checkpoint.checkpointer import load_checkpoint, optimizer_tensors, save_checkpoint
 from minipipe.config import make_config
 from minipipe.data import DataCursor, load_dataset
 from minipipe.errors import CheckpointError
-from minipipe.export import main as export_main
-from minipipe.metrics import MetricsLogger
 from minipipe.export import load_exported
+from minipipe.export import main as export_main
+from minipipe.models import registry
+from minipipe.tracking.metrics import MetricsLogger
 from tests.spawn import run_workers
 
 # Six steps, checkpointed after steps 3 and 6; dropout on, so resumed masks are checked too.
@@ -309,7 +310,7 @@ def _other_view_worker(rank, world_size, shared, node_view):
     import io
     from pathlib import Path
 
-    from minipipe import checkpoint_dir
+    from minipipe.checkpoint import directory as checkpoint_dir
     if rank == 1:
         real_read = checkpoint_dir.read_trainer_state
         checkpoint_dir.read_trainer_state = lambda path: real_read(Path(str(path).replace(shared, node_view)))
@@ -336,7 +337,7 @@ def test_ranks_that_see_another_checkpoint_are_refused_on_every_rank_before_trai
 
 
 def test_a_disagreement_names_every_rank_that_differs_and_what_it_saw():
-    from minipipe.checkpoint_dir import disagreement
+    from minipipe.checkpoint.directory import disagreement
     assert disagreement("ck/step-000006", 5, [5, 5, 5]) is None
     message = disagreement("ck/step-000006", 5, [5, 2, 5, "cannot read it (gone)"])
     assert message.startswith("the ranks disagree on the checkpoint to resume: rank 0 resumes "

@@ -6,8 +6,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from minipipe.comm import StageComm
 from minipipe.dist import init_process_groups
+from minipipe.pipeline.comm import StageComm
 from tests.spawn import REPO_ROOT, run_workers
 
 

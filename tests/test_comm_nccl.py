@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minipipe.comm import ACTIVATION, GRADIENT, N_LANES, StageComm, lane_of
 from minipipe.dist import P2PGroups, init_process_groups
 from minipipe.errors import describe_comm_failure
-from minipipe.schedule import SCHEDULES, Kind, ScheduleError, check_schedule, train_actions
+from minipipe.pipeline.comm import ACTIVATION, GRADIENT, N_LANES, StageComm, lane_of
+from minipipe.schedule.actions import SCHEDULES, Kind, ScheduleError, check_schedule, train_actions
 from tests.spawn import free_port
 
 TIMEOUT_S = 5.0

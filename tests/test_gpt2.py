@@ -13,14 +13,16 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import train  # noqa: E402
+from minipipe.checkpoint.hf_gpt2 import HFModelError, read_stage_weights  # noqa: E402
 from minipipe.config import make_config  # noqa: E402
 from minipipe.data import load_dataset  # noqa: E402
 from minipipe.errors import DataError, MinipipeError  # noqa: E402
-from minipipe.export import export  # noqa: E402
-from minipipe.hf_gpt2 import HFModelError, read_stage_weights  # noqa: E402
-from minipipe.metrics import MetricsLogger  # noqa: E402
-from minipipe.export import load_exported  # noqa: E402
+from minipipe.export import (
+    export,  # noqa: E402
+    load_exported,  # noqa: E402
+)
 from minipipe.layers import build_layers  # noqa: E402
+from minipipe.tracking.metrics import MetricsLogger  # noqa: E402
 from tests.spawn import run_workers  # noqa: E402
 
 SHAPE = dict(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=4)

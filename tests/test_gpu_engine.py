@@ -9,8 +9,8 @@ import torch
 
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.optim import lr_at
-from minipipe.schedule import Kind
+from minipipe.pipeline.optim import lr_at
+from minipipe.schedule.actions import Kind
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,14 +5,13 @@ import time
 import pytest
 import torch
 
-from minipipe.build import build_run
+from minipipe.build import build_run, warm_up_run
 from minipipe.config import make_config
 from minipipe.layers import build_layers, chunk_inputs
-from minipipe.optim import lr_at
-from minipipe.schedule import Kind
-from minipipe.spans import SpanRecorder
-from minipipe.values import as_tuple
-from minipipe.warmup import warm_up_run
+from minipipe.pipeline.optim import lr_at
+from minipipe.pipeline.spans import SpanRecorder
+from minipipe.pipeline.values import as_tuple
+from minipipe.schedule.actions import Kind
 
 TINY = dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic", batch_size=8,
             dtype="float64", grad_clip=1.0, eval_every=0)

@@ -46,7 +46,7 @@ def test_transformers_imports_in_the_same_process_as_minipipe(where, tmp_path):
     cwd = ROOT if where == "root" else tmp_path
     out = _python("import minipipe.kernels.ops, minipipe.models.registry\n"
                   "from transformers import GPT2LMHeadModel\n"
-                  "import minipipe.hf_gpt2\nprint('ok')", cwd)
+                  "import minipipe.checkpoint.hf_gpt2\nprint('ok')", cwd)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -69,5 +69,7 @@ def test_the_wheel_holds_nothing_outside_minipipe(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert tops == {"minipipe", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for expected in ("minipipe/kernels/ops.py", "minipipe/kernels/flash_attention.py",
-                     "minipipe/models/registry.py", "minipipe/models/transformer.py"):
+                     "minipipe/models/registry.py", "minipipe/models/transformer.py",
+                     "minipipe/pipeline/engine.py", "minipipe/schedule/__main__.py",
+                     "minipipe/checkpoint/files.py", "minipipe/tracking/timeline.py"):
         assert expected in names, f"{expected} missing from the wheel"

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from minipipe.kernels import ops
-from minipipe.kernels.batchnorm import (batch_norm_eval_reference, batch_norm_reference,
-                               update_running_stats)
+from minipipe.kernels.batchnorm import batch_norm_eval_reference, batch_norm_reference, update_running_stats
 from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 SHAPES = [(1, 3, 2, 3), (2, 5, 7, 9), (3, 2, 33, 35), (5, 6)]

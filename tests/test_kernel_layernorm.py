@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from minipipe.kernels import ops
-from minipipe.kernels import layernorm
+from minipipe.kernels import layernorm, ops
 from minipipe.kernels.testing import DEVICE, DTYPES, GPU_ONLY, check_against_reference
 
 

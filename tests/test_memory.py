@@ -7,7 +7,7 @@ import torch
 
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.optim import lr_at
+from minipipe.pipeline.optim import lr_at
 from tests.spawn import run_workers
 
 CASE = dict(model="transformer", layers=16, d_model=32, heads=2, max_seq_len=32, data="synthetic",

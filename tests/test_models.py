@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from minipipe.models import registry
 from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.layers import build_layers, count_layer_params
+from minipipe.models import registry
 
 
 def transformer_cfg(**kw):

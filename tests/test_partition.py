@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from minipipe.models import registry
 from minipipe import build
 from minipipe.config import make_config
 from minipipe.data import load_dataset
 from minipipe.errors import ConfigError
 from minipipe.layers import build_layers
-from minipipe.partition import (balance_by_cost, check_balance, format_cut,
-                                profile_costs, stage_ranges)
+from minipipe.models import registry
+from minipipe.partition import balance_by_cost, check_balance, format_cut, profile_costs, stage_ranges
 
 
 def max_stage_cost(costs, balance):

@@ -6,7 +6,7 @@ import pytest
 
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.schedule import train_actions
+from minipipe.schedule.actions import train_actions
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
 
@@ -109,7 +109,7 @@ def test_dropout_masks_are_the_same_for_any_stage_count_and_recompute_mode():
 
 
 def _dp_worker(rank, world_size, case):
-    from minipipe import engine
+    from minipipe.pipeline import engine
     engine.BUCKET_BYTES = 1024  # several gradient buckets per stage: the bucketed path is compared
     return run_steps(2, **case, dp=2, stages=2)
 

@@ -9,7 +9,7 @@ import torch
 from minipipe import plan
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.optim import lr_at
+from minipipe.pipeline.optim import lr_at
 from tests.spawn import run_workers
 
 CASES = {
@@ -121,10 +121,10 @@ def test_memory_budget_parses_units(text, expected):
 def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     """float32 weights under bf16 autocast: the Transformer's residual stream stays float32, an
     AmoebaNet cell's output is bfloat16. The planner must see what crosses each boundary."""
-    from minipipe.models import registry
     from minipipe.data import load_dataset
     from minipipe.layers import build_layers
-    from minipipe.values import as_tuple
+    from minipipe.models import registry
+    from minipipe.pipeline.values import as_tuple
     cfg = make_config(**CASES[family], **COMMON, dtype="bfloat16")
     micro = cfg.batch_size // cfg.microbatches
     value, _ = load_dataset(cfg).batch(0, micro)

@@ -3,7 +3,7 @@ and precision actually used, matching CUDA device names by whole words."""
 import pytest
 
 from minipipe.config import make_config, resolve_dtype
-from minipipe.metrics import compute_precision, flops_utilisation, peak_tflops
+from minipipe.tracking.metrics import compute_precision, flops_utilisation, peak_tflops
 
 TINY = dict(preset="tiny", layers=2, d_model=16, heads=2, max_seq_len=16, steps=1)
 

@@ -11,7 +11,7 @@ import pytest
 
 import train
 from minipipe.config import make_config
-from minipipe.metrics import MetricsLogger
+from minipipe.tracking.metrics import MetricsLogger
 from tests.spawn import descendants, run_torchrun
 
 SHAPE = ["--layers", "4", "--d-model", "16", "--heads", "2", "--max-seq-len", "8", "--data",

@@ -4,9 +4,16 @@ import sys
 
 import pytest
 
-from minipipe.schedule import (SCHEDULES, Action, Kind, ScheduleError, bubble_fraction, forward_actions,
-                               train_actions)
-from minipipe.schedule_check import check, render_grid, simulate
+from minipipe.schedule.actions import (
+    SCHEDULES,
+    Action,
+    Kind,
+    ScheduleError,
+    bubble_fraction,
+    forward_actions,
+    train_actions,
+)
+from minipipe.schedule.check import check, render_grid, simulate
 from tests.spawn import REPO_ROOT
 
 

@@ -3,7 +3,7 @@ CUDA device (what torch.cuda.manual_seed seeds). Checked on the CPU with stand-i
 two GPUs; the same check on real GPUs is in NOTES (needs two)."""
 import torch
 
-from minipipe import stage
+from minipipe.pipeline import stage
 
 
 def test_a_value_on_gpu_1_seeds_gpu_1s_generator_while_gpu_0_is_current(monkeypatch):

@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from minipipe import plan, tied
+from minipipe import plan
 from minipipe.config import make_config
-from minipipe.metrics import MetricsLogger, config_record
 from minipipe.layers import build_layers, layer_param_numels
+from minipipe.pipeline import tied
+from minipipe.tracking.metrics import MetricsLogger, config_record
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
 

@@ -3,9 +3,9 @@ PNG whose spans follow the schedule, chunks named, and the measured bubble agree
 schedule's formula on the checker's ideal ticks."""
 import json
 
-from minipipe.schedule import Kind, bubble_fraction, train_actions
-from minipipe.schedule_check import check
-from minipipe.timeline import measured_bubble
+from minipipe.schedule.actions import Kind, bubble_fraction, train_actions
+from minipipe.schedule.check import check
+from minipipe.tracking.timeline import measured_bubble
 from tests.spawn import run_torchrun
 
 K, M, V, STEPS = 2, 4, 2, 3

@@ -4,7 +4,7 @@ import glob
 
 import train
 from minipipe.config import Config, make_config
-from minipipe.metrics import MetricsLogger, wandb_mode
+from minipipe.tracking.metrics import MetricsLogger, wandb_mode
 
 TINY = dict(model="transformer", layers=2, d_model=32, heads=2, seq_len=32, data="synthetic",
             batch_size=8, microbatches=2, steps=4, log_every=2, eval_every=0, eval_batches=1)

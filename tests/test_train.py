@@ -6,11 +6,10 @@ import sys
 
 import torch
 
-from tests.harness import assert_close_tensors, run_steps
-from tests.spawn import REPO_ROOT, run_torchrun
-
 import train
 from minipipe.config import make_config
+from tests.harness import assert_close_tensors, run_steps
+from tests.spawn import REPO_ROOT, run_torchrun
 
 TINY = dict(model="transformer", layers=2, d_model=64, heads=4, seq_len=64)
 
@@ -86,7 +85,7 @@ def test_two_stage_torchrun_gives_the_one_process_losses_bitwise(tmp_path):
 
 def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
     from minipipe.build import build_run
-    from minipipe.optim import lr_at
+    from minipipe.pipeline.optim import lr_at
     cfg = make_config(**TINY, dtype="float16", batch_size=4, microbatches=2)
     run = build_run(cfg)
     assert run.engine.scale.scale == 2.0 ** 16
@@ -103,13 +102,14 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
 
 def test_a_diverged_float32_step_raises_instead_of_skipping():
     import pytest
+
     from minipipe.build import build_run
     cfg = make_config(**TINY, batch_size=4, microbatches=2)
     run = build_run(cfg)
     with torch.no_grad():
         next(run.stage.parameters()).fill_(float("nan"))
     from minipipe.errors import MinipipeError
-    from minipipe.optim import DivergedError
+    from minipipe.pipeline.optim import DivergedError
     with pytest.raises(DivergedError, match="step 0: the gradient norm is nan.*Lower --lr") as raised:
         run.engine.train_step(*run.dataset.batch(0, 4), 0, 1e-3, cfg.grad_clip)
     assert isinstance(raised.value, MinipipeError)  # train.py prints it as `minipipe error: ...`, exit 2

@@ -1,4 +1,4 @@
-"""Runs one rank's action list of a schedule (minipipe.schedule), verbatim, and logs what it ran.
+"""Runs one rank's action list of a schedule (minipipe.schedule.actions), verbatim, and logs what it ran.
 
     train_step:  the schedule's forwards and backwards of every (chunk, micro-batch)
                  | all-reduce over dp | global grad norm + loss in one all-reduce | optim.update
@@ -22,15 +22,15 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from minipipe import optim, running_stats, values
-from minipipe.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.errors import PipelineError, describe_comm_failure
-from minipipe.evaluate import evaluate
-from minipipe.generate import generate
-from minipipe.recompute import grad_leaf, recompute_forward, recomputes
-from minipipe.schedule import Action, Kind, train_actions
-from minipipe.spans import SpanRecorder
-from minipipe.tied import TiedEmbedding
+from minipipe.pipeline import optim, running_stats, values
+from minipipe.pipeline.comm import ACTIVATION, GRADIENT, StageComm
+from minipipe.pipeline.evaluation import evaluate
+from minipipe.pipeline.generation import generate
+from minipipe.pipeline.recompute import grad_leaf, recompute_forward, recomputes
+from minipipe.pipeline.spans import SpanRecorder
+from minipipe.pipeline.tied import TiedEmbedding
+from minipipe.schedule.actions import Action, Kind, train_actions
 
 
 @dataclass
@@ -74,10 +74,10 @@ class Engine:
         counts = layer_param_counts or [len(list(layer.parameters())) for layer in stage.layers.values()]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.n_param_slots = sum(counts)
-        self.tied = TiedEmbedding(stage, layout, timeout_s)  # issue 12: a tied head's copy has no slot
+        self.tied = TiedEmbedding(stage, layout, timeout_s)  # a tied head's copy has no slot
         counted = [(starts[i] + j, p) for i, layer in zip(stage.indices, stage.layers.values())
                    for j, p in enumerate(self.tied.counted(i, layer)) if p.requires_grad]
-        self.norm_params = [p for _, p in counted]  # issue 12: what the global gradient norm counts
+        self.norm_params = [p for _, p in counted]  # what the global gradient norm counts
         self.param_slots = torch.tensor([slot for slot, _ in counted], dtype=torch.long, device=layout.device)
         self.device = layout.device
         self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
@@ -92,7 +92,7 @@ class Engine:
         self.timeout_s = timeout_s
         self.actions = train_actions(schedule, lay.stage, k, n_microbatches, virtual_stages)
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
-        self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/spans.py)
+        self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/pipeline/spans.py)
         self.timed = False  # set by the caller: record device-time spans of this step on CUDA
         self.stats_layers = running_stats.stats_layers(stage)  # BatchNorm: running statistics
         self.state: StepState | None = None
@@ -308,7 +308,7 @@ class Engine:
             self._collective("data-parallel gradient all-reduce", work.wait)
             for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(synced)
-        # issue 12: the tied embedding's two copies get their summed gradient
+        # the tied embedding's two copies get their summed gradient
         self._collective("tied-embedding gradient all-reduce", self.tied.sum_copies)
         if self.stats_layers:  # BatchNorm: one flat collective over this stage's replicas
             all_reduce = partial(self._collective, "BatchNorm statistics all-reduce", dist.all_reduce,
@@ -370,9 +370,9 @@ class Engine:
     # ---- forward only: evaluation and generation ----------------------------------------------
     def generate(self, prompt, n_new: int, max_context: int, temperature: float = 0.8, top_k: int = 40,
                  seed: int = 0):
-        """Sampling through the pipeline: see minipipe.generate."""
+        """Sampling through the pipeline: see minipipe.pipeline.generation."""
         return generate(self, prompt, n_new, max_context, temperature, top_k, seed)
 
     def evaluate(self, batches) -> float:
-        """Mean loss over `batches` (global (inputs, targets)), on every rank: see minipipe.evaluate."""
+        """Mean loss over `batches` (global (inputs, targets)), on every rank: see minipipe.pipeline.evaluation."""
         return evaluate(self, batches)

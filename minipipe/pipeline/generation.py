@@ -10,7 +10,7 @@ returns the same tokens. Messages use the engine's activation channel.
 import torch
 import torch.distributed as dist
 
-from minipipe.comm import ACTIVATION
+from minipipe.pipeline.comm import ACTIVATION
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ micro-batch because its backward follows its forward immediately; `never`.
 """
 import torch
 
-from minipipe.running_stats import frozen
-from minipipe.values import map_tensors
+from minipipe.pipeline.running_stats import frozen
+from minipipe.pipeline.values import map_tensors
+
 
 def recomputes(mode: str, microbatch: int, n_microbatches: int) -> bool:
     if mode == "always":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from minipipe.checkpoint_files import LATEST, STEP_DIR, TRAINER_STATE, checkpoint_path, read_trainer_state
+from minipipe.checkpoint.files import LATEST, STEP_DIR, TRAINER_STATE, checkpoint_path, read_trainer_state
 from minipipe.errors import CheckpointError, describe_comm_failure
 
 LOCK = "minipipe.lock"

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minipipe.kernels import ops
 from minipipe.errors import MinipipeError
+from minipipe.kernels import ops
 
 
 def lr_at(step: int, cfg) -> float:

@@ -14,7 +14,7 @@ from the first forward on any stage to the end of the last backward on any stage
 bubble is the share of that window in which it is not computing (forward or backward, recompute
 included). Waiting on communication counts as bubble. The reported value is the mean over stages;
 for equal forward and backward ticks it equals the schedule's formula exactly ((K-1)/(M+K-1) for
-gpipe and 1f1b, (K-1)/(V*M+K-1) interleaved: minipipe.schedule.bubble_fraction).
+gpipe and 1f1b, (K-1)/(V*M+K-1) interleaved: minipipe.schedule.actions.bubble_fraction).
 """
 import json
 import os
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minipipe.schedule import bubble_fraction
+from minipipe.schedule.actions import bubble_fraction
 
 COMPUTE_KINDS = ("forward", "backward")
 LABELS = {"forward": "forward", "recompute": "recompute", "backward": "backward",

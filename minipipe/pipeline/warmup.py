@@ -5,28 +5,16 @@ and cuDNN pick their algorithms on first use too. Inside step 0 that time adds u
 pipeline (stage s waits for the compiles of stages 0..s-1 before its own), and `--timeout` bounds
 every wait: a deep pipeline of slow compiles could time out on a healthy run. So each stage runs
 a forward and a backward of each of its chunks on a zero micro-batch of the right shape
-(minipipe.layers.chunk_inputs) on its own, before any rank waits on another, and leaves nothing
+(minipipe.layers.chunk_inputs, put together by minipipe.build.warm_up_run) on its own, before any rank waits on another, and leaves nothing
 behind: gradients are cleared, running statistics frozen, every RNG restored.
 """
 import time
 
 import torch
 
-from minipipe.models import registry
-from minipipe import running_stats
-from minipipe.layers import chunk_inputs
-from minipipe.recompute import grad_leaf
-from minipipe.values import as_tuple
-
-
-def warm_up_run(run) -> float:
-    """warm_up for a built run: one micro-batch of its shape on each of this rank's chunks."""
-    cfg, device = run.cfg, run.layout.device
-    rows = cfg.batch_size // cfg.dp // cfg.microbatches
-    param_dtype = next(run.stage.parameters()).dtype
-    targets = torch.zeros(registry.family(cfg).targets_shape(cfg, rows), dtype=torch.long, device=device)
-    values = chunk_inputs(cfg, run.stage.chunks, rows, param_dtype, device, run.engine.autocast_dtype)
-    return warm_up(run.engine, values, targets)
+from minipipe.pipeline import running_stats
+from minipipe.pipeline.recompute import grad_leaf
+from minipipe.pipeline.values import as_tuple
 
 
 def warm_up(engine, chunk_inputs: list, targets: torch.Tensor) -> float:

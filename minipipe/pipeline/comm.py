@@ -35,7 +35,7 @@ Why a schedule cannot deadlock: sends never block the host (isend), so only rece
 and a receive waits for a message its sender lists before anything that depends on this rank.
 For GPipe by induction: forward phase from stage 0 up (stage 0 receives nothing, so it issues all
 its sends; then stage s's receives complete in turn), backward phase from the last stage down.
-For any list (1f1b, interleaved, hand-made), minipipe.schedule_check simulates every rank with
+For any list (1f1b, interleaved, hand-made), minipipe.schedule.check simulates every rank with
 this transport and proves that all ranks reach the all-reduce and that the k-th send and
 receive of each channel name the same (chunk, micro-batch); tests/test_schedule.py runs it for
 K <= 8, M <= 16, V <= 4. On NCCL the same holds for the device streams when each lane carries

@@ -18,7 +18,7 @@ with re-materialisation, the stage inputs it stashes).
 """
 from dataclasses import dataclass
 
-from minipipe.schedule import Action, Kind, ScheduleError, bubble_fraction, train_actions
+from minipipe.schedule.actions import Action, Kind, ScheduleError, bubble_fraction, train_actions
 
 BUBBLE = "."
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD)

@@ -19,14 +19,12 @@ activations from chunk c to c+1 (rank r -> r+1 mod K, so the last rank sends to 
 interleaving), `recv_grad`/`send_grad` carry gradients back. With K = 1 every hand-off between
 chunks is local: no message is listed and the engine passes the value in memory.
 
-Invariant the engine relies on, and `minipipe.schedule_check` proves for any list: on every
+Invariant the engine relies on, and `minipipe.schedule.check` proves for any list: on every
 channel (src, dst, activation|gradient) the k-th send and the k-th receive name the same
 (chunk, micro-batch). `backward` includes the re-materialising recompute of its forward.
 No torch in here.
 """
-import argparse
 import enum
-import sys
 from dataclasses import dataclass
 
 from minipipe.errors import ConfigError
@@ -170,21 +168,3 @@ def bubble_fraction(n_stages: int, n_microbatches: int, virtual_stages: int = 1)
     and finds exactly these."""
     k, m, v = n_stages, n_microbatches, virtual_stages
     return (k - 1) / (v * m + k - 1)
-
-
-def main(argv=None) -> None:
-    from minipipe.schedule_check import render_grid  # the grid is the checker's simulation
-    parser = argparse.ArgumentParser(description="Print a pipeline schedule as a rank x time grid.")
-    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
-    parser.add_argument("--stages", type=int, default=4, help="pipeline stages K")
-    parser.add_argument("--microbatches", type=int, default=8, help="micro-batches M")
-    parser.add_argument("--virtual-stages", type=int, default=1, help="chunks per stage V (interleaved)")
-    args = parser.parse_args(argv)
-    try:
-        print(render_grid(args.schedule, args.stages, args.microbatches, args.virtual_stages))
-    except ConfigError as err:  # run as __main__, this module's ScheduleError is a second copy
-        parser.error(str(err))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -12,7 +12,7 @@ the layer, and a re-materialising recompute replays them exactly with no RNG sta
 import torch
 from torch import nn
 
-from minipipe.values import as_tuple
+from minipipe.pipeline.values import as_tuple
 from minipipe.seeding import derive_seed
 
 

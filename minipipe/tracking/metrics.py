@@ -18,7 +18,7 @@ from minipipe.config import WANDB_MODES
 from minipipe.errors import ConfigError
 from minipipe.layers import count_layer_params
 from minipipe.partition import stage_ranges
-from minipipe.schedule import bubble_fraction
+from minipipe.schedule.actions import bubble_fraction
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
 # Dense peak TFLOP/s per device and compute precision: bf16 (= fp16) and tf32 on tensor cores, fp32

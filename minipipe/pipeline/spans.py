@@ -8,7 +8,7 @@ recorded on the compute stream (no wait), and the spans are read once, after the
 events' elapsed times. They are put on the host clock at the one moment both clocks agree: the
 host has just waited for the gradient-norm all-reduce (`synced`), so host time then is that
 all-reduce's end on the device. Every rank leaves that all-reduce together, which is also the
-timeline's common clock (minipipe/timeline.py).
+timeline's common clock (minipipe/tracking/timeline.py).
 
 On CUDA, marks are recorded only on timed steps (log and trace steps); the others record nothing.
 """

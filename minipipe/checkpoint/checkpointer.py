@@ -11,7 +11,7 @@
 Invariants:
 - Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
-  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/tied.py).
+  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/pipeline/tied.py).
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
 - Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
@@ -32,8 +32,17 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from minipipe import tied
-from minipipe.checkpoint_files import (
+from minipipe.checkpoint.directory import (
+    DirectoryClaim,
+    agreed_resume_path,
+    claim_checkpoint_dir,
+    collective,
+    from_rank0,
+    gathered,
+    holds_only_checkpoint_files,
+    is_checkpoint,
+)
+from minipipe.checkpoint.files import (
     FORMAT_VERSION,
     INDEX_FILES,
     LATEST,
@@ -46,9 +55,8 @@ from minipipe.checkpoint_files import (
     read_tensors,
     read_trainer_state,
 )
-from minipipe.checkpoint_dir import (DirectoryClaim, agreed_resume_path, claim_checkpoint_dir, collective,
-                                     from_rank0, gathered, holds_only_checkpoint_files, is_checkpoint)
 from minipipe.errors import CheckpointError, PipelineError, describe_comm_failure
+from minipipe.pipeline import tied
 
 
 # ---- the training loop's view ----------------------------------------------------------------

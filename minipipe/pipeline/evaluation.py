@@ -10,7 +10,7 @@ over every counted unit (token or sample) of all batches, as training's loss is 
 import torch
 import torch.distributed as dist
 
-from minipipe.schedule import Kind, forward_actions
+from minipipe.schedule.actions import Kind, forward_actions
 
 
 @torch.no_grad()
