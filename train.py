@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from minipipe.build import build_run, plan_table, warm_up_run
 from minipipe.checkpoint.checkpointer import Checkpointer
-from minipipe.checkpoint.hf_gpt2 import load_into_stage
+from minipipe.checkpoint.hf_format import load_into_stage
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import ConfigError, MinipipeError

@@ -12,13 +12,14 @@ dispatch function, so `minipipe.kernels.<module>` and `ops.<op>` never name the 
 import torch
 import torch.nn.functional as F
 
-from minipipe.kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
+from minipipe.kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm, rope
 from minipipe.kernels.adamw import AdamW
 from minipipe.kernels.batchnorm import update_running_stats
 from minipipe.kernels.runtime import resolve_backend
 
 __all__ = ["AdamW", "attention", "batch_norm", "batch_norm_eval", "bias_gelu", "cross_entropy",
-           "layer_norm", "linear_cross_entropy", "resolve_backend", "update_running_stats"]
+           "layer_norm", "linear_cross_entropy", "resolve_backend", "rms_norm", "rotary_embedding",
+           "silu_and_mul", "update_running_stats"]
 
 
 def _triton(backend: str, x: torch.Tensor) -> bool:
@@ -33,12 +34,31 @@ def layer_norm(x, weight, bias, eps, backend):
 
 
 def attention(q, k, v, causal, backend):
-    """softmax(q k^T / sqrt(D) [+ causal mask]) v for q, k, v shaped (B, H, T, D). The torch path is
-    SDPA (flash or memory-efficient on a GPU); `flash_attention.attention_reference`, the explicit
-    softmax, is what the tests check both against."""
+    """softmax(q k^T / sqrt(D) [+ causal mask]) v for q shaped (B, H, T, D) and k, v shaped
+    (B, H_kv, T, D), H a multiple of H_kv: query head h reads key/value head h // (H / H_kv)
+    (grouped-query attention; H_kv = H is multi-head). The torch path is SDPA (flash or
+    memory-efficient on a GPU; `enable_gqa` lets it read the shared heads without a repeated copy
+    where its kernel can); `flash_attention.attention_reference`, the explicit softmax, is what
+    the tests check both against."""
     if _triton(backend, q):
         return flash_attention.FlashAttentionFunction.apply(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def rms_norm(x, weight, eps, backend):
+    """RMSNorm over the last dim with float32 statistics: weight * (x / rms(x)) (Llama's)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rotary_embedding(q, k, cos, sin, backend):
+    """Rotary position embedding of q (B, H, T, D) and k (B, H_kv, T, D) by cos, sin (T, D) in the
+    rotate-half layout (Llama's): x * cos + rotate_half(x) * sin."""
+    return rope.rope_reference(q, cos, sin), rope.rope_reference(k, cos, sin)
+
+
+def silu_and_mul(gate, up, backend):
+    """silu(gate) * up, the SwiGLU MLP's gated activation."""
+    return F.silu(gate) * up
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", backend="auto"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
-from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
+from minipipe.presets import LANGUAGE_MODELS, MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
 from minipipe.schedule.actions import SCHEDULES
 
 try:
@@ -52,7 +52,13 @@ class Config:
     image_size: Optional[int] = _f(None, "AmoebaNet input height = width")
     classes: Optional[int] = _f(None, "AmoebaNet classes (default: from the data)")
     channels: Optional[int] = _f(None, "AmoebaNet input channels (default: from the data)")
-    dropout: float = _f(0.0, "dropout probability (Transformer)")
+    kv_heads: Optional[int] = _f(None, "Llama key/value heads (grouped-query attention; = --heads is "
+                                       "multi-head)")
+    ffn_dim: Optional[int] = _f(None, "Llama SwiGLU MLP width")
+    rope_theta: Optional[float] = _f(None, "Llama rotary embedding base")
+    norm_eps: Optional[float] = _f(None, "Llama RMSNorm epsilon")
+    attention_bias: Optional[bool] = _f(None, "Llama q/k/v projections with biases (Qwen2's layout)")
+    dropout: float = _f(0.0, "dropout probability (Transformer, Llama)")
     kernels: str = _f("auto", "op implementations: auto = triton on CUDA, torch on CPU",
                       KERNEL_BACKENDS)
     # optimisation
@@ -112,10 +118,11 @@ class Config:
     # checkpoint-directory safety: a fresh run never mixes with (and prunes) another run's checkpoints
     overwrite_ckpt: bool = _f(False, "start a fresh run in a --ckpt-dir that holds another run's "
                                      "checkpoints (--keep may then prune them)")
-    # GPT-2 in and out (minipipe/pipeline/tied.py, minipipe/checkpoint/hf_gpt2.py)
+    # Hugging Face in and out (minipipe/pipeline/tied.py, minipipe/checkpoint/hf_format.py)
     tie_embeddings: Optional[bool] = _f(None, "the head's weight is the token embedding, as in GPT-2 "
                                               "(default: off, or as the --init-from model is)")
-    init_from: Optional[str] = _f(None, "start from a Hugging Face GPT-2 directory (config.json + "
+    init_from: Optional[str] = _f(None, "start from a Hugging Face GPT-2 (--model transformer) or "
+                                        "Llama/Qwen2 (--model llama) directory (config.json + "
                                         "safetensors); its config sets the shape; a checkpoint in "
                                         "--ckpt-dir wins")
 
@@ -216,12 +223,12 @@ def make_config(**values) -> Config:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
     if cfg.init_from:  # the imported model's config.json sets the shape before any preset
-        from minipipe.checkpoint.hf_gpt2 import apply_config  # (torch comes with it only for an import)
+        from minipipe.checkpoint.hf_format import apply_config  # (torch comes with it only for an import)
         apply_config(cfg)
-    if cfg.tie_embeddings and cfg.model != "transformer":
-        raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")
-    cfg.tie_embeddings = bool(cfg.tie_embeddings)
+    if cfg.tie_embeddings and cfg.model not in LANGUAGE_MODELS:
+        raise ConfigError(f"--tie-embeddings ties a language model's embedding and head; --model is {cfg.model!r}")
     apply_preset(cfg)
+    cfg.tie_embeddings = bool(cfg.tie_embeddings)
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     validate(cfg)
     return cfg
@@ -251,7 +258,7 @@ def validate(cfg: Config) -> None:
     positive = ["batch_size", "microbatches", "dp", "eval_batches", "log_every"]
     # model shape and cut: unset (None) until the preset or the data fills them
     positive += ["layers", "d_model", "heads", "max_seq_len", "vocab", "cells", "filters",
-                 "image_size", "classes", "channels", "stages"]
+                 "image_size", "classes", "channels", "stages", "kv_heads", "ffn_dim"]
     for name in positive:
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -263,8 +270,9 @@ def validate(cfg: Config) -> None:
         if not all(p.strip().isdigit() and int(p) >= 1 for p in cfg.balance.split(",")):
             raise ConfigError(f"--balance {cfg.balance!r}: give a layer count >= 1 per stage, "
                               f"e.g. 3,3,2")
-    if cfg.sample and cfg.model != "transformer":
-        raise ConfigError(f"--sample generates text: it needs --model transformer (got {cfg.model})")
+    if cfg.sample and cfg.model not in LANGUAGE_MODELS:
+        raise ConfigError(f"--sample generates text: it needs a language model, --model "
+                          f"{' or '.join(LANGUAGE_MODELS)} (got {cfg.model})")
     if cfg.sample and cfg.steps == 0:
         raise ConfigError("--sample generates after training, and --steps 0 trains nothing; "
                           "give --steps >= 1")
@@ -289,7 +297,8 @@ def validate(cfg: Config) -> None:
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
         raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be below "
                           f"--steps {cfg.steps} (steps count from 0)")
-    if cfg.model == "transformer":
+    _validate_llama_fields(cfg)
+    if cfg.model in LANGUAGE_MODELS:
         if cfg.d_model % cfg.heads:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
         if cfg.seq_len > cfg.max_seq_len:
@@ -299,6 +308,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":
         raise ConfigError("--dtype float64 is for exactness tests on CPU; use --device cpu")
+
+
+LLAMA_FIELDS = ("kv_heads", "ffn_dim", "rope_theta", "norm_eps", "attention_bias")
+
+
+def _validate_llama_fields(cfg: Config) -> None:
+    if cfg.model != "llama":
+        given = [_flag(name) for name in LLAMA_FIELDS if getattr(cfg, name) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} shape a Llama model; --model is {cfg.model!r}: "
+                              f"drop them or pass --model llama")
+        return
+    for name in ("rope_theta", "norm_eps"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{_flag(name)} must be > 0 (got {getattr(cfg, name)})")
+    if cfg.heads % cfg.kv_heads:
+        raise ConfigError(f"--heads {cfg.heads} is not a multiple of --kv-heads {cfg.kv_heads}: each "
+                          f"key/value head serves heads / kv-heads query heads")
+    if cfg.d_model % cfg.heads == 0 and (cfg.d_model // cfg.heads) % 2:
+        raise ConfigError(f"head dim {cfg.d_model // cfg.heads} (--d-model {cfg.d_model} / --heads "
+                          f"{cfg.heads}) is odd: rotary embeddings rotate pairs of dims; make it even")
 
 
 def traced_steps(cfg: Config) -> set[int]:

@@ -9,6 +9,10 @@ class ConfigError(MinipipeError):
     """A flag, preset or config file asks for something impossible (raised before any process waits)."""
 
 
+class HFModelError(ConfigError):
+    """A Hugging Face directory that minipipe cannot hold exactly, or whose tensors are wrong."""
+
+
 class DataError(MinipipeError):
     """A data path is missing, empty or inconsistent with the model (e.g. token ids >= vocab)."""
 

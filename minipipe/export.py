@@ -3,11 +3,12 @@
     python -m minipipe.export out/ckpt exported/              # a --ckpt-dir (its latest) or a step-N
     cfg, model = load_exported("exported/")                  # the whole model as one nn.Sequential
     python -m minipipe.export out/ckpt gpt2/ --format hf      # GPT2LMHeadModel.from_pretrained("gpt2/")
+                                                             # (LlamaForCausalLM for --model llama)
 
 Every shard is verified against trainer_state.json (size, sha256) before it is read. The minipipe
 format keeps the global names (`layers.7.qkv.weight`; a tied embedding once, as
-`layers.0.tokens.weight`); `--format hf` writes GPT-2's names, layouts and config.json
-(minipipe/checkpoint/hf_gpt2.py), for a Transformer checkpoint.
+`layers.0.tokens.weight`); `--format hf` writes transformers' names, layouts and config.json
+(minipipe/checkpoint/hf_format.py): GPT-2 for a Transformer, Llama (or Qwen2) for a Llama.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minipipe.build import PARAM_DTYPES
-from minipipe.checkpoint import hf_gpt2
+from minipipe.checkpoint import hf_format
 from minipipe.checkpoint.files import (
     checkpoint_path,
     read_index,
@@ -42,15 +43,15 @@ def export(checkpoint, out_dir, format: str = "minipipe") -> Path:
     state = read_trainer_state(path)
     # The weights are all here: the --init-from directory the run started from is not needed.
     config = {**state["config"], "init_from": None}
-    if format == "hf" and config.get("model") != "transformer":
-        raise CheckpointError(f"{path}: --format hf writes GPT-2, which needs a Transformer "
-                              f"checkpoint; this one holds {config.get('model')!r}")
+    if format == "hf" and config.get("model") not in hf_format.CONVERTERS:
+        raise CheckpointError(f"{path}: --format hf writes a {' or '.join(hf_format.CONVERTERS)} "
+                              f"checkpoint as transformers' model; this one holds {config.get('model')!r}")
     weight_map = read_index(path, "model", state)
     tensors = read_tensors(path, "model", weight_map, state, dict.fromkeys(weight_map))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if format == "hf":
-        hf_gpt2.write_hf(make_config(**config), tensors, out)
+        hf_format.write_hf(make_config(**config), tensors, out)
         return out
     save_file(tensors, out / EXPORTED_WEIGHTS, metadata={"format": "pt", "step": str(state["step"])})
     (out / EXPORTED_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a --ckpt-dir (its latest checkpoint) or a step-N directory")
     parser.add_argument("out_dir", help="where to write model.safetensors and config.json")
     parser.add_argument("--format", choices=FORMATS, default="minipipe",
-                        help="minipipe (minipipe.export.load_exported) or hf (transformers' GPT-2)")
+                        help="minipipe (minipipe.export.load_exported) or hf (transformers' GPT-2 or Llama)")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir, args.format)

@@ -17,7 +17,19 @@ PRESETS = {
         # AmoebaNet-D(18, 256) at 224x224 (L = 3 groups x 6 normal cells), as in GPipe's image runs.
         "gpipe": dict(cells=6, filters=256, image_size=224, classes=1000),
     },
+    "llama": {
+        "tiny": dict(layers=4, d_model=128, heads=4, kv_heads=2, ffn_dim=352, max_seq_len=128,
+                     rope_theta=10000.0, norm_eps=1e-5, attention_bias=False),
+        "small": dict(layers=6, d_model=384, heads=6, kv_heads=2, ffn_dim=1024, max_seq_len=256,
+                      rope_theta=10000.0, norm_eps=1e-5, attention_bias=False),
+        # HuggingFaceTB/SmolLM2-135M's config.json: a public Llama-family shape for the planner.
+        "smollm2": dict(layers=30, d_model=576, heads=9, kv_heads=3, ffn_dim=1536, vocab=49152,
+                        max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5, attention_bias=False,
+                        tie_embeddings=True),
+    },
 }
+# The families that read token ids and predict the next one (seq_len, --sample, tied heads).
+LANGUAGE_MODELS = ("transformer", "llama")
 MODEL_FAMILIES = tuple(PRESETS)
 PRESET_NAMES = tuple(dict.fromkeys(name for family in PRESETS.values() for name in family))
 
@@ -28,5 +40,5 @@ def apply_preset(cfg) -> None:
     for name, value in PRESETS[cfg.model][cfg.preset].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
-    if cfg.model == "transformer" and cfg.seq_len is None:
+    if cfg.model in LANGUAGE_MODELS and cfg.seq_len is None:
         cfg.seq_len = cfg.max_seq_len

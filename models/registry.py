@@ -10,10 +10,10 @@ from typing import Callable
 
 from torch import nn
 
-from minipipe.models import amoebanet, transformer
+from minipipe.models import amoebanet, llama, transformer
 from minipipe.models.family import Family
 
-FAMILIES = {f.name: f for f in (transformer.FAMILY, amoebanet.FAMILY)}  # keys: minipipe.presets.MODEL_FAMILIES
+FAMILIES = {f.name: f for f in (transformer.FAMILY, amoebanet.FAMILY, llama.FAMILY)}  # keys: minipipe.presets.MODEL_FAMILIES
 
 
 def family(cfg) -> Family:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import train  # noqa: E402
-from minipipe.checkpoint.hf_gpt2 import HFModelError, read_stage_weights  # noqa: E402
+from minipipe.checkpoint.hf_format import HFModelError, read_stage_weights  # noqa: E402
 from minipipe.config import make_config  # noqa: E402
 from minipipe.data import load_dataset  # noqa: E402
 from minipipe.errors import DataError, MinipipeError  # noqa: E402

@@ -36,12 +36,23 @@ def _leaf(*shape):
     return torch.randn(*shape, **F64).requires_grad_()
 
 
+def _rotary_angles(t, d):
+    angles = torch.randn(t, d // 2, **F64).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
 # Every op on the torch backend in float64: what the trainer's exactness tests run on CPU.
 TORCH_OPS = {
     "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, "torch"),
                    lambda: (_leaf(2, 3, 5), _leaf(5), _leaf(5))),
     "attention": (lambda q, k, v: ops.attention(q, k, v, True, "torch"),
                   lambda: (_leaf(1, 2, 4, 3), _leaf(1, 2, 4, 3), _leaf(1, 2, 4, 3))),
+    "attention (grouped-query)": (lambda q, k, v: ops.attention(q, k, v, True, "torch"),
+                                  lambda: (_leaf(1, 4, 4, 3), _leaf(1, 2, 4, 3), _leaf(1, 2, 4, 3))),
+    "rms_norm": (lambda x, w: ops.rms_norm(x, w, 1e-6, "torch"), lambda: (_leaf(2, 3, 5), _leaf(5))),
+    "rotary_embedding": (lambda q, k, cos, sin: ops.rotary_embedding(q, k, cos, sin, "torch"),
+                         lambda: (_leaf(1, 2, 4, 6), _leaf(1, 1, 4, 6), *_rotary_angles(4, 6))),
+    "silu_and_mul": (lambda g, u: ops.silu_and_mul(g, u, "torch"), lambda: (_leaf(3, 4), _leaf(3, 4))),
     "cross_entropy": (lambda x: ops.cross_entropy(x, torch.tensor([1, -100, 3]), backend="torch"),
                       lambda: (_leaf(3, 5),)),
     "linear_cross_entropy": (lambda h, w, b: ops.linear_cross_entropy(

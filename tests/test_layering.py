@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Modules that run a step: they see layers only through the layer contract and running_stats.
 ENGINE = sorted([*(ROOT / "minipipe" / "pipeline").glob("*.py"), *(ROOT / "minipipe" / "schedule").glob("*.py"),
                  ROOT / "minipipe" / "tracking" / "timeline.py"])
-MAY_NAME_A_FAMILY = {"minipipe/config.py", "minipipe/presets.py", "minipipe/checkpoint/hf_gpt2.py",
+MAY_NAME_A_FAMILY = {"minipipe/config.py", "minipipe/presets.py", "minipipe/checkpoint/hf_format.py",
                      "minipipe/export.py"}
 
 

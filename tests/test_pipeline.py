@@ -15,16 +15,20 @@ MODELS = {
                         data="synthetic"),  # 8 layers
     "amoebanet": dict(model="amoebanet", cells=1, filters=4, image_size=8, channels=3,
                       data="synthetic"),  # 7 layers
+    # grouped-query attention (2 query heads per key/value head) and q/k/v biases
+    "llama": dict(model="llama", layers=6, d_model=16, heads=4, kv_heads=2, ffn_dim=24, max_seq_len=8,
+                  attention_bias=True, data="synthetic"),  # 8 layers
 }
 # BatchNorm on a micro-batch of one sample is degenerate (its variance is 0): AmoebaNet stops at
 # M=4 of 8 samples; and 7 layers cannot be cut into K*V = 8 chunks, the Transformer covers that.
-MICROBATCHES = {"transformer": (1, 2, 3, 4, 8), "amoebanet": (1, 2, 3, 4)}
+MICROBATCHES = {"transformer": (1, 2, 3, 4, 8), "amoebanet": (1, 2, 3, 4), "llama": (1, 2, 3, 4, 8)}
 COMMON = dict(dtype="float64", batch_size=8, lr=1e-2, warmup=0)
-GRID_DROPOUT = {"transformer": dict(dropout=0.1), "amoebanet": {}}  # the grid runs with dropout on
+GRID_DROPOUT = {"transformer": dict(dropout=0.1), "amoebanet": {}, "llama": dict(dropout=0.1)}  # the grid runs with dropout on
 UNEVEN = {("transformer", 1): "1,4,3", ("amoebanet", 1): "3,1,3",  # K=3: layers per chunk
-          ("transformer", 2): "1,2,1,2,1,1", ("amoebanet", 2): "2,1,1,1,1,1"}
+          ("transformer", 2): "1,2,1,2,1,1", ("amoebanet", 2): "2,1,1,1,1,1",
+          ("llama", 1): "1,4,3", ("llama", 2): "1,2,1,2,1,1"}
 STEPS = 3
-N_LAYERS = {"transformer": 8, "amoebanet": 7}
+N_LAYERS = {"transformer": 8, "amoebanet": 7, "llama": 8}
 
 
 def _grid(n_stages):
@@ -114,12 +118,12 @@ def _dp_worker(rank, world_size, case):
     return run_steps(2, **case, dp=2, stages=2)
 
 
-@pytest.mark.parametrize("family", ["transformer", "amoebanet"])
+@pytest.mark.parametrize("family", ["transformer", "amoebanet", "llama"])
 def test_data_parallel_pipeline_equals_single_process(family):
     """dp=2 x stages=2. Replica d's micro-batch m holds the rows of the single process's
     micro-batch d*M + m, so the reference for BatchNorm models uses dp*M micro-batches."""
     case = dict(MODELS[family], **COMMON, microbatches=2)
-    ref_m = 1 if family == "transformer" else 4
+    ref_m = 4 if family == "amoebanet" else 1
     reference = reference_steps(2, **dict(case, microbatches=ref_m))
     per_rank = run_workers(_dp_worker, 4, case, timeout_s=180)
     for replica in (0, 1):
@@ -173,23 +177,22 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
         assert_close_tensors(got["weights"], single["weights"], 1e-10, f"dp replica {replica} weights")
 
 
-GENERATE = dict(MODELS["transformer"], **COMMON, microbatches=2)
-
-
-def _generate_worker(rank, world_size):
+def _generate_worker(rank, world_size, family):
     tokens = {}
     for schedule, v in (("gpipe", 1), ("interleaved", 2)):
-        run = build_run(make_config(**GENERATE, schedule=schedule, virtual_stages=v))
+        run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2, schedule=schedule,
+                                    virtual_stages=v))
         prompt = run.dataset.batch(0, 1)[0][:, :4]
-        tokens[schedule] = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
+        tokens[schedule] = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
     return tokens
 
 
-def test_generation_samples_the_same_tokens_through_any_chunking():
+@pytest.mark.parametrize("family", ["transformer", "llama"])
+def test_generation_samples_the_same_tokens_through_any_chunking(family):
     """K=2 under gpipe and interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0)
     sample what one process samples with the whole model."""
-    run = build_run(make_config(**GENERATE))
+    run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2))
     prompt = run.dataset.batch(0, 1)[0][:, :4]
-    single = run.engine.generate(prompt, 6, GENERATE["max_seq_len"], seed=3).tolist()
-    for rank, tokens in enumerate(run_workers(_generate_worker, 2)):
+    single = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
+    for rank, tokens in enumerate(run_workers(_generate_worker, 2, family)):
         assert tokens == {"gpipe": single, "interleaved": single}, rank

@@ -14,7 +14,8 @@ from minipipe.errors import CheckpointError
 
 FORMAT_VERSION = 1
 MODEL_SHAPE_FIELDS = ("model", "layers", "d_model", "heads", "max_seq_len", "vocab", "cells",
-                      "filters", "image_size", "classes", "channels", "tie_embeddings")
+                      "filters", "image_size", "classes", "channels", "tie_embeddings",
+                      "kv_heads", "ffn_dim", "rope_theta", "norm_eps", "attention_bias")
 SHAPE_FIELD_DEFAULTS = {"tie_embeddings": False}  # what a checkpoint saved before the field means
 # The data order: batch s is a function of (seed, s, batch size, seq_len); resuming under other
 # values would skip or repeat samples, so they must match (dp and M split a batch, order kept).

@@ -1,8 +1,7 @@
 """Hugging Face GPT-2 <-> minipipe's Transformer: the config, and every tensor's name and layout,
-both ways. Only JSON and safetensors are read or written (transformers is not needed to run).
+both ways: a converter for minipipe/checkpoint/hf_format.py, which reads and writes the files.
 
-    import:  train.py --init-from DIR      DIR = config.json + model.safetensors (or a sharded
-                                           model.safetensors.index.json and its files)
+    import:  train.py --init-from DIR      (--model transformer, the default)
     export:  python -m minipipe.export CKPT OUT --format hf
 
 Correspondence (global layer i of [Embedding, Block x L, Head]; GPT-2's Conv1D stores a linear's
@@ -16,19 +15,9 @@ weight as (in, out), the transpose of nn.Linear's):
 Files without the `transformer.` prefix (the original hub checkpoints) read the same; GPT-2's
 causal-mask buffers (`attn.bias`, `attn.masked_bias`) are not weights and are skipped.
 """
-import json
-from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from minipipe.errors import ConfigError
+from minipipe.errors import HFModelError
 
 HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
 # minipipe shape field -> GPT-2 config key
 SHAPE_KEYS = {"layers": "n_layer", "d_model": "n_embd", "heads": "n_head",
               "max_seq_len": "n_positions", "vocab": "vocab_size"}
@@ -45,21 +34,10 @@ BLOCK = {  # Block parameter -> (GPT-2 name under transformer.h.{b}., stored tra
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
-class HFModelError(ConfigError):
-    """A Hugging Face directory that is not a GPT-2 minipipe can hold, or whose tensors are wrong."""
-
-
 # ---- config ------------------------------------------------------------------------------------
-def read_config(directory) -> dict:
-    """DIR/config.json, refused unless it describes GPT-2 math minipipe computes exactly."""
-    file = Path(directory) / HF_CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise HFModelError(f"--init-from {directory}: no {HF_CONFIG}; pass a Hugging Face model "
-                           f"directory (config.json + model.safetensors)")
-    except json.JSONDecodeError as err:
-        raise HFModelError(f"--init-from {directory}: {file} is not valid JSON ({err})")
+def read_config(directory, config: dict) -> dict:
+    """{Config field: (value, config.json key)} from DIR's config.json, refused unless it
+    describes GPT-2 math minipipe computes exactly."""
     checks = [("model_type", config.get("model_type"), "gpt2"),
               ("activation_function", config.get("activation_function", "gelu_new"), TANH_GELUS),
               ("layer_norm_epsilon", config.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
@@ -73,25 +51,10 @@ def read_config(directory) -> dict:
     absent = [key for key in SHAPE_KEYS.values() if not isinstance(config.get(key), int)]
     if absent:
         raise HFModelError(f"--init-from {directory}: {HF_CONFIG} lacks {', '.join(absent)}")
-    return config
-
-
-def apply_config(cfg) -> None:
-    """Fill cfg's model shape (and the tie) from --init-from's config.json; a flag that says
-    otherwise is an error naming both values."""
-    if cfg.model != "transformer":
-        raise HFModelError(f"--init-from imports a GPT-2 Transformer; --model is {cfg.model!r}")
-    config = read_config(cfg.init_from)
-    wanted = {name: config[key] for name, key in SHAPE_KEYS.items()}
-    wanted["tie_embeddings"] = bool(config.get("tie_word_embeddings", True))  # GPT2Config's default
-    keys = {**SHAPE_KEYS, "tie_embeddings": "tie_word_embeddings"}
-    for name, value in wanted.items():
-        given = getattr(cfg, name)
-        if given is not None and given != value:
-            raise HFModelError(f"--{name.replace('_', '-')} {given} contradicts --init-from "
-                               f"{cfg.init_from}: its {HF_CONFIG} has {keys[name]} = {value}; drop "
-                               f"the flag (the shape comes from the imported model)")
-        setattr(cfg, name, value)
+    wanted = {name: (config[key], key) for name, key in SHAPE_KEYS.items()}
+    # GPT2Config's default ties the head
+    wanted["tie_embeddings"] = (bool(config.get("tie_word_embeddings", True)), "tie_word_embeddings")
+    return wanted
 
 
 def export_config(cfg) -> dict:
@@ -120,105 +83,8 @@ def layer_names(cfg, index: int) -> dict:
             prefix + "ln.bias": ("transformer.ln_f.bias", False), prefix + "proj.weight": (head, False)}
 
 
-def _canonical(name: str) -> str:
+def canonical(name: str) -> str | None:
+    """A file's tensor name as layer_names writes it; None for the causal-mask buffers."""
+    if name.endswith(MASK_BUFFERS):
+        return None
     return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-
-
-def _file_names(directory: Path) -> dict:
-    """Canonical GPT-2 name -> (file, name in the file), from the index or the single file."""
-    index = directory / HF_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise HFModelError(f"--init-from {directory}: {index} is not a safetensors index ({err})")
-        located = {name: (directory / file, name) for name, file in weight_map.items()}
-    elif (directory / HF_WEIGHTS).is_file():
-        with safe_open(directory / HF_WEIGHTS, framework="pt") as weights:
-            located = {name: (directory / HF_WEIGHTS, name) for name in weights.keys()}
-    else:
-        raise HFModelError(f"--init-from {directory}: neither {HF_WEIGHTS} nor {HF_INDEX} is there "
-                           f"(only safetensors weights are read, never pickles)")
-    return {_canonical(name): where for name, where in located.items() if not name.endswith(MASK_BUFFERS)}
-
-
-# ---- import ------------------------------------------------------------------------------------
-def read_stage_weights(directory, cfg, shapes: dict) -> dict:
-    """The tensors of one stage (`shapes`: its global parameter names -> shapes), in minipipe's
-    names and layouts. Every name, shape and dtype is checked before any tensor is read."""
-    directory = Path(directory)
-    located = _file_names(directory)
-    plan = {}
-    for index in sorted({int(name.split(".")[1]) for name in shapes}):
-        for name, (hf_name, transposed) in layer_names(cfg, index).items():
-            if name in shapes:
-                plan[name] = (hf_name, transposed)
-    by_file = {}
-    for name, (hf_name, transposed) in plan.items():
-        if hf_name not in located:
-            raise HFModelError(f"--init-from {directory}: tensor {hf_name} is missing (needed for "
-                               f"{name}); the weights do not match {HF_CONFIG}")
-        by_file.setdefault(located[hf_name][0], []).append(name)
-    tensors = {}
-    for phase in ("check", "read"):
-        for file, names in sorted(by_file.items()):
-            if not file.is_file():
-                raise HFModelError(f"--init-from {directory}: {file.name} (named by {HF_INDEX}) is missing")
-            with safe_open(file, framework="pt") as weights:
-                for name in names:
-                    hf_name, transposed = plan[name]
-                    stored = located[hf_name][1]
-                    if phase == "read":
-                        tensor = weights.get_tensor(stored)
-                        tensors[name] = tensor.t() if transposed else tensor
-                        continue
-                    view = weights.get_slice(stored)
-                    shape = list(view.get_shape())
-                    expected = list(shapes[name])[::-1] if transposed else list(shapes[name])
-                    if shape != expected:
-                        raise HFModelError(f"--init-from {directory}: tensor {hf_name} has shape "
-                                           f"{shape}, {HF_CONFIG} implies {expected}")
-                    if view.get_dtype() not in ("F64", "F32", "BF16", "F16"):
-                        raise HFModelError(f"--init-from {directory}: tensor {hf_name} has dtype "
-                                           f"{view.get_dtype()}, not a floating-point weight")
-    return tensors
-
-
-def load_into_stage(run) -> None:
-    """Copy --init-from's weights into this rank's stage. Every rank checks what it reads, and all
-    agree on the verdict before any rank copies, so a bad directory fails every rank at once."""
-    lay, stage = run.layout, run.stage
-    shapes = {name: p.shape for name, p in stage.state_dict(keep_vars=True).items()}
-    try:
-        tensors, problem = read_stage_weights(run.cfg.init_from, run.cfg, shapes), None
-    except HFModelError as err:
-        tensors, problem = None, f"rank {lay.rank} (stage {lay.stage}): {err}"
-    problems = [problem]
-    if lay.world_size > 1:
-        problems = [None] * lay.world_size
-        dist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p), None)
-    if first:
-        raise HFModelError(first)
-    params = stage.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)  # cast to the run's dtype; a tied K=1 weight is written twice
-
-
-# ---- export ------------------------------------------------------------------------------------
-def export_tensors(cfg, tensors: dict) -> dict:
-    """A checkpoint's tensors (global minipipe names; a tied weight once) -> GPT-2's, contiguous."""
-    hf = {}
-    for index in range(cfg.layers + 2):
-        for name, (hf_name, transposed) in layer_names(cfg, index).items():
-            if hf_name in hf:  # the tied head: wte is written once, from layer 0
-                continue
-            tensor = tensors[name]
-            hf[hf_name] = (tensor.t() if transposed else tensor).contiguous()
-    return hf
-
-
-def write_hf(cfg, tensors: dict, out: Path) -> None:
-    save_file(export_tensors(cfg, tensors), out / HF_WEIGHTS, metadata={"format": "pt"})
-    (out / HF_CONFIG).write_text(json.dumps(export_config(cfg), indent=1) + "\n")
