@@ -38,7 +38,8 @@ def _rope(directory, config: dict) -> float:
     rope_parameters {rope_type, rope_theta}, older files rope_theta and rope_scaling."""
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    kinds = (parameters.get("rope_type"), scaling.get("rope_type"), scaling.get("type"))
+    kind = next((kind for kind in kinds if kind not in (None, "default")), "default")
     if kind != "default":
         raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has a rope type {kind!r}; minipipe "
                            f"computes the default rotary embedding only (no rope_scaling)")

@@ -1,0 +1,182 @@
+"""Llama (and Qwen2) in and out, against transformers (tiny random models built from its own
+LlamaConfig / Qwen2Config here; nothing downloaded): minipipe's logits equal transformers' to 1e-5
+in float32; `--init-from` starts at transformers' loss and round-trips bitwise through `--lr 0`
+and `--format hf`; a K=2 import trains and resumes at K=3 as one uninterrupted run; what minipipe
+does not compute is refused by name."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+import train  # noqa: E402
+from minipipe.checkpoint.hf_format import HFModelError, read_stage_weights  # noqa: E402
+from minipipe.config import make_config  # noqa: E402
+from minipipe.data import load_dataset  # noqa: E402
+from minipipe.export import export  # noqa: E402
+from minipipe.layers import build_layers  # noqa: E402
+from minipipe.models import registry  # noqa: E402
+from minipipe.tracking.metrics import MetricsLogger  # noqa: E402
+from tests.spawn import run_workers  # noqa: E402
+
+SHAPE = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+             rms_norm_eps=1e-5, rope_theta=500.0)
+RUN = dict(model="llama", batch_size=4, microbatches=2, eval_every=0, log_every=100,
+           wandb="disabled", warmup=0)
+KINDS = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+
+
+def _save(directory, kind: str, tied: bool, **save_kwargs):
+    """A model with every weight perturbed (unit norm weights or zero biases would hide a
+    misplaced one)."""
+    torch.manual_seed(hash((kind, tied)) % 1000)
+    config_class, model_class = KINDS[kind]
+    model = model_class(config_class(**SHAPE, tie_word_embeddings=tied))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(directory, **save_kwargs)
+    return directory
+
+
+def _hf_tensors(directory):
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _train(**values):
+    return train.train(make_config(**dict(RUN, **values)), logger=MetricsLogger([]))["losses"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    ids = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], 4096, dtype=np.uint16)
+    ids.tofile(root / "tokens.bin")
+    return {"root": root, "tokens": str(root / "tokens.bin"),
+            "tied": _save(root / "tied", "llama", True),
+            "untied": _save(root / "untied", "llama", False),
+            "qwen2": _save(root / "qwen2", "qwen2", False),
+            "sharded": _save(root / "sharded", "llama", True, max_shard_size="40KB")}
+
+
+@pytest.mark.parametrize("source", ["tied", "untied", "qwen2"])
+def test_logits_equal_transformers_in_float32(models, source):
+    directory = models[source]
+    cfg = make_config(model="llama", init_from=str(directory))
+    assert cfg.attention_bias == (source == "qwen2") and cfg.kv_heads == 2 and cfg.rope_theta == 500.0
+    n_layers = len(registry.layer_factories(cfg))
+    layers = build_layers(cfg, range(n_layers))
+    shapes = {name: p.shape for i in layers for name, p in
+              {f"layers.{i}.{n}": p for n, p in layers[i].named_parameters()}.items()}
+    tensors = read_stage_weights(directory, cfg, shapes)
+    model = torch.nn.Sequential(*layers.values())
+    model.load_state_dict({name.removeprefix("layers."): t for name, t in tensors.items()},
+                          strict=not cfg.tie_embeddings)  # tied: the head's proj is the embedding
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 16), generator=torch.Generator().manual_seed(0))
+    hf = KINDS["qwen2" if source == "qwen2" else "llama"][1].from_pretrained(directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _hf_loss(directory, model_class, cfg_values) -> float:
+    """transformers' mean token cross-entropy of minipipe's step-0 batch."""
+    cfg = make_config(**dict(RUN, **cfg_values))
+    inputs, targets = load_dataset(cfg).batch(0, cfg.batch_size)
+    model = model_class.from_pretrained(directory).eval()
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)))
+
+
+def _import(directory, tokens, ckpt):
+    """Step 0 from a Hugging Face directory at zero learning rate (weights unchanged)."""
+    return _train(init_from=str(directory), data=tokens, steps=1, lr=0.0, min_lr=0.0, ckpt_dir=str(ckpt))
+
+
+def _import_worker(rank, world_size, directory, tokens, ckpt):
+    return _import(directory, tokens, ckpt)
+
+
+@pytest.mark.parametrize("source,n_stages", [("untied", 1), ("qwen2", 1), ("sharded", 2)])
+def test_init_from_starts_at_transformers_loss_and_round_trips_bitwise(models, tmp_path, source, n_stages):
+    directory, ckpt = models[source], tmp_path / "ckpt"
+    if n_stages == 1:
+        losses = _import(directory, models["tokens"], ckpt)
+    else:  # a sharded index, read by two stages, each opening only the files of its own layers
+        losses = run_workers(_import_worker, 2, str(directory), models["tokens"], str(ckpt), timeout_s=300)[0]
+    model_class = KINDS["qwen2" if source == "qwen2" else "llama"][1]
+    expected = _hf_loss(directory, model_class, dict(init_from=str(directory), data=models["tokens"]))
+    assert abs(losses[0] - expected) <= 1e-6, (losses[0], expected)
+    export(ckpt, tmp_path / "out", format="hf")
+    original, back = _hf_tensors(directory), _hf_tensors(tmp_path / "out")
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    _, info = model_class.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+RESUME = dict(lr=1e-2, min_lr=1e-2, ckpt_every=2)  # flat learning rate
+
+
+def _k2_worker(rank, world_size, directory, tokens, ckpt):
+    return _train(init_from=directory, data=tokens, steps=2, ckpt_dir=ckpt, **RESUME)
+
+
+def _k3_worker(rank, world_size, directory, tokens, ckpt):
+    return _train(init_from=directory, data=tokens, steps=4, ckpt_dir=ckpt, **RESUME)
+
+
+def test_a_k2_import_trains_and_resumes_at_k3(models, tmp_path):
+    """A tied import trained two steps on two stages resumes on three (the tied weight re-cut)
+    and takes the steps an uninterrupted single-process run takes."""
+    directory, tokens, ckpt = str(models["tied"]), models["tokens"], str(tmp_path / "ckpt")
+    straight = _train(init_from=directory, data=tokens, steps=4, **dict(RESUME, ckpt_every=0))
+    first = run_workers(_k2_worker, 2, directory, tokens, ckpt, timeout_s=300)[0]
+    rest = run_workers(_k3_worker, 3, directory, tokens, ckpt, timeout_s=300)[0]
+    assert first + rest == pytest.approx(straight, rel=1e-5)
+    assert rest[0] != straight[0]  # resumed at step 2, not re-imported
+
+
+def _edited_copy(source, target, edit):
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "rope type 'llama3'"),
+    (lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope type 'linear'"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act = 'gelu'"),
+    (lambda c: c.update(attention_bias=True), "attention_bias = True"),
+    (lambda c: c.update(mlp_bias=True), "mlp_bias = True"),
+    (lambda c: c.update(model_type="qwen2", use_sliding_window=True), "use_sliding_window = True"),
+    (lambda c: c.update(model_type="mistral"), "model_type = 'mistral'"),
+    (lambda c: c.update(head_dim=16), "head_dim = 16"),
+])
+def test_what_minipipe_does_not_compute_is_refused_by_name(models, tmp_path, edit, message):
+    bad = _edited_copy(models["untied"], tmp_path / "bad", edit)
+    with pytest.raises(HFModelError, match=message):
+        make_config(model="llama", init_from=bad)
+
+
+def test_flags_that_contradict_the_import_and_other_families_are_refused(models):
+    with pytest.raises(HFModelError, match=r"--kv-heads 4 contradicts .* num_key_value_heads = 2"):
+        make_config(model="llama", init_from=str(models["untied"]), kv_heads=4)
+    with pytest.raises(HFModelError, match="model_type = 'llama'"):  # --model transformer's GPT-2 reader
+        make_config(init_from=str(models["untied"]))
+    with pytest.raises(HFModelError, match="--model is 'amoebanet'"):
+        make_config(model="amoebanet", init_from=str(models["untied"]))
