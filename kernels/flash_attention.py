@@ -7,6 +7,10 @@ atomics are needed and results are deterministic. Causal programs visit only blo
 diagonal and pay for the mask only on the diagonal blocks. Tails (T not a multiple of a block) are
 masked on load; rows past T are never stored.
 
+Grouped-query attention: k and v may have fewer heads than q (H a multiple of H_kv). Query head h
+reads key/value head h // (H / H_kv) through its pointer, so K and V are never repeated in
+memory; the dK/dV program of a key/value head sums over the query heads of its group.
+
 On a GPU the dots take fp16/bf16 operands with fp32 accumulation; in the interpreter operands are
 upcast to fp32 first (bf16 arithmetic is wrong there)."""
 import math
@@ -114,7 +118,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, T, qk_scale,
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=False))
 @triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, T_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
+def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, T_BUCKET, GROUP, qk_scale, HEAD_DIM: tl.constexpr,
               CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SIZE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -125,7 +129,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, T_BUCKET, qk_scale, HEAD_D
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    k_base, v_base = k_ptr + base, v_ptr + base
+    kv_base = (bh // GROUP) * T * HEAD_DIM  # query head h reads key/value head h // GROUP
+    k_base, v_base = k_ptr + kv_base, v_ptr + kv_base
     if CAUSAL:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, start_m, T,
                                    qk_scale, False, False, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
@@ -179,26 +184,31 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, l
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=True))
 @triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, T_BUCKET,
-                   sm_scale, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                   GROUP, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, SIZE: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+    # One program per (key/value head, key block): it sums over the GROUP query heads that read
+    # this head, so a shared K/V gets its whole gradient without atomics.
+    kv_bh = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_M
-    base = bh * T * HEAD_DIM
+    base = kv_bh * T * HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_M)
     k = _load_rows(k_ptr + base, offs_n, T, HEAD_DIM, UPCAST)
     v = _load_rows(v_ptr + base, offs_n, T, HEAD_DIM, UPCAST)
     dk = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (q_ptr + base, do_ptr + base, lse_ptr + bh * T, delta_ptr + bh * T, offs_n)
-    if CAUSAL:
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, start_n, tl.minimum(start_n + BLOCK_M, T), T,
-                               qk_scale, True, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, start_n + BLOCK_M, T, T, qk_scale, False,
-                               HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
-    else:
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, 0, T, T, qk_scale, False, HEAD_DIM, BLOCK_N,
-                               UPCAST, PRECISION)
+    for g in range(GROUP):
+        bh = kv_bh * GROUP + g
+        q_base = bh * T * HEAD_DIM
+        args = (q_ptr + q_base, do_ptr + q_base, lse_ptr + bh * T, delta_ptr + bh * T, offs_n)
+        if CAUSAL:
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, start_n, tl.minimum(start_n + BLOCK_M, T), T,
+                                   qk_scale, True, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, start_n + BLOCK_M, T, T, qk_scale, False,
+                                   HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+        else:
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, *args, 0, T, T, qk_scale, False, HEAD_DIM, BLOCK_N,
+                                   UPCAST, PRECISION)
     dims = tl.arange(0, HEAD_DIM)
     row_mask = offs_n[:, None] < T
     offsets = base + offs_n[:, None] * HEAD_DIM + dims[None, :]
@@ -226,7 +236,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, T, qk_sc
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_prune(backward=True))
 @triton.jit
-def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, T_BUCKET, sm_scale,
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, T_BUCKET, GROUP, sm_scale,
                  qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SIZE: tl.constexpr):
@@ -239,7 +249,8 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, T_B
     lse = tl.load(lse_ptr + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (q, do, lse, delta, k_ptr + base, v_ptr + base, offs_m)
+    kv_base = (bh // GROUP) * T * HEAD_DIM
+    args = (q, do, lse, delta, k_ptr + kv_base, v_ptr + kv_base, offs_m)
     if CAUSAL:
         dq = _bwd_q_inner(dq, *args, 0, start_m, T, qk_scale, False, HEAD_DIM, BLOCK_N, UPCAST,
                           PRECISION)
@@ -267,31 +278,42 @@ def _grid(T, BH):
     return lambda meta: (BH, triton.cdiv(T, meta["BLOCK_M"]))
 
 
+def _group(q, k, v) -> int:
+    """Query heads per key/value head, after checking the shapes: q (B, H, T, D), k and v
+    (B, H_kv, T, D) with H a multiple of H_kv."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    if not (k.shape == v.shape and k.shape[0] == B and k.shape[2:] == (T, D) and H % H_kv == 0):
+        raise ValueError(f"attention kernel needs q (B, H, T, D) and k, v (B, H_kv, T, D) with H a "
+                         f"multiple of H_kv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return H // H_kv
+
+
 def attention_forward(q, k, v, causal):
     B, H, T, D = q.shape
-    if not q.shape == k.shape == v.shape:
-        raise ValueError(f"attention kernel needs q, k, v of one (B, H, T, D) shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    group = _group(q, k, v)
     if D not in HEAD_DIMS:
         raise ValueError(f"attention kernel supports head dims {HEAD_DIMS}, got {D}: use backend 'torch'")
     sm_scale = 1 / math.sqrt(D)
     o = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, T), torch.float32, q.device)
-    _attn_fwd[_grid(T, B * H)](q, k, v, o, lse, T, tuning_bucket(T), sm_scale * LOG2_E,
+    _attn_fwd[_grid(T, B * H)](q, k, v, o, lse, T, tuning_bucket(T), group, sm_scale * LOG2_E,
                                CAUSAL=causal, **_kernel_flags(q))
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, causal):
     B, H, T, D = q.shape
+    group = H // k.shape[1]
     sm_scale = 1 / math.sqrt(D)
     delta = empty((B, H, T), torch.float32, q.device)
     _attn_bwd_delta[(B * H, triton.cdiv(T, 64))](o, do, delta, T, HEAD_DIM=D, BLOCK_M=64)
-    dq, dk, dv = (empty(q.shape, q.dtype, q.device) for _ in range(3))
+    dq = empty(q.shape, q.dtype, q.device)
+    dk, dv = (empty(k.shape, k.dtype, k.device) for _ in range(2))
     flags = dict(CAUSAL=causal, **_kernel_flags(q))
-    _attn_bwd_dkdv[_grid(T, B * H)](q, k, v, do, lse, delta, dk, dv, T, tuning_bucket(T),
-                                    sm_scale, sm_scale * LOG2_E, **flags)
-    _attn_bwd_dq[_grid(T, B * H)](q, k, v, do, lse, delta, dq, T, tuning_bucket(T), sm_scale,
+    _attn_bwd_dkdv[_grid(T, B * H // group)](q, k, v, do, lse, delta, dk, dv, T, tuning_bucket(T),
+                                             group, sm_scale, sm_scale * LOG2_E, **flags)
+    _attn_bwd_dq[_grid(T, B * H)](q, k, v, do, lse, delta, dq, T, tuning_bucket(T), group, sm_scale,
                                   sm_scale * LOG2_E, **flags)
     return dq, dk, dv
 
@@ -313,7 +335,10 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 def attention_reference(q, k, v, causal):
     """Explicit softmax(q k^T / sqrt(D) + mask) v: an independent reference (not SDPA), exact and
-    deterministic in float64; scores in at least fp32."""
+    deterministic in float64; scores in at least fp32. Grouped-query k, v are repeated per query
+    head here (the reference may spend the memory)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]))
     scores = scores.float() if scores.element_size() < 4 else scores
     if causal:

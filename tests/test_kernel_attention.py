@@ -24,6 +24,30 @@ def test_flash_attention_matches_reference(shape, causal, dtype):
     _run(shape, causal, dtype)
 
 
+# (B, H, H_kv, T, D): grouped-query attention, one and several key/value heads, tails.
+GQA_SHAPES = [(1, 4, 2, 37, 16), (2, 3, 1, 19, 32), (1, 6, 3, 5, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", GQA_SHAPES)
+def test_grouped_query_attention_matches_reference(shape, causal, dtype):
+    """Every query head of a group reads its one key/value head; dK, dV sum over the group."""
+    b, h, h_kv, t, d = shape
+    torch.manual_seed(0)
+    q = torch.randn(b, h, t, d, device=DEVICE).to(dtype).requires_grad_()
+    k, v = (torch.randn(b, h_kv, t, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
+    check_against_reference(lambda q, k, v: ops.attention(q, k, v, causal, backend="triton"),
+                            lambda q, k, v: attention_reference(q, k, v, causal),
+                            [q, k, v], dtype)
+
+
+def test_key_value_heads_must_divide_query_heads():
+    q, k = torch.randn(1, 4, 4, 16, device=DEVICE), torch.randn(1, 3, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        ops.attention(q, k, k, True, backend="triton")
+
+
 def test_flash_attention_accepts_strided_heads():
     """The Transformer hands over q, k, v as strided views of one qkv projection."""
     torch.manual_seed(0)
@@ -72,14 +96,17 @@ def test_autotuning_settles_over_a_200_token_generation():
         assert 1 < len(keys) <= 5, (name, sorted(keys))  # T in 1..200: buckets 16, 32, ..., 256
 
 
+@pytest.mark.parametrize("kv_heads", [3, 1])
 @pytest.mark.parametrize("causal", [True, False])
-def test_torch_backend_is_sdpa_and_matches_the_explicit_reference_in_float64(causal):
-    """--kernels torch runs F.scaled_dot_product_attention; the explicit softmax stays the check."""
+def test_torch_backend_is_sdpa_and_matches_the_explicit_reference_in_float64(causal, kv_heads):
+    """--kernels torch runs F.scaled_dot_product_attention (enable_gqa when k, v have fewer
+    heads); the explicit softmax stays the check."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 13, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 3, 13, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 13, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
     sdpa = ops.attention(q, k, v, causal, backend="torch")
-    assert torch.equal(sdpa, torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                                is_causal=causal))
+    assert torch.equal(sdpa, torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=kv_heads != 3))
     grad = torch.randn_like(sdpa)
     got = torch.autograd.grad(sdpa, (q, k, v), grad)
     expected_out = attention_reference(q, k, v, causal)
