@@ -20,11 +20,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minipipe.kernels import adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm
+from minipipe.kernels import (
+    adamw,
+    batchnorm,
+    flash_attention,
+    fused_cross_entropy,
+    gelu,
+    layernorm,
+    rmsnorm,
+    rope,
+    swiglu,
+)
 from minipipe.kernels.runtime import triton
 
 # The modules holding @triton.jit kernels: each kernel in them must be launched by launcher_sweep().
-OP_MODULES = (adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm)
+OP_MODULES = (adamw, batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm, rmsnorm, rope, swiglu)
 
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -135,6 +145,13 @@ def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
                     q = _meta(sizes["batch"], sizes["heads"], sizes["T"], head_dim, dtype=dtype)
                     o, lse = flash_attention.attention_forward(q, q, q, causal)
                     flash_attention.attention_backward(q, q, q, q, o, lse, causal)
+            # Grouped-query attention: one key/value head per 4 query heads (the group is a
+            # runtime argument; the dK/dV program loops over it), last so the CI subset takes it.
+            with _labelled(name, f"D={head_dim} causal=True kv_heads={sizes['heads'] // 4}"):
+                q = _meta(sizes["batch"], sizes["heads"], sizes["T"], head_dim, dtype=dtype)
+                kv = _meta(sizes["batch"], sizes["heads"] // 4, sizes["T"], head_dim, dtype=dtype)
+                o, lse = flash_attention.attention_forward(q, kv, kv, True)
+                flash_attention.attention_backward(q, q, kv, kv, o, lse, True)
         # LayerNorm's block is next_pow2(hidden) and its warps step at 2048 and 8192.
         for block in (128, 1024, 2048, 4096, 8192, layernorm.MAX_HIDDEN):
             with _labelled(name, f"hidden={block}"):
@@ -142,6 +159,21 @@ def launcher_sweep(dtype_names=tuple(DTYPES), sizes=SMALL):
                 w = _meta(block, dtype=dtype)
                 _, mean, rstd = layernorm.layer_norm_forward(x, w, w, 1e-5)
                 layernorm.layer_norm_backward(x, x, w, mean, rstd)
+        for block in (128, 1024, 2048, 4096, 8192, rmsnorm.MAX_HIDDEN):  # as LayerNorm's
+            with _labelled(name, f"hidden={block}"):
+                x = _meta(sizes["rows"], block, dtype=dtype)
+                w = _meta(block, dtype=dtype)
+                _, rstd = rmsnorm.rms_norm_forward(x, w, 1e-5)
+                rmsnorm.rms_norm_backward(x, x, w, rstd)
+        for head_dim in (64, 128, 256):  # RoPE's block is half the head dim; warps step above 64
+            with _labelled(name, f"rope D={head_dim}"):
+                x = _meta(sizes["batch"], sizes["heads"], sizes["T"], head_dim, dtype=dtype)
+                angles = _meta(sizes["T"], head_dim, dtype=dtype)
+                rope.rotate(x, angles, angles, 1.0)
+        with _labelled(name, "swiglu"):
+            x = _meta(sizes["elementwise_rows"], 64, dtype=dtype)
+            swiglu.swiglu_forward(x, x)
+            swiglu.swiglu_backward(x, x, x)
         for vocab in (256, 2048, 4096, fused_cross_entropy.MAX_BLOCK_V):
             for reduction in fused_cross_entropy.REDUCTIONS:
                 for with_grad in (False, True):

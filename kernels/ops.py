@@ -6,13 +6,23 @@ float64 exactness tests run on CPU); each op's `*_reference` is the independent 
 GPU the triton backend runs through Triton's CPU interpreter.
 
 `ops.<op>` is always a dispatch function: an op's module is named for the implementation it holds
-(`flash_attention`, `fused_cross_entropy`, `layernorm`, `batchnorm`, `gelu`, `adamw`), never after a
-dispatch function, so `minipipe.kernels.<module>` and `ops.<op>` never name the same word.
+(`flash_attention`, `fused_cross_entropy`, `layernorm`, `rmsnorm`, `rope`, `swiglu`, `batchnorm`,
+`gelu`, `adamw`), never after a dispatch function, so `minipipe.kernels.<module>` and `ops.<op>`
+never name the same word.
 """
 import torch
 import torch.nn.functional as F
 
-from minipipe.kernels import batchnorm, flash_attention, fused_cross_entropy, gelu, layernorm, rope
+from minipipe.kernels import (
+    batchnorm,
+    flash_attention,
+    fused_cross_entropy,
+    gelu,
+    layernorm,
+    rmsnorm,
+    rope,
+    swiglu,
+)
 from minipipe.kernels.adamw import AdamW
 from minipipe.kernels.batchnorm import update_running_stats
 from minipipe.kernels.runtime import resolve_backend
@@ -47,18 +57,25 @@ def attention(q, k, v, causal, backend):
 
 def rms_norm(x, weight, eps, backend):
     """RMSNorm over the last dim with float32 statistics: weight * (x / rms(x)) (Llama's)."""
+    if _triton(backend, x):
+        return rmsnorm.RMSNormFunction.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rotary_embedding(q, k, cos, sin, backend):
     """Rotary position embedding of q (B, H, T, D) and k (B, H_kv, T, D) by cos, sin (T, D) in the
-    rotate-half layout (Llama's): x * cos + rotate_half(x) * sin."""
+    rotate-half layout (Llama's): x * cos + rotate_half(x) * sin. Torch has no fused op: its
+    path is the reference's elementwise formula."""
+    if _triton(backend, q):
+        return rope.RotaryEmbeddingFunction.apply(q, k, cos, sin)
     return rope.rope_reference(q, cos, sin), rope.rope_reference(k, cos, sin)
 
 
 def silu_and_mul(gate, up, backend):
     """silu(gate) * up, the SwiGLU MLP's gated activation."""
-    return F.silu(gate) * up
+    if _triton(backend, gate):
+        return swiglu.SwiGLUFunction.apply(gate, up)
+    return swiglu.swiglu_reference(gate, up)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", backend="auto"):

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_layer_norm_fwd",
            "_layer_norm_bwd", "_cross_entropy_kernel", "_bias_gelu_kernel", "_bn_stats",
-           "_bn_normalise", "_bn_bwd_reduce", "_bn_bwd_dx", "_adamw_kernel"]
+           "_bn_normalise", "_bn_bwd_reduce", "_bn_bwd_dx", "_adamw_kernel", "_rms_norm_fwd",
+           "_rms_norm_bwd", "_rope_kernel", "_swiglu_fwd", "_swiglu_bwd"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="triton's bundled ptxas is Linux-only")

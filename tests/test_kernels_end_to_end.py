@@ -1,4 +1,4 @@
-"""Both model families train with --kernels triton (the interpreter on CPU) with the losses of
+"""Every model family trains with --kernels triton (the interpreter on CPU) with the losses of
 --kernels torch.
 
 The first step's loss agrees within the float32 tolerance of kernels.testing.TOLERANCES. Later
@@ -19,6 +19,9 @@ MODELS = {
                         data="synthetic", batch_size=4),
     "amoebanet": dict(model="amoebanet", cells=1, filters=4, image_size=8, channels=3,
                       data="synthetic", batch_size=4),  # every BatchNorm, incl. the fused ReLU
+    # RMSNorm, RoPE, SwiGLU and grouped-query flash attention (2 query heads per kv head)
+    "llama": dict(model="llama", layers=1, d_model=64, heads=4, kv_heads=2, ffn_dim=48, max_seq_len=16,
+                  data="synthetic", batch_size=4),
 }
 
 
