@@ -3,8 +3,9 @@
 #   1. the kernel tests on the device (bf16 included: the interpreter skips those),
 #   2. the full compile report against the device's own compute capability,
 #   3. bench/kernels.py (--quick),
-#   4. a short 1-GPU training run with --kernels triton beside --kernels torch: loss curves must
-#      agree; tokens/s and peak memory side by side,
+#   4. a short 1-GPU training run with --kernels triton beside --kernels torch, for the
+#      Transformer and for Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention): loss curves
+#      must agree; tokens/s and peak memory side by side,
 #   5. a 1-stage NCCL run under torchrun (its warm-up time in the log),
 #   6. the engine and comm on the device: no synchronising call in any per-micro-batch action
 #      or exchange (torch.cuda.set_sync_debug_mode("error")), CUDA-event spans, timed / untimed
@@ -58,12 +59,14 @@ if [[ $DRY_RUN -eq 1 ]]; then
   TRAIN_ARGS=(--device cpu --layers 1 --d-model 16 --heads 1 --max-seq-len 16 --batch-size 2
               --microbatches 1 --log-every 1)
   TRAIN_STEPS=2
+  LLAMA_ARGS=(--kv-heads 1 --ffn-dim 16)  # the Llama of that size: one query head per kv head
 else
   DEVICE=cuda
   KERNEL_TESTS=(tests/test_kernel_*.py tests/test_kernels_end_to_end.py)
   REPORT_ARGS=(--targets device --jobs "$(nproc)")
   TRAIN_ARGS=(--device cuda --preset small --log-every 10)
   TRAIN_STEPS=200
+  LLAMA_ARGS=()  # the small preset: 6 heads over 2 key/value heads
 fi
 TRAIN_COMMON=(--eval-every 0 --wandb disabled --seed 1337 "${TRAIN_ARGS[@]}")
 
@@ -80,6 +83,10 @@ for backend in triton torch; do
   part "train_$backend" 600 python train.py --kernels "$backend" \
     --metrics-jsonl "$OUT/train_$backend.jsonl" --out-dir "$OUT" "${TRAIN_COMMON[@]}" \
     --steps "$TRAIN_STEPS"
+  rm -f "$OUT/train_llama_$backend.jsonl"
+  part "train_llama_$backend" 600 python train.py --model llama --kernels "$backend" \
+    --metrics-jsonl "$OUT/train_llama_$backend.jsonl" --out-dir "$OUT" "${TRAIN_COMMON[@]}" \
+    "${LLAMA_ARGS[@]}" --steps "$TRAIN_STEPS"
 done
 # --balance-by time profiles one layer at a time on the device, under bf16 autocast
 part balance_by_time 300 python train.py --balance-by time --dtype "$([[ $DRY_RUN -eq 1 ]] && echo float32 || echo bfloat16)" \
@@ -147,29 +154,33 @@ def table_lines(log):
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-runs = {backend: records(out / f"train_{backend}.jsonl") for backend in ("triton", "torch")}
-rows, agree = [], None
-for backend, recs in runs.items():
-    losses = [r["loss"] for r in recs if "loss" in r]
-    speed = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]  # past the first step
-    memory = [v for r in recs for k, v in r.items() if k.startswith("peak_mem_gib")]
-    rows.append(f"| {backend} | {len(losses)} | {losses[-1] if losses else float('nan'):.4f} | "
-                f"{statistics.median(speed) if speed else float('nan'):,.0f} | "
-                f"{max(memory) if memory else float('nan'):.2f} |")
-curves = [[r["loss"] for r in recs if "loss" in r] for recs in runs.values()]
-if curves[0] and len(curves[0]) == len(curves[1]):
+rows, agree = [], True
+for model, prefix in (("transformer", "train_"), ("llama", "train_llama_")):
+    runs = {backend: records(out / f"{prefix}{backend}.jsonl") for backend in ("triton", "torch")}
+    for backend, recs in runs.items():
+        losses = [r["loss"] for r in recs if "loss" in r]
+        speed = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]  # past the first step
+        memory = [v for r in recs for k, v in r.items() if k.startswith("peak_mem_gib")]
+        rows.append(f"| {model} | {backend} | {len(losses)} | {losses[-1] if losses else float('nan'):.4f} | "
+                    f"{statistics.median(speed) if speed else float('nan'):,.0f} | "
+                    f"{max(memory) if memory else float('nan'):.2f} |")
+    curves = [[r["loss"] for r in recs if "loss" in r] for recs in runs.values()]
+    if not curves[0] or len(curves[0]) != len(curves[1]):
+        agree = False
+        continue
     # bf16 autocast and different reduction orders: curves agree to a few percent, not bitwise.
     worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(*curves))
-    agree = worst <= 0.05
+    agree = agree and worst <= 0.05
 section = [f"\n## GPU check, {datetime.date.today().isoformat()}, {name}\n",
            "`bash bench/gpu_check.sh` (parts, status, wall time):\n",
            "| part | status | time |", "|---|---|---|", *(out / "parts.md").read_text().splitlines(),
            "\nCompile report against the device:\n", *table_lines(out / "compile_report.log"),
            "\nKernel benchmark (bench/kernels.py --quick):\n", *table_lines(out / "kernel_bench.log"),
            "\nTraining, --kernels triton beside --kernels torch (same seed, data and model):\n",
-           "| kernels | steps | last loss | tokens/s (median) | peak memory (GiB) |",
-           "|---|---|---|---|---|", *rows,
-           f"\nBoth runs complete and their loss curves agree within 5% at every step: {agree}\n",
+           "| model | kernels | steps | last loss | tokens/s (median) | peak memory (GiB) |",
+           "|---|---|---|---|---|---|", *rows,
+           f"\nEvery run complete and each model's two loss curves agree within 5% at every step: "
+           f"{agree}\n",
            *[line for line in (out / "engine_on_device.log").read_text().splitlines()
              if "step time" in line or "warm-up" in line],
            *[line for line in (out / "train_1stage_torchrun.log").read_text().splitlines()

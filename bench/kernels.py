@@ -27,6 +27,9 @@ from minipipe.kernels.flash_attention import attention_reference  # noqa: E402
 from minipipe.kernels.fused_cross_entropy import cross_entropy_reference, linear_cross_entropy_reference  # noqa: E402
 from minipipe.kernels.gelu import bias_gelu_reference  # noqa: E402
 from minipipe.kernels.layernorm import layer_norm_reference  # noqa: E402
+from minipipe.kernels.rmsnorm import rms_norm_reference  # noqa: E402
+from minipipe.kernels.rope import rope_reference  # noqa: E402
+from minipipe.kernels.swiglu import swiglu_reference  # noqa: E402
 
 FIELDS = ["gpu", "op", "shape", "dtype", "impl", "mode", "ms", "rate", "unit", "peak_mib",
           "target", "achieved", "met"]
@@ -128,10 +131,74 @@ def bench_layer_norm(rows, quick, copy_gbps):
             set_target(rows, "layer_norm", shape, "triton", "fwd", ">=0.8 of copy GB/s", fraction, 0.8)
 
 
+def bench_rms_norm(rows, quick, copy_gbps):
+    """Llama's RMSNorm: the Triton kernel beside F.rms_norm (the --kernels torch path) and the
+    written-out reference, eager and compiled."""
+    dtype = torch.bfloat16
+    for dim in (2048, 4096) if quick else (1024, 2048, 4096, 8192):
+        n = 16384
+        inputs = leaves(torch.randn(n, dim, device="cuda", dtype=dtype), torch.ones(dim, device="cuda"))
+        impls = {"triton": lambda x, w: ops.rms_norm(x, w, 1e-5, "triton"),
+                 "F.rms_norm": lambda x, w: ops.rms_norm(x, w, 1e-5, "torch"),
+                 **both_compiled(lambda x, w: rms_norm_reference(x, w, 1e-5))}
+        size = n * dim * dtype.itemsize
+        shape = f"{n}x{dim}"
+        timings = run_op(rows, "rms_norm", shape, dtype, impls, inputs,
+                         {"fwd": 2 * size, "bwd": 3 * size, "fwd+bwd": 5 * size}, "GB/s")
+        if ("triton", "fwd") in timings:
+            fraction = 2 * size / (timings["triton", "fwd"] * 1e-3) / 1e9 / copy_gbps
+            set_target(rows, "rms_norm", shape, "triton", "fwd", ">=0.8 of copy GB/s", fraction, 0.8)
+
+
+def bench_rope(rows, quick):
+    """RoPE on q and k of a grouped-query layer (both outputs concatenated, in every impl alike,
+    so one gradient drives both)."""
+    dtype, batch, heads, kv_heads, d = torch.bfloat16, 4, 32, 8, 128
+    for t in (2048,) if quick else (1024, 4096):
+        angles = torch.randn(t, d // 2, device="cuda").repeat(1, 2)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        inputs = leaves(torch.randn(batch, heads, t, d, device="cuda", dtype=dtype),
+                        torch.randn(batch, kv_heads, t, d, device="cuda", dtype=dtype))
+
+        def reference(q, k):
+            return torch.cat((rope_reference(q, cos, sin), rope_reference(k, cos, sin)), dim=1)
+        impls = {"triton": lambda q, k: torch.cat(ops.rotary_embedding(q, k, cos, sin, "triton"), dim=1),
+                 **both_compiled(reference)}
+        size = batch * (heads + kv_heads) * t * d * dtype.itemsize
+        run_op(rows, "rotary_embedding", f"B{batch} H{heads} Hkv{kv_heads} T{t} d{d}", dtype, impls,
+               inputs, {"fwd": 2 * size, "bwd": 2 * size, "fwd+bwd": 4 * size}, "GB/s")
+
+
+def bench_swiglu(rows, quick):
+    dtype = torch.bfloat16
+    for n, dim in [(16384, 8192)] if quick else [(16384, 4096), (16384, 14336)]:
+        inputs = leaves(*(torch.randn(n, dim, device="cuda", dtype=dtype) for _ in range(2)))
+        impls = {"triton": lambda g, u: ops.silu_and_mul(g, u, "triton"), **both_compiled(swiglu_reference)}
+        size = n * dim * dtype.itemsize
+        run_op(rows, "silu_and_mul", f"{n}x{dim}", dtype, impls, inputs,
+               {"fwd": 3 * size, "bwd": 5 * size, "fwd+bwd": 8 * size}, "GB/s")
+
+
+def bench_grouped_query_attention(rows, quick):
+    """4 query heads per key/value head: the kernel reads the shared heads in place; SDPA flash
+    with enable_gqa does too; the eager reference repeats them."""
+    dtype, batch, heads, kv_heads, d = torch.bfloat16, 4, 32, 8, 128
+    for t in (2048,) if quick else (2048, 8192):
+        inputs = leaves(torch.randn(batch, heads, t, d, device="cuda", dtype=dtype),
+                        *(torch.randn(batch, kv_heads, t, d, device="cuda", dtype=dtype) for _ in range(2)))
+        impls = {"triton": lambda q, k, v: ops.attention(q, k, v, True, "triton"),
+                 "sdpa flash": sdpa_flash}
+        if t <= EAGER_ATTENTION_MAX_T:
+            impls["torch"] = lambda q, k, v: attention_reference(q, k, v, True)
+        flops = 4 * batch * heads * t * t * d * 0.5
+        run_op(rows, "attention gqa", f"B{batch} H{heads} Hkv{kv_heads} T{t} d{d} causal", dtype, impls,
+               inputs, {"fwd": flops, "bwd": 2.5 * flops, "fwd+bwd": 3.5 * flops}, "TFLOP/s")
+
+
 def sdpa_flash(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def bench_attention(rows, quick):
@@ -262,7 +329,9 @@ def main():
     rows = []
     copy_gbps = bench_copy(rows)
     for bench in (lambda r, q: bench_layer_norm(r, q, copy_gbps), bench_attention,
-                  bench_cross_entropy, bench_bias_gelu, bench_batch_norm, bench_adamw):
+                  bench_cross_entropy, bench_bias_gelu, bench_batch_norm, bench_adamw,
+                  lambda r, q: bench_rms_norm(r, q, copy_gbps), bench_rope, bench_swiglu,
+                  bench_grouped_query_attention):
         bench(rows, args.quick)
         torch.cuda.empty_cache()
     path = Path(args.csv)
