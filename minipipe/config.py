@@ -82,6 +82,9 @@ class Config:
     # data and output
     data: Optional[str] = _f(None, "stdlib | digits | synthetic | PATH (text, dir, .bin, .npz); "
                                    "default stdlib (transformer) or digits (amoebanet)")
+    token_dtype: str = _f("uint16", "element type of .bin token-id files: uint16 (nanoGPT's) or "
+                                    "uint32 (vocabularies over 65,536 ids, e.g. Llama 3's)",
+                          ("uint16", "uint32"))
     eval_every: int = _f(50, "validate every N steps (0 = only at the end)")
     eval_batches: int = _f(4, "validation batches per evaluation")
     log_every: int = _f(10, "console line every N steps")

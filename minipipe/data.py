@@ -6,7 +6,8 @@ are the same whatever the number of processes. The training position is a `DataC
 
 Sources: `stdlib` (bytes of the running Python's standard library .py files, split by file and
 cached as a memmap), a text file or directory (bytes), a `.bin` of uint16 ids (nanoGPT format;
-a directory holding train.bin and val.bin works too), `digits` (scikit-learn's bundled 8x8
+a directory holding train.bin and val.bin works too; uint32 ids when --token-dtype uint32 says
+so, never guessed from the size), `digits` (scikit-learn's bundled 8x8
 digits), a `.npz` with arrays x (N, C, H, W) and y (N,), and `synthetic` for both families.
 """
 import hashlib
@@ -128,7 +129,7 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
     elif source in ("digits",):
         raise DataError(f"--data {source} is image data; use it with --model amoebanet")
     else:
-        train, val, vocab = _token_files(Path(source), cfg.vocab)
+        train, val, vocab = _token_files(Path(source), cfg.vocab, cfg.token_dtype)
     if cfg.vocab is None:
         cfg.vocab = vocab
     elif cfg.vocab < vocab and not source.endswith(".bin"):
@@ -179,7 +180,7 @@ def _synthetic_tokens():
     return tokens[:split], tokens[split:]
 
 
-def _token_files(path: Path, vocab):
+def _token_files(path: Path, vocab, token_dtype: str):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
@@ -190,9 +191,9 @@ def _token_files(path: Path, vocab):
             raise DataError(f"--data {path}: holds nanoGPT token files but not {absent[0]}; add "
                             f"it, or pass the one .bin file itself (its last 1/{VAL_EVERY} "
                             f"becomes validation)")
-        return (*(_read_bin(splits[s], vocab) for s in ("train", "val")), vocab)
+        return (*(_read_bin(splits[s], vocab, token_dtype) for s in ("train", "val")), vocab)
     if path.suffix == ".bin":
-        tokens = _read_bin(path, vocab)
+        tokens = _read_bin(path, vocab, token_dtype)
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
         return tokens[:split], tokens[split:], vocab
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -208,20 +209,28 @@ def _token_files(path: Path, vocab):
     return train, val, 256
 
 
-def _read_bin(path: Path, vocab) -> np.ndarray:
+def _read_bin(path: Path, vocab, token_dtype: str) -> np.ndarray:
+    """The ids of a .bin file of the declared element type (--token-dtype): a uint32 file read as
+    uint16 would be twice as many wrong ids, so the type is never inferred."""
     if vocab is None:
         raise DataError(f"--data {path}: token-id files need --vocab (the tokenizer's vocabulary size)")
+    dtype = np.dtype(token_dtype)
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"--data {path}: the file is empty")
-    if size % 2:
-        raise DataError(f"--data {path}: {size} bytes is not a whole number of uint16 token ids; "
-                        f"the file is truncated or not a nanoGPT .bin")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if size % dtype.itemsize:
+        raise DataError(f"--data {path}: {size} bytes is not a whole number of {token_dtype} token "
+                        f"ids; the file is truncated, or its ids are of another type (--token-dtype)")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise DataError(f"--vocab {vocab} has ids that do not fit {token_dtype} (at most "
+                        f"{np.iinfo(dtype).max + 1:,} ids); write the ids as uint32 and pass "
+                        f"--token-dtype uint32")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     top = int(tokens.max())
     if top >= vocab:
         raise DataError(f"--data {path}: holds token id {top}, which is >= --vocab {vocab}; "
-                        f"pass the tokenizer's vocabulary size (at least {top + 1})")
+                        f"pass the tokenizer's vocabulary size (at least {top + 1}), or the "
+                        f"--token-dtype the file was written with")
     return tokens
 
 

@@ -112,3 +112,32 @@ def test_bin_without_vocab_asks_for_it(tmp_path):
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "t.bin")
     with pytest.raises(DataError, match="need --vocab"):
         load_dataset(lm(data=str(tmp_path / "t.bin")))
+
+
+def test_uint32_token_files_are_read_when_declared(tmp_path):
+    """Llama 3's 128,256 ids do not fit uint16: --token-dtype uint32 reads them, ids and order
+    intact; the same file under the default uint16 is not silently reinterpreted."""
+    vocab = 128_256
+    ids = (np.arange(6000, dtype=np.int64) * 7919 % vocab).astype(np.uint32)
+    assert ids.max() > 65_535
+    ids.tofile(tmp_path / "tokens.bin")
+    data = load_dataset(lm(data=str(tmp_path / "tokens.bin"), vocab=vocab, token_dtype="uint32"))
+    assert np.array_equal(np.concatenate([data.train, data.val]), ids)
+    inputs, targets = data.batch(0, 2)
+    rows = [np.asarray(inputs[r]) for r in range(2)]
+    for row in rows:  # each row is a contiguous window of the file's ids
+        start = int(np.nonzero(ids == row[0])[0][0])
+        assert np.array_equal(ids[start:start + len(row)], row)
+    assert int(inputs.max()) >= 65_536 and torch.equal(inputs[:, 1:], targets[:, :-1])
+    with pytest.raises(DataError, match="--vocab 128256 has ids that do not fit uint16"):
+        load_dataset(lm(data=str(tmp_path / "tokens.bin"), vocab=vocab))
+
+
+@pytest.mark.parametrize("ids, vocab, needle", [
+    (np.array([1, 2, 3], dtype=np.uint16), 1000, "not a whole number of uint32 token ids"),
+    (np.array([1, 2, 200_000, 3], dtype=np.uint32), 128_256, "token id 200000, which is >= --vocab 128256"),
+])
+def test_bad_uint32_files_are_refused_by_name(tmp_path, ids, vocab, needle):
+    ids.tofile(tmp_path / "t.bin")
+    with pytest.raises(DataError, match=needle):
+        load_dataset(lm(data=str(tmp_path / "t.bin"), vocab=vocab, token_dtype="uint32"))
