@@ -90,7 +90,7 @@ class Config:
     log_every: int = _f(10, "console line every N steps")
     metrics_jsonl: Optional[str] = _f(None, "write one JSON line of metrics per step here")
     out_dir: str = _f("out", "directory for run outputs (wandb files)")
-    sample: int = _f(0, "after training, generate and print N bytes (Transformer)")
+    sample: int = _f(0, "after training, generate and print N tokens (Transformer, Llama)")
     # pipeline
     stages: Optional[int] = _f(None, "pipeline stages K (default: world size / dp)")
     dp: int = _f(1, "data-parallel replicas of the pipeline (world = dp x stages)")
