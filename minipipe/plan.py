@@ -6,7 +6,7 @@ model that fits a memory budget (the question of GPipe's Table 1).
     python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --schedule 1f1b
 
 Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device (no
-memory, no data, no processes; traced as fake tensors under autocast): parameters are counted,
+memory, no data, no processes; traced as fake CPU tensors): parameters are counted,
 activations are the bytes autograd saves for backward while one micro-batch runs through the
 layers (saved_tensors_hooks, each storage counted once), FLOPs come from torch's FlopCounterMode
 over a forward and backward.
@@ -22,16 +22,16 @@ Bytes of a stage (GPipe section 2.3), per device:
                  intermediate; 1f1b: (K - stage) x boundary + intermediate); without, each in
                  flight keeps boundary + intermediate (gpipe: M x (boundary + intermediate)).
 Not counted: communication buffers, the allocator's slack, one op's temporary workspace, the CUDA
-context. Estimates follow the plain-torch ops (Triton's flash attention saves no T x T scores);
-under bf16/fp16 the layers hold float32 weights and are traced under autocast, as the run is
-(the activations have the run's dtypes, a float32 Transformer boundary included). Identical
-layers are traced once.
+context. Estimates follow the plain-torch ops as the CPU runs them (SDPA's flash kernel, like a
+GPU's and Triton's, saves no T x T scores and reads grouped-query K and V once); under bf16/fp16
+the layers hold float32 weights and are traced under autocast, as the run is (the activations
+have the run's dtypes, a float32 Transformer boundary included). Identical layers are traced once.
 """
 import argparse
 import dataclasses
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -177,28 +177,25 @@ class _Loss(nn.Module):
 
 
 def _as_the_run_computes(cfg):
-    """The context to trace the meta-built layers in, with the activation dtypes of the run.
-    Without autocast: the meta device. Under bf16/fp16 autocast (float32 weights) the layers move
-    to fake CPU tensors (no memory; once, and only when a trace is not cached), because meta
-    tensors ignore autocast: the Transformer's residual stream, its stage boundary, then stays
-    float32 as in the run. CPU autocast casts matmuls, convolutions and elementwise ops as CUDA's
-    does. There SDPA saves what the CPU's flash kernel saves (no T x T scores, as on a GPU); on
-    the meta device it takes the math path, which saves them."""
+    """The context to trace the meta-built layers in, with the activation dtypes and the saved
+    tensors of the run: the layers move to fake CPU tensors (no memory; once, and only when a
+    trace is not cached), under bf16/fp16 autocast when the run has it. Meta tensors would ignore
+    autocast (the Transformer's residual stream, its stage boundary, stays float32 in the run;
+    CPU autocast casts matmuls, convolutions and elementwise ops as CUDA's does), and SDPA on the
+    meta device takes the math path, which saves the T x T scores and, for grouped-query
+    attention, K and V repeated per query head. On fake CPU tensors SDPA saves what the CPU's
+    flash kernel saves: no scores, the shared K and V once, as a GPU's flash kernel does."""
     autocast, moved = AUTOCAST_DTYPES.get(cfg.dtype), set()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
 
     @contextmanager
     def tracing(*layers):
-        if autocast is None:
-            with torch.device("meta"):
-                yield
-            return
         with fake:
             for layer in layers:
                 if layer is not None and id(layer) not in moved:
                     layer.to_empty(device="cpu")
                     moved.add(id(layer))
-        with fake, torch.autocast("cpu", dtype=autocast):
+        with fake, (torch.autocast("cpu", dtype=autocast) if autocast else nullcontext()):
             yield
     return tracing
 

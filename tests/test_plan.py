@@ -15,7 +15,7 @@ from tests.spawn import run_workers
 CASES = {
     "transformer": dict(model="transformer", layers=4, d_model=32, heads=2, seq_len=32),
     "amoebanet": dict(model="amoebanet", cells=1, filters=8, image_size=16, channels=3),
-    "llama": dict(model="llama", layers=4, d_model=32, heads=2, kv_heads=1, ffn_dim=64, seq_len=32),
+    "llama": dict(model="llama", layers=4, d_model=32, heads=4, kv_heads=2, ffn_dim=64, seq_len=32),
 }
 COMMON = dict(data="synthetic", batch_size=16, microbatches=4)
 
