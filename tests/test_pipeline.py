@@ -135,14 +135,15 @@ def test_data_parallel_pipeline_equals_single_process(family):
         assert got["losses"] == pytest.approx(reference["losses"], rel=1e-10)
 
 
-def _balance_worker(rank, world_size, by):
-    cfg = make_config(**MODELS["transformer"], batch_size=8, balance_by=by)
+def _balance_worker(rank, world_size, family, by):
+    cfg = make_config(**MODELS[family], batch_size=8, balance_by=by)
     return build_run(cfg).balance
 
 
+@pytest.mark.parametrize("family", ["transformer", "llama"])
 @pytest.mark.parametrize("by", ["time", "memory"])
-def test_profiled_balance_is_one_cut_shared_by_every_rank(by):
-    balances = run_workers(_balance_worker, 2, by)
+def test_profiled_balance_is_one_cut_shared_by_every_rank(family, by):
+    balances = run_workers(_balance_worker, 2, family, by)
     assert balances[0] == balances[1] and sum(balances[0]) == 8 and min(balances[0]) >= 1
 
 
