@@ -160,10 +160,12 @@ def bench_rope(rows, quick):
         inputs = leaves(torch.randn(batch, heads, t, d, device="cuda", dtype=dtype),
                         torch.randn(batch, kv_heads, t, d, device="cuda", dtype=dtype))
 
-        def reference(q, k):
+        def reference(q, k, cos=cos, sin=sin):
             return torch.cat((rope_reference(q, cos, sin), rope_reference(k, cos, sin)), dim=1)
-        impls = {"triton": lambda q, k: torch.cat(ops.rotary_embedding(q, k, cos, sin, "triton"), dim=1),
-                 **both_compiled(reference)}
+
+        def triton(q, k, cos=cos, sin=sin):
+            return torch.cat(ops.rotary_embedding(q, k, cos, sin, "triton"), dim=1)
+        impls = {"triton": triton, **both_compiled(reference)}
         size = batch * (heads + kv_heads) * t * d * dtype.itemsize
         run_op(rows, "rotary_embedding", f"B{batch} H{heads} Hkv{kv_heads} T{t} d{d}", dtype, impls,
                inputs, {"fwd": 2 * size, "bwd": 2 * size, "fwd+bwd": 4 * size}, "GB/s")
