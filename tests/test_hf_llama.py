@@ -176,7 +176,8 @@ def test_what_minipipe_does_not_compute_is_refused_by_name(models, tmp_path, edi
 def test_flags_that_contradict_the_import_and_other_families_are_refused(models):
     with pytest.raises(HFModelError, match=r"--kv-heads 4 contradicts .* num_key_value_heads = 2"):
         make_config(model="llama", init_from=str(models["untied"]), kv_heads=4)
-    with pytest.raises(HFModelError, match="model_type = 'llama'"):  # --model transformer's GPT-2 reader
+    with pytest.raises(HFModelError, match="model_type = 'llama', a --model llama model; --model is "
+                                           "'transformer': pass --model llama"):
         make_config(init_from=str(models["untied"]))
     with pytest.raises(HFModelError, match="--model is 'amoebanet'"):
         make_config(model="amoebanet", init_from=str(models["untied"]))

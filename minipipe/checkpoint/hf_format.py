@@ -5,7 +5,8 @@ families share. Only JSON and safetensors are read or written (transformers is n
                                                   sharded model.safetensors.index.json and its files)
     export:  python -m minipipe.export CKPT OUT --format hf
 
-A converter (hf_gpt2 for the Transformer, hf_llama for Llama) is a module of plain functions:
+A converter (hf_gpt2 for the Transformer, hf_llama for Llama) is a module of plain functions and
+its MODEL_TYPES (the config.json model_type values it reads):
     read_config(directory, config)  the config.json, refused by name unless minipipe computes
                                     exactly that model; returns {Config field: value}
     export_config(cfg)              config.json for a minipipe config
@@ -53,8 +54,13 @@ def read_json_config(directory) -> dict:
 def apply_config(cfg) -> None:
     """Fill cfg's model shape (and the tie) from --init-from's config.json; a flag that says
     otherwise is an error naming both values."""
-    convert = converter(cfg, "--init-from")
-    wanted = convert.read_config(cfg.init_from, read_json_config(cfg.init_from))
+    convert, config = converter(cfg, "--init-from"), read_json_config(cfg.init_from)
+    model_type = config.get("model_type")
+    owner = next((family for family, other in CONVERTERS.items() if model_type in other.MODEL_TYPES), None)
+    if owner not in (None, cfg.model):
+        raise HFModelError(f"--init-from {cfg.init_from}: {HF_CONFIG} has model_type = {model_type!r}, "
+                           f"a --model {owner} model; --model is {cfg.model!r}: pass --model {owner}")
+    wanted = convert.read_config(cfg.init_from, config)
     for name, (value, key) in wanted.items():
         given = getattr(cfg, name)
         if given is not None and given != value:

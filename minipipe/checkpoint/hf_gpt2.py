@@ -18,6 +18,7 @@ causal-mask buffers (`attn.bias`, `attn.masked_bias`) are not weights and are sk
 from minipipe.errors import HFModelError
 
 HF_CONFIG = "config.json"
+MODEL_TYPES = ("gpt2",)
 # minipipe shape field -> GPT-2 config key
 SHAPE_KEYS = {"layers": "n_layer", "d_model": "n_embd", "heads": "n_head",
               "max_seq_len": "n_positions", "vocab": "vocab_size"}
@@ -38,7 +39,7 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 def read_config(directory, config: dict) -> dict:
     """{Config field: (value, config.json key)} from DIR's config.json, refused unless it
     describes GPT-2 math minipipe computes exactly."""
-    checks = [("model_type", config.get("model_type"), "gpt2"),
+    checks = [("model_type", config.get("model_type"), MODEL_TYPES[0]),
               ("activation_function", config.get("activation_function", "gelu_new"), TANH_GELUS),
               ("layer_norm_epsilon", config.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
               ("n_inner", config.get("n_inner"), (None, 4 * config.get("n_embd", 0))),
