@@ -216,9 +216,15 @@ def unique_compiles(launches):
     return jobs
 
 
+def _int_kind(value: int) -> str:
+    """What Triton specialises an int argument on: the value 1 (a constant), divisibility by 16."""
+    return "1" if value == 1 else "int%16" if value % 16 == 0 else "int"
+
+
 def _signature_key(launch, config):
     kwargs = {**launch.kwargs, **config.all_kwargs()}
-    kinds = tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in launch.args)
+    kinds = tuple(str(a.dtype) if torch.is_tensor(a) else _int_kind(a) if type(a) is int
+                  else type(a).__name__ for a in launch.args)
     return kinds, tuple(sorted((k, str(v)) for k, v in kwargs.items()))
 
 

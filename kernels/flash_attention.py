@@ -34,7 +34,9 @@ _FWD_CANDIDATES = {2: [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 
                        (64, 32, 4, 4)],
                    4: [(64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 2), (16, 16, 4, 2)]}
 # Backward: BLOCK_M is the block the program owns, BLOCK_N the block it streams.
-_BWD_CANDIDATES = {2: [(128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5)],
+# (64, 32, 8, 3): the grouped-query dK/dV program (a loop over the group) spills with 4 warps at
+# D=128 on sm_80 and sm_90; 8 warps halve each thread's share of the accumulators.
+_BWD_CANDIDATES = {2: [(128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5), (64, 32, 8, 3)],
                    4: [(64, 32, 4, 2), (16, 16, 4, 2)]}
 # Register words per thread a config may plan for (ptxas needs the rest of the 255 for addresses
 # and temporaries), and the smallest per-block shared memory of the targets (A100's).
