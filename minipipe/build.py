@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from minipipe import partition
 from minipipe.data import load_dataset
@@ -16,6 +15,7 @@ from minipipe.errors import ConfigError
 from minipipe.kernels import ops
 from minipipe.layers import build_layers, chunk_inputs, count_layer_params, layer_param_numels
 from minipipe.models import registry
+from minipipe.pipeline.collectives import from_rank0
 from minipipe.pipeline.engine import Engine
 from minipipe.pipeline.optim import build_optimizer
 from minipipe.pipeline.stage import Stage
@@ -117,9 +117,7 @@ def _choose_balance(cfg, layout, dataset, backend, n_layers, n_chunks) -> tuple[
                                         loss=lambda output: loss_sum(output, targets),
                                         autocast_dtype=AUTOCAST_DTYPES.get(cfg.dtype))
         plan = [(partition.balance_by_cost(costs, n_chunks), costs)]
-    if layout.world_size > 1:
-        dist.broadcast_object_list(plan, src=0)
-    balance, costs = plan[0]
+    balance, costs = from_rank0(layout, plan, f"rank 0's cut by measured {cfg.balance_by}")[0]
     return balance, costs, cfg.balance_by
 
 

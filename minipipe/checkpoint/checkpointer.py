@@ -36,9 +36,6 @@ from minipipe.checkpoint.directory import (
     DirectoryClaim,
     agreed_resume_path,
     claim_checkpoint_dir,
-    collective,
-    from_rank0,
-    gathered,
     holds_only_checkpoint_files,
     is_checkpoint,
 )
@@ -55,8 +52,9 @@ from minipipe.checkpoint.files import (
     read_tensors,
     read_trainer_state,
 )
-from minipipe.errors import CheckpointError, PipelineError, describe_comm_failure
+from minipipe.errors import CheckpointError
 from minipipe.pipeline import tied
+from minipipe.pipeline.collectives import collective, from_rank0, raise_first, to_rank0
 
 
 # ---- the training loop's view ----------------------------------------------------------------
@@ -118,13 +116,8 @@ class Checkpointer:
             return self.sigterm_received
         lay = self.run.layout
         flag = torch.tensor([float(self.sigterm_received)], device=lay.device)
-        try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        except RuntimeError as err:  # a peer died after the step: say so, not a raw gloo error
-            raise PipelineError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
-                                f"agree whether to stop after this step failed: "
-                                f"{describe_comm_failure(err, self.cfg.timeout)}; the first error is in another "
-                                f"rank's log") from err
+        collective(lay, "every rank to agree whether to stop after this step",  # a peer may have died
+                   lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX), timeout_s=self.cfg.timeout)
         return bool(flag.item())
 
     def close(self) -> None:
@@ -135,6 +128,10 @@ class Checkpointer:
 
 
 # ---- save ---------------------------------------------------------------------------------------
+# A rank that fails mid-save (disk full, killed) surfaces in the save's next collective.
+SAVING = dict(error=CheckpointError, consequence=", and the previous checkpoint is intact")
+
+
 def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     """Every rank calls this after step `step`; returns the path once the checkpoint is complete
     and `latest` names it (older ones beyond --keep are then pruned)."""
@@ -144,7 +141,8 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     if lay.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed at this step
         tmp.mkdir(parents=True)
-    _barrier(lay, f"start checkpoint {final.name}")
+    if lay.world_size > 1:
+        collective(lay, f"every rank to start checkpoint {final.name}", dist.barrier, **SAVING)
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
         shards = {"model": tied.drop_copy(run.cfg, run.stage.state_dict()),  # a tied weight once
@@ -153,7 +151,7 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
             with _write_failure_reported(root, tmp / file_name, lay):
                 report[kind] = _write_shard(tmp, file_name, tensors)
-    reports = _gather_to_rank0(report, lay, f"write its shards of {final.name}")
+    reports = to_rank0(lay, report, f"every rank to write its shards of {final.name}", **SAVING)
     problem = None
     if lay.rank == 0:
         try:
@@ -164,7 +162,7 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
             _prune(root, run.cfg.keep)
         except CheckpointError as err:
             problem = str(err)
-    problem = from_rank0(lay, [problem], f"see {final.name} published")[0]
+    problem = from_rank0(lay, [problem], f"every rank to see {final.name} published", error=CheckpointError)[0]
     if problem:  # rank 0's verdict: every rank stops with the same message
         raise CheckpointError(problem)
     return final
@@ -292,10 +290,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
         problem = None
     except CheckpointError as err:
         problem = f"rank {lay.rank} (stage {lay.stage}): {err}"
-    problems = gathered(lay, problem, f"verify {path}")
-    first = next((p for p in problems if p), None)
-    if first:
-        raise CheckpointError(first)
+    raise_first(lay, problem, f"every rank to verify {path}", CheckpointError)
     cursor.load_state_dict(state["data_cursor"])
     run.stage.load_state_dict(weights)
     _load_optimizer_tensors(run.stage, run.optimizer, optimizer_state)
@@ -370,19 +365,3 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier(lay, what: str) -> None:
-    if lay.world_size > 1:
-        _agree(lay, what, dist.barrier)
-
-
-def _gather_to_rank0(report: dict, lay, what: str) -> list:
-    if lay.world_size == 1:
-        return [report]
-    reports = [None] * lay.world_size if lay.rank == 0 else None
-    _agree(lay, what, lambda: dist.gather_object(report, reports, dst=0))
-    return reports
-
-
-def _agree(lay, what: str, run) -> None:
-    """A collective of the save; a rank that failed (disk full, killed) surfaces here."""
-    collective(lay, what, run, consequence=", and the previous checkpoint is intact")

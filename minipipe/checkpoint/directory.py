@@ -26,14 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from minipipe.checkpoint.files import LATEST, STEP_DIR, TRAINER_STATE, checkpoint_path, read_trainer_state
-from minipipe.errors import CheckpointError, describe_comm_failure
+from minipipe.errors import CheckpointError
+from minipipe.pipeline.collectives import from_rank0, gathered
 
 LOCK = "minipipe.lock"
 PROBE = ".probe-rank{}"
-CLAIM = "claim --ckpt-dir"
+CLAIM = "every rank to claim --ckpt-dir"  # what the claim's collectives wait for
+RESUME = "every rank to agree on the checkpoint to resume"
 SHARED_FS = ("a multi-node run needs --ckpt-dir (and any --resume PATH) on a filesystem every "
              "node shares")
 
@@ -90,7 +90,7 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
             claim = _lock(root)
         except CheckpointError as err:
             problem = str(err)
-    token, problem = from_rank0(layout, [claim.token, problem], CLAIM)
+    token, problem = from_rank0(layout, [claim.token, problem], CLAIM, error=CheckpointError)
     if problem:
         raise CheckpointError(problem)
     try:  # each rank says "I can write here"; rank 0 checks that it sees every rank's word
@@ -99,10 +99,10 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
     except OSError as err:
         problem = (f"rank {layout.rank} cannot write in --ckpt-dir {root}, which rank 0 created "
                    f"({err.strerror}); {SHARED_FS}, writable by every rank")
-    problems = gathered(layout, problem, CLAIM)
+    problems = gathered(layout, problem, CLAIM, error=CheckpointError)
     if layout.rank == 0:
         problem = next((p for p in problems if p), None) or _check_probes(root, layout, token)
-    problem = from_rank0(layout, [problem], CLAIM)[0]
+    problem = from_rank0(layout, [problem], CLAIM, error=CheckpointError)[0]
     try:  # a probe rank 0 could not see (another node's filesystem) is its writer's to remove
         (root / PROBE.format(layout.rank)).unlink(missing_ok=True)
     except OSError:
@@ -234,7 +234,7 @@ def agreed_resume_path(cfg, layout) -> Path | None:
                         None if path is None else read_trainer_state(path)["step"], None]
         except CheckpointError as err:
             decision = [None, None, str(err)]
-    path, step, problem = from_rank0(layout, decision, "agree on the checkpoint to resume")
+    path, step, problem = from_rank0(layout, decision, RESUME, error=CheckpointError)
     if problem:
         raise CheckpointError(problem)
     if path is None:
@@ -243,7 +243,7 @@ def agreed_resume_path(cfg, layout) -> Path | None:
         seen = read_trainer_state(Path(path))["step"]
     except CheckpointError as err:
         seen = f"cannot read it ({err})"
-    problem = disagreement(path, step, gathered(layout, seen, "agree on the checkpoint to resume"))
+    problem = disagreement(path, step, gathered(layout, seen, RESUME, error=CheckpointError))
     if problem:
         raise CheckpointError(problem)
     return Path(path)
@@ -258,31 +258,3 @@ def disagreement(path: str, step: int, seen_by_rank: list) -> str | None:
     return (f"the ranks disagree on the checkpoint to resume: rank 0 resumes {path} at step {step}, "
             f"but {'; '.join(others)}; {SHARED_FS} (or the same checkpoint copied to that path on "
             f"every node), then run again")
-
-
-# ---- collectives of the claim and the resume -------------------------------------------------
-def from_rank0(layout, values: list, what: str) -> list:
-    """Rank 0's values, on every rank."""
-    if layout.world_size > 1:
-        collective(layout, what, lambda: dist.broadcast_object_list(values, src=0))
-    return values
-
-
-def gathered(layout, value, what: str) -> list:
-    """Every rank's value, by rank, on every rank."""
-    if layout.world_size == 1:
-        return [value]
-    values = [None] * layout.world_size
-    collective(layout, what, lambda: dist.all_gather_object(values, value))
-    return values
-
-
-def collective(layout, what: str, run, consequence: str = "") -> None:
-    """A rank that died (or failed before this point) surfaces here within --timeout, as an error
-    that says what this rank waited for."""
-    try:
-        run()
-    except RuntimeError as err:
-        raise CheckpointError(f"rank {layout.rank} (stage {layout.stage}): waiting for every rank to "
-                              f"{what} failed: {describe_comm_failure(err)}; the first error is in "
-                              f"another rank's log{consequence}") from err

@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minipipe.errors import ConfigError
+from minipipe.pipeline.collectives import raise_first
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -193,13 +193,7 @@ def load_into_stage(run) -> None:
         tensors, problem = read_stage_weights(run.cfg.init_from, run.cfg, shapes), None
     except HFModelError as err:
         tensors, problem = None, f"rank {lay.rank} (stage {lay.stage}): {err}"
-    problems = [problem]
-    if lay.world_size > 1:
-        problems = [None] * lay.world_size
-        dist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p), None)
-    if first:
-        raise HFModelError(first)
+    raise_first(lay, problem, f"every rank to check --init-from {run.cfg.init_from}", HFModelError)
     params = stage.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in tensors.items():

@@ -22,8 +22,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from minipipe.errors import PipelineError, describe_comm_failure
+from minipipe.errors import PipelineError
 from minipipe.pipeline import optim, running_stats, values
+from minipipe.pipeline.collectives import collective
 from minipipe.pipeline.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.pipeline.evaluation import evaluate
 from minipipe.pipeline.generation import generate
@@ -284,16 +285,11 @@ class Engine:
     def _params(self):
         return [p for p in self.stage.parameters() if p.requires_grad]
 
-    def _collective(self, name: str, fn, *args, **kwargs):
-        """A collective whose peer died or timed out becomes a PipelineError naming it."""
-        try:
-            return fn(*args, **kwargs)
-        except RuntimeError as err:
-            lay = self.layout
-            raise PipelineError(f"rank {lay.rank} (stage {lay.stage}), step {self.step_index}: the {name} "
-                                f"failed: {describe_comm_failure(err, self.timeout_s)}. Another rank "
-                                f"probably failed or is stuck: check its log for the first error; if "
-                                f"it is only slow, raise --timeout") from err
+    def _collective(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a collective of this step: a peer that died or timed out there
+        becomes a PipelineError naming `what`, this rank and the step."""
+        return collective(self.layout, what, partial(fn, *args, **kwargs), step=self.step_index,
+                          timeout_s=self.timeout_s)
 
     def _allreduce(self, _):
         """Sum gradients over the dp replicas of this stage (their losses were already divided by
@@ -305,13 +301,13 @@ class Engine:
         if self.comm is not None:
             self.comm.wait_sends()
         for work, flat, grads in buckets:
-            self._collective("data-parallel gradient all-reduce", work.wait)
+            self._collective("the data-parallel gradient all-reduce", work.wait)
             for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(synced)
         # the tied embedding's two copies get their summed gradient
-        self._collective("tied-embedding gradient all-reduce", self.tied.sum_copies)
+        self.tied.sum_copies(partial(self._collective, "the tied-embedding gradient all-reduce", dist.all_reduce))
         if self.stats_layers:  # BatchNorm: one flat collective over this stage's replicas
-            all_reduce = partial(self._collective, "BatchNorm statistics all-reduce", dist.all_reduce,
+            all_reduce = partial(self._collective, "the BatchNorm statistics all-reduce", dist.all_reduce,
                                  group=lay.stage_group)
             if self.deferred_bn:
                 running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
@@ -337,7 +333,7 @@ class Engine:
         started = []
         for grads in buckets:
             flat = torch._utils._flatten_dense_tensors(grads)
-            work = self._collective("data-parallel gradient all-reduce", dist.all_reduce, flat,
+            work = self._collective("the data-parallel gradient all-reduce", dist.all_reduce, flat,
                                     group=self.layout.stage_group, async_op=True)
             started.append((work, flat, grads))
         return started
@@ -356,7 +352,7 @@ class Engine:
             packed[-1] = self.state.loss_total
         start = self.clock.mark()
         if self.layout.world_size > 1:
-            self._collective("gradient-norm all-reduce", dist.all_reduce, packed)
+            self._collective("the gradient-norm all-reduce", dist.all_reduce, packed)
         end = self.clock.mark()
         packed = packed.cpu()  # the step's one wait for the device: the norms and the loss
         # Every rank leaves this all-reduce at (nearly) the same instant: the timeline's common clock.

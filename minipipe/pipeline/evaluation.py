@@ -10,6 +10,7 @@ over every counted unit (token or sample) of all batches, as training's loss is 
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective
 from minipipe.schedule.actions import Kind, forward_actions
 
 
@@ -40,5 +41,6 @@ def evaluate(engine, batches) -> float:
     if engine.comm is not None:
         engine.comm.wait_sends()
     if lay.world_size > 1:
-        engine._collective("evaluation loss all-reduce", dist.all_reduce, total)
+        collective(lay, "the evaluation loss all-reduce", lambda: dist.all_reduce(total),
+                   timeout_s=engine.timeout_s)
     return float(total) / units

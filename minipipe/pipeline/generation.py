@@ -10,6 +10,7 @@ returns the same tokens. Messages use the engine's activation channel.
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective
 from minipipe.pipeline.comm import ACTIVATION
 
 
@@ -45,6 +46,8 @@ def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, tempera
         else:
             token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
         if k > 1:
-            dist.broadcast(token, src=last_rank, group=lay.pipeline_group)
+            collective(lay, "the sampled token's broadcast from the last stage",
+                       lambda: dist.broadcast(token, src=last_rank, group=lay.pipeline_group),
+                       timeout_s=engine.timeout_s)
         tokens = torch.cat([tokens, token], dim=1)
     return tokens[0, prompt.shape[1]:].cpu()

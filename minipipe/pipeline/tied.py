@@ -92,10 +92,11 @@ class TiedEmbedding:
             return list(layer.parameters())
         return [p for name, p in layer.named_parameters() if name != COPY_PARAM]
 
-    def sum_copies(self) -> None:
-        """Both copies' gradients become their sum (after the dp all-reduce, before the norm)."""
+    def sum_copies(self, all_reduce) -> None:
+        """Both copies' gradients become their sum (after the dp all-reduce, before the norm).
+        all_reduce: dist.all_reduce wrapped as a collective that names what failed."""
         if self.copy is None:
             return
         if self.copy.grad is None:
             self.copy.grad = torch.zeros_like(self.copy)
-        dist.all_reduce(self.copy.grad, group=self.group)
+        all_reduce(self.copy.grad, group=self.group)

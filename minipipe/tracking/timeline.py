@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective, to_rank0
 from minipipe.schedule.actions import bubble_fraction
 
 COMPUTE_KINDS = ("forward", "backward")
@@ -87,7 +88,8 @@ def pipeline_stats(engine, layout) -> dict:
     local = torch.tensor(own, dtype=torch.float64, device=layout.device)
     if layout.world_size > 1:
         gathered = [torch.empty_like(local) for _ in range(layout.world_size)]
-        dist.all_gather(gathered, local)
+        collective(layout, "every stage's bubble and peak memory",
+                   lambda: dist.all_gather(gathered, local))
     else:
         gathered = [local]
     rows = [row.tolist() for row in gathered]  # by rank = dp_rank * n_stages + stage
@@ -102,12 +104,7 @@ def pipeline_stats(engine, layout) -> dict:
 # ---- traced steps: every rank's spans to rank 0, written as Chrome trace JSON and a PNG -------
 def gather_timeline(engine, layout) -> list[list[tuple]] | None:
     """Every rank's aligned spans of the last step, by rank, on rank 0 (None elsewhere)."""
-    spans = aligned_spans(engine)
-    if layout.world_size == 1:
-        return [spans]
-    gathered = [None] * layout.world_size if layout.rank == 0 else None
-    dist.gather_object(spans, gathered, dst=0)
-    return gathered
+    return to_rank0(layout, aligned_spans(engine), "every rank's spans of the traced step")
 
 
 def trace_paths(path: str, step: int, several: bool) -> tuple[Path, Path]:
