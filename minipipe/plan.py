@@ -272,7 +272,7 @@ def plan_run(cfg, n_stages: int) -> Plan:
         params = sum(p.params for own in owned for p in own)
         if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
             params -= tied.copy_numel(cfg)
-        order = [(a.kind is Kind.FORWARD, a.v) for a in train_actions(
+        order = [(a.kind is Kind.FORWARD, a.chunk) for a in train_actions(
             cfg.schedule, s, n_stages, cfg.microbatches, cfg.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],

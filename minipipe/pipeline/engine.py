@@ -9,7 +9,7 @@ gradients accumulated over micro-batches and summed over dp replicas equal the f
 gradient, uneven micro-batches and ignored tokens included. The order of the schedule changes
 which micro-batch is accumulated when, never what: every schedule computes the same gradients.
 
-Chunks: rank r runs chunk v of its stage as the model's chunk v*K + r (V = 1: one chunk). The
+Chunks: rank r runs its chunk c (Action.chunk) as the model's chunk c*K + r (V = 1: one chunk). The
 model's first chunk reads the batch, the last one computes the loss. A value passed between two
 chunks of the same rank (K = 1) is handed over in memory; every other one is a message.
 Dropout masks are keyed by (seed, step, layer, global micro-batch) in `Stage`, so every
@@ -56,6 +56,11 @@ class StepState:
     def add_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach().double()  # the same float64 sums as Python floats, in the same order
         self.loss_total = loss if self.loss_total is None else self.loss_total + loss
+
+
+def _named_chunk(action: Action) -> int | None:
+    """The chunk a span names: the rank's chunk under interleaving, None when it holds one."""
+    return action.chunk if action.rank_chunks > 1 else None
 
 
 BUCKET_BYTES = 25 * 2**20  # data-parallel gradient bucket (DDP's default size)
@@ -120,7 +125,7 @@ class Engine:
         for action in actions:
             start = self.clock.mark()
             handlers[action.kind](action)
-            self.clock.add(action.kind.value, action.microbatch, action.chunk, start, self.clock.mark())
+            self.clock.add(action.kind.value, action.microbatch, _named_chunk(action), start, self.clock.mark())
             self.executed.append(action)
 
     @property
@@ -146,9 +151,9 @@ class Engine:
             targets=values.split(self._to_device(targets, own, cast=False), self.n_microbatches) if last else None,
             sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)])
 
-    def _chunk(self, action) -> int:
-        """The model's chunk index of an action of this rank."""
-        return action.v * self.layout.n_stages + self.layout.stage
+    def model_chunk(self, action) -> int:
+        """The model's chunk that an action of this rank runs (its own chunk `action.chunk`)."""
+        return action.chunk * self.layout.n_stages + self.layout.stage
 
     def _global_microbatch(self, m: int) -> int:
         """Micro-batch m of replica d holds the rows of micro-batch d*M + m of the global batch:
@@ -182,27 +187,27 @@ class Engine:
     def _about(self, what, action, peer_stage):
         """`activation of micro-batch 3 from stage 0` (+ ` for chunk 2` when V > 1)."""
         text = f"{what} of micro-batch {action.microbatch} from stage {peer_stage}"
-        return text if action.chunk is None else f"{text} for chunk {self._chunk(action)}"
+        return text if action.rank_chunks == 1 else f"{text} for chunk {self.model_chunk(action)}"
 
     def _recv_act(self, action):
         k = self.layout.n_stages
-        self.state.act_from_prev[action.v, action.microbatch] = self._receive(
+        self.state.act_from_prev[action.chunk, action.microbatch] = self._receive(
             action, Kind.RECV_ACT, self.act_src, ACTIVATION,
             self._about("activation", action, (self.layout.stage - 1) % k),
             expect_batch=self.state.sizes[action.microbatch])
 
     def _chunk_input(self, action):
-        if self._chunk(action) == 0:
+        if self.model_chunk(action) == 0:
             return self.state.batch_inputs[action.microbatch]
-        return self.state.act_from_prev.pop((action.v, action.microbatch))
+        return self.state.act_from_prev.pop((action.chunk, action.microbatch))
 
     def _run_chunk(self, value, action):
         m = action.microbatch
         try:
             with self.autocast():
-                return self.stage(value, self.step_index, self._global_microbatch(m), action.v)
+                return self.stage(value, self.step_index, self._global_microbatch(m), action.chunk)
         except RuntimeError as err:
-            if self._chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
+            if self.model_chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
                 raise
             lay = self.layout
             received = [(tuple(t.shape), str(t.dtype)) for t in values.as_tuple(value)]
@@ -217,29 +222,29 @@ class Engine:
             return self.loss_sum(output, self.state.targets[m]) / self.state.units
 
     def _forward(self, action):
-        st, m, c = self.state, action.microbatch, self._chunk(action)
+        st, m, c = self.state, action.microbatch, self.model_chunk(action)
         value = self._chunk_input(action)
         if recomputes(self.recompute, m, self.n_microbatches):
             with torch.no_grad():
                 output = self._run_chunk(value, action)
                 if c == self.last_chunk:
                     st.add_loss(self._loss(output, m))
-            st.stashed_inputs[action.v, m] = value
+            st.stashed_inputs[action.chunk, m] = value
         else:
             leaf = grad_leaf(value) if c > 0 else value
             output = self._run_chunk(leaf, action)
             if c == self.last_chunk:
                 output = self._loss(output, m)
                 st.add_loss(output)
-            st.graphs[action.v, m] = (leaf, output)
+            st.graphs[action.chunk, m] = (leaf, output)
         if c < self.last_chunk:
             if self.layout.n_stages == 1:  # the next chunk is on this rank: hand over in memory
-                st.act_from_prev[action.v + 1, m] = values.detached(output)
+                st.act_from_prev[action.chunk + 1, m] = values.detached(output)
             else:
-                st.act_to_next[action.v, m] = values.detached(output)
+                st.act_to_next[action.chunk, m] = values.detached(output)
 
     def _send_act(self, action):
-        key = (action.v, action.microbatch)
+        key = (action.chunk, action.microbatch)
         value = self.state.act_to_next.pop(key)
         self.state.sent_like[key] = values.grad_spec(value)
         self.comm.send(value, self.act_dst, what=f"activation of micro-batch {action.microbatch}",
@@ -247,22 +252,22 @@ class Engine:
 
     # ---- the backward half --------------------------------------------------------------------
     def _recv_grad(self, action):
-        key, k = (action.v, action.microbatch), self.layout.n_stages
+        key, k = (action.chunk, action.microbatch), self.layout.n_stages
         self.state.grad_from_next[key] = self._receive(
             action, Kind.RECV_GRAD, self.act_dst, GRADIENT,
             self._about("gradient", action, (self.layout.stage + 1) % k),
             expect_like=self.state.sent_like.pop(key))
 
     def _backward(self, action):
-        st, m, c, key = self.state, action.microbatch, self._chunk(action), (action.v, action.microbatch)
+        st, m, c, key = self.state, action.microbatch, self.model_chunk(action), (action.chunk, action.microbatch)
         if key in st.stashed_inputs:
             start = self.clock.mark()
             with self.autocast():
                 leaf, output = recompute_forward(self.stage, st.stashed_inputs.pop(key), self.step_index,
-                                                 self._global_microbatch(m), input_grad=c > 0, chunk=action.v)
+                                                 self._global_microbatch(m), input_grad=c > 0, chunk=action.chunk)
             if c == self.last_chunk:
                 output = self._loss(output, m)
-            self.clock.add("recompute", m, action.chunk, start, self.clock.mark())  # nested in backward
+            self.clock.add("recompute", m, _named_chunk(action), start, self.clock.mark())  # nested in backward
         else:
             leaf, output = st.graphs.pop(key)
         if c == self.last_chunk:
@@ -273,12 +278,12 @@ class Engine:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if c > 0:
             if self.layout.n_stages == 1:  # the previous chunk is on this rank
-                st.grad_from_next[action.v - 1, m] = values.input_grads(leaf)
+                st.grad_from_next[action.chunk - 1, m] = values.input_grads(leaf)
             else:
                 st.grad_to_prev[key] = values.input_grads(leaf)
 
     def _send_grad(self, action):
-        self.comm.send(self.state.grad_to_prev.pop((action.v, action.microbatch)), self.act_src,
+        self.comm.send(self.state.grad_to_prev.pop((action.chunk, action.microbatch)), self.act_src,
                        what=f"gradient of micro-batch {action.microbatch}", tag=GRADIENT)
 
     # ---- after the drain ----------------------------------------------------------------------

@@ -24,12 +24,12 @@ def evaluate(engine, batches) -> float:
     def forward(action):
         st, m = engine.state, action.microbatch
         output = engine._run_chunk(engine._chunk_input(action), action)
-        if engine._chunk(action) == engine.last_chunk:
+        if engine.model_chunk(action) == engine.last_chunk:
             st.add_loss(engine._loss(output, m))
         elif lay.n_stages == 1:  # the next chunk is on this rank: hand over in memory
-            st.act_from_prev[action.v + 1, m] = output
+            st.act_from_prev[action.chunk + 1, m] = output
         else:
-            st.act_to_next[action.v, m] = output
+            st.act_to_next[action.chunk, m] = output
     handlers = {Kind.RECV_ACT: engine._recv_act, Kind.FORWARD: forward, Kind.SEND_ACT: engine._send_act}
     total, units = torch.zeros(1, dtype=torch.float64, device=engine.device), 0
     for inputs, targets in batches:
