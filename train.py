@@ -52,7 +52,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     except BaseException:
         logger.close()
         raise
-    rank = run.layout.rank
+    cfg, rank = run.cfg, run.layout.rank  # the settled config: the data's fields filled
     logger.config(config_record(cfg, run.balance))
     if rank == 0:
         print(plan_table(run), flush=True)
@@ -75,7 +75,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             if rank == 0:
                 print(f"warm-up: every kernel of stage 0 ran once in {seconds:.1f} s", flush=True)
         history = {"losses": [], "val_losses": [], "sample": None}
-        flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
+        flops_per_unit = model_flops_per_unit(cfg, spec=run.spec) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
         precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
         for step in range(first_step, cfg.steps):
@@ -94,11 +94,12 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             if cfg.dtype == "float16":  # dynamic loss scaling: a skipped step is worth seeing
                 values.update(loss_scale=run.engine.scale.scale, skipped_step=result["skipped"])
             if log_step:  # one small collective brings every stage's bubble and memory to rank 0
-                values.update(timeline.pipeline_stats(run.engine, run.layout))
+                values.update(timeline.pipeline_stats(run.engine, run.layout, spec=run.spec))
                 values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,
                                                 precision))
             if step in traced:
-                timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1)
+                timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1,
+                                     spec=run.spec)
             last_step = step + 1 == cfg.steps
             if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 values["val_loss"] = validation_loss(run)

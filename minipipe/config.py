@@ -12,13 +12,14 @@ in minipipe.presets, schedules in minipipe.schedule.actions).
 """
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
-from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
+from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, preset_values
 from minipipe.schedule.actions import SCHEDULES
 
 try:
@@ -36,7 +37,7 @@ def _f(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # model
     model: str = _f("transformer", "model family", MODEL_FAMILIES)
@@ -122,6 +123,17 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @functools.cached_property
+    def balance_counts(self) -> list[int] | None:
+        """--balance parsed (layers per model chunk), or None; refused unless every part is a
+        count >= 1."""
+        if self.balance is None:
+            return None
+        parts = self.balance.split(",")
+        if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            raise ConfigError(f"--balance {self.balance!r}: give a layer count >= 1 per stage, e.g. 3,3,2")
+        return [int(p) for p in parts]
+
 
 def _base_type(tp):
     if get_origin(tp) is Union:
@@ -205,7 +217,11 @@ def parse_config(argv=None) -> Config:
 
 
 def make_config(**values) -> Config:
-    """Config from keyword values (tests and tools use this): preset applied, then validated."""
+    """The settled Config of keyword values (parse_config's flags, tests, tools): types and choices
+    checked, then --init-from's config.json, the tie, the preset and --dtype auto fill what the
+    values leave open, and the result is validated. It is frozen: nothing changes it afterwards
+    (dataclasses.replace makes a variant). Only the fields the data decides (vocab, classes,
+    channels) may still be None: `with_data_fields` fills them, once, when the data is loaded."""
     cfg = Config(**_check_types(values))
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
@@ -216,13 +232,21 @@ def make_config(**values) -> Config:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
     if cfg.init_from:  # the imported model's config.json sets the shape before any preset
-        from minipipe.checkpoint.hf_gpt2 import apply_config  # (torch comes with it only for an import)
-        apply_config(cfg)
+        from minipipe.checkpoint.hf_gpt2 import config_values  # (torch comes with it only for an import)
+        cfg = dataclasses.replace(cfg, **config_values(cfg))
     if cfg.tie_embeddings and cfg.model != "transformer":
         raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")
-    cfg.tie_embeddings = bool(cfg.tie_embeddings)
-    apply_preset(cfg)
-    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
+    cfg = dataclasses.replace(cfg, **preset_values(cfg), tie_embeddings=bool(cfg.tie_embeddings),
+                              dtype=resolve_dtype(cfg.dtype, cfg.device))
+    validate(cfg)
+    return cfg
+
+
+def with_data_fields(cfg: Config, data_fields: dict) -> Config:
+    """cfg with the fields the data decides (vocab, classes, channels) that it left unset filled
+    from the loaded data's values, validated: the run's final Config."""
+    cfg = dataclasses.replace(cfg, **{name: value for name, value in data_fields.items()
+                                      if getattr(cfg, name) is None})
     validate(cfg)
     return cfg
 
@@ -259,10 +283,7 @@ def validate(cfg: Config) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{_flag(name)} must be in [0, 1) (got {getattr(cfg, name)})")
-    if cfg.balance is not None:
-        if not all(p.strip().isdigit() and int(p) >= 1 for p in cfg.balance.split(",")):
-            raise ConfigError(f"--balance {cfg.balance!r}: give a layer count >= 1 per stage, "
-                              f"e.g. 3,3,2")
+    cfg.balance_counts  # parsed here once: a malformed --balance is refused with the flags
     if cfg.sample and cfg.model != "transformer":
         raise ConfigError(f"--sample generates text: it needs --model transformer (got {cfg.model})")
     if cfg.sample and cfg.steps == 0:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minipipe.config import with_data_fields
 from minipipe.errors import DataError
 from minipipe.models import registry
 from minipipe.seeding import derive_seed
@@ -53,6 +54,11 @@ class TokenDataset:
     def fingerprint(self) -> str:
         return f"{self.name}:{len(self.train)}:{len(self.val)}:{self.vocab}"
 
+    @property
+    def data_fields(self) -> dict:
+        """The config fields this data decides when the flags leave them unset."""
+        return {"vocab": self.vocab}
+
 
 @dataclass
 class ImageDataset:
@@ -62,6 +68,7 @@ class ImageDataset:
     val_x: torch.Tensor
     val_y: torch.Tensor
     seed: int
+    classes: int  # the label ids lie in 0..classes-1
 
     def batch(self, index: int, batch_size: int, split: str = "train"):
         """(images (B, C, H, W) float32, labels (B,) int64). Training walks a fresh permutation
@@ -83,6 +90,11 @@ class ImageDataset:
 
     def fingerprint(self) -> str:
         return f"{self.name}:{len(self.train_y)}:{len(self.val_y)}:{tuple(self.train_x.shape[1:])}"
+
+    @property
+    def data_fields(self) -> dict:
+        """The config fields this data decides when the flags leave them unset."""
+        return {"channels": self.train_x.shape[1], "classes": self.classes}
 
 
 class DataCursor:
@@ -106,8 +118,16 @@ class DataCursor:
         self.position = state["position"]
 
 
+def load_settled(cfg):
+    """(the run's final Config, its dataset): the data `cfg.data` names, and cfg with the fields
+    the data decides (vocab, classes, channels) filled where the flags left them unset."""
+    dataset = load_dataset(cfg)
+    return with_data_fields(cfg, dataset.data_fields), dataset
+
+
 def load_dataset(cfg):
-    """The dataset `cfg.data` names; fills cfg.vocab / classes / channels from it when unset."""
+    """The dataset `cfg.data` names; its `data_fields` hold the vocab / classes / channels the
+    run uses (the flags' values, else the data's). cfg is left as it is (frozen)."""
     family = registry.family(cfg)
     source = cfg.data or family.default_data
     if family.reads_tokens:
@@ -129,12 +149,10 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
         raise DataError(f"--data {source} is image data; use it with --model amoebanet")
     else:
         train, val, vocab = _token_files(Path(source), cfg.vocab)
-    if cfg.vocab is None:
-        cfg.vocab = vocab
-    elif cfg.vocab < vocab and not source.endswith(".bin"):
+    if cfg.vocab is not None and cfg.vocab < vocab and not source.endswith(".bin"):
         raise DataError(f"--vocab {cfg.vocab} is smaller than the data's {vocab} byte values; "
                         f"raise --vocab to at least {vocab}")
-    return TokenDataset(source, train, val, cfg.vocab, cfg.seq_len, cfg.seed)
+    return TokenDataset(source, train, val, cfg.vocab or vocab, cfg.seq_len, cfg.seed)
 
 
 def cache_dir() -> Path:
@@ -240,19 +258,18 @@ def _load_images(source: str, cfg) -> ImageDataset:
     if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     x = (x - x.mean()) / x.std().clamp_min(1e-8)
-    cfg.channels = cfg.channels or x.shape[1]
-    cfg.classes = cfg.classes or int(y.max()) + 1
-    if cfg.channels != x.shape[1]:
+    classes = cfg.classes or int(y.max()) + 1
+    if cfg.channels is not None and cfg.channels != x.shape[1]:
         raise DataError(f"--channels {cfg.channels} but the images have {x.shape[1]}; drop --channels")
-    if int(y.max()) >= cfg.classes or int(y.min()) < 0:
+    if int(y.max()) >= classes or int(y.min()) < 0:
         raise DataError(f"--data {source}: labels span {int(y.min())}..{int(y.max())}, but class ids "
-                        f"must lie in 0..{cfg.classes - 1} (--classes {cfg.classes}); fix the labels "
+                        f"must lie in 0..{classes - 1} (--classes {classes}); fix the labels "
                         f"or raise --classes")
     val = torch.arange(len(y)) % VAL_EVERY == 0
     if val.all():
         raise DataError(f"--data {source}: {len(y)} sample(s); every {VAL_EVERY}th goes to "
                         f"validation and none would be left to train on: give at least 2 samples")
-    return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed)
+    return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed, classes)
 
 
 def _digits():

@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minipipe.build import PARAM_DTYPES
+from minipipe.pipeline.spec import PARAM_DTYPES
 from minipipe.checkpoint import hf_gpt2
 from minipipe.checkpoint.files import (
     checkpoint_path,

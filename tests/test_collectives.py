@@ -98,7 +98,8 @@ def test_the_engine_evaluation_and_timeline_name_their_collective(peers_gone):
     _expect(PipelineError, "the gradient-norm all-reduce", lambda: run.engine.train_step(*batch, 3, 1e-3, 1.0))
     _expect(PipelineError, "the evaluation loss all-reduce", lambda: run.engine.evaluate([batch]))
     fake = _two_ranks(run.layout)
-    _expect(PipelineError, "every stage's bubble and peak memory", lambda: timeline.pipeline_stats(run.engine, fake))
+    _expect(PipelineError, "every stage's bubble and peak memory",
+            lambda: timeline.pipeline_stats(run.engine, fake, spec=run.spec))
     _expect(PipelineError, "every rank's spans of the traced step", lambda: timeline.gather_timeline(run.engine, fake))
 
 
@@ -106,8 +107,8 @@ def test_the_profiled_cut_names_its_broadcast(peers_gone):
     run = build_run(make_config(**TINY))
     cfg = dataclasses.replace(run.cfg, balance_by="time")
     n_layers = len(count_layer_params(cfg))
-    _expect(PipelineError, "rank 0's cut by measured time",
-            lambda: build._choose_balance(cfg, _two_ranks(run.layout), run.dataset, "torch", n_layers, 1))
+    _expect(PipelineError, "rank 0's cut by measured time", lambda: build._choose_balance(
+        cfg, run.spec, _two_ranks(run.layout), run.dataset, "torch", n_layers))
 
 
 def test_checkpoints_name_every_wait(tmp_path, monkeypatch):

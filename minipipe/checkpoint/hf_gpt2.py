@@ -76,9 +76,9 @@ def read_config(directory) -> dict:
     return config
 
 
-def apply_config(cfg) -> None:
-    """Fill cfg's model shape (and the tie) from --init-from's config.json; a flag that says
-    otherwise is an error naming both values."""
+def config_values(cfg) -> dict:
+    """cfg's model shape (and the tie) from --init-from's config.json; a flag that says otherwise
+    is an error naming both values."""
     if cfg.model != "transformer":
         raise HFModelError(f"--init-from imports a GPT-2 Transformer; --model is {cfg.model!r}")
     config = read_config(cfg.init_from)
@@ -91,7 +91,7 @@ def apply_config(cfg) -> None:
             raise HFModelError(f"--{name.replace('_', '-')} {given} contradicts --init-from "
                                f"{cfg.init_from}: its {HF_CONFIG} has {keys[name]} = {value}; drop "
                                f"the flag (the shape comes from the imported model)")
-        setattr(cfg, name, value)
+    return wanted
 
 
 def export_config(cfg) -> dict:

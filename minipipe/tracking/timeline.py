@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from minipipe.pipeline.collectives import collective, to_rank0
+from minipipe.pipeline.spec import PipelineSpec
 from minipipe.schedule.actions import bubble_fraction
 
 COMPUTE_KINDS = ("forward", "backward")
@@ -80,7 +81,7 @@ def measured_bubble(extents) -> float:
     return sum(1.0 - busy / window for _, _, busy in extents) / len(extents)
 
 
-def pipeline_stats(engine, layout) -> dict:
+def pipeline_stats(engine, layout, *, spec: PipelineSpec) -> dict:
     """Measured bubble of the last step and each stage's peak memory, on rank 0 (every rank must
     call: one all-gather of 4 numbers per rank). Keys: bubble_measured, bubble_theory,
     peak_mem_gib/stage{s} (the max over dp replicas)."""
@@ -94,7 +95,7 @@ def pipeline_stats(engine, layout) -> dict:
         gathered = [local]
     rows = [row.tolist() for row in gathered]  # by rank = dp_rank * n_stages + stage
     stats = {"bubble_measured": measured_bubble([row[:3] for row in rows]),
-             "bubble_theory": bubble_fraction(layout.n_stages, engine.n_microbatches, engine.virtual_stages)}
+             "bubble_theory": bubble_fraction(spec.n_stages, spec.n_microbatches, spec.virtual_stages)}
     for stage in range(layout.n_stages):
         peak = max(rows[rank][3] for rank in range(stage, layout.world_size, layout.n_stages))
         stats[f"peak_mem_gib/stage{stage}"] = peak / 2**30
@@ -178,7 +179,7 @@ def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Pa
     plt.close(fig)
 
 
-def write_trace(engine, layout, path: str, step: int, several: bool) -> Path | None:
+def write_trace(engine, layout, path: str, step: int, several: bool, *, spec: PipelineSpec) -> Path | None:
     """Collective: gather the last step's spans; rank 0 writes the JSON and PNG and prints the
     bubble. Returns the JSON path on rank 0."""
     timeline = gather_timeline(engine, layout)
@@ -189,10 +190,10 @@ def write_trace(engine, layout, path: str, step: int, several: bool) -> Path | N
     tmp = json_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(chrome_trace(timeline, layout.n_stages, step)))
     os.replace(tmp, json_path)
-    v = engine.virtual_stages
-    draw_gantt(timeline, layout.n_stages, engine.n_microbatches, step, png_path, engine.schedule, v)
+    v = spec.virtual_stages
+    draw_gantt(timeline, spec.n_stages, spec.n_microbatches, step, png_path, spec.schedule, v)
     bubble = measured_bubble([_compute_extent(spans) for spans in timeline])
     print(f"trace of step {step}: {json_path} (ui.perfetto.dev), {png_path}; bubble measured "
-          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(layout.n_stages, engine.n_microbatches, v):.3f}",
+          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(spec.n_stages, spec.n_microbatches, v):.3f}",
           flush=True)
     return json_path
