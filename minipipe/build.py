@@ -76,7 +76,8 @@ def build_run(cfg: Config) -> Run:
     optimizer = build_optimizer(stage, cfg, backend)
     engine = Engine(stage, layout, spec=spec, loss_sum=registry.loss_fn(cfg, backend),
                     count_units=lambda targets: registry.count_loss_units(cfg, targets), optimizer=optimizer,
-                    layer_param_counts=[len(n) for n in layer_param_numels(cfg)])
+                    layer_param_counts=[len(n) for n in layer_param_numels(cfg)],
+                    tied_weight=registry.tied_weight(cfg))
     return Run(cfg, spec, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minipipe.pipeline.spec import PARAM_DTYPES
 from minipipe.checkpoint import hf_gpt2
 from minipipe.checkpoint.files import (
     checkpoint_path,
@@ -30,6 +29,7 @@ from minipipe.errors import CheckpointError, MinipipeError
 from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.pipeline import tied
+from minipipe.pipeline.spec import PARAM_DTYPES
 
 EXPORTED_WEIGHTS = "model.safetensors"
 EXPORTED_CONFIG = "config.json"
@@ -65,7 +65,7 @@ def load_exported(path) -> tuple:
     cfg = make_config(**{**json.loads((directory / EXPORTED_CONFIG).read_text()), "init_from": None})
     layers = build_layers(cfg, range(len(registry.layer_factories(cfg))))
     model = nn.Sequential(*layers.values()).to(PARAM_DTYPES[cfg.dtype])
-    tensors = tied.with_copy(cfg, load_file(directory / EXPORTED_WEIGHTS))  # a tied weight is stored once
+    tensors = tied.with_copy(registry.tied_weight(cfg), load_file(directory / EXPORTED_WEIGHTS))  # a tied weight is stored once
     model.load_state_dict({name.removeprefix("layers."): t for name, t in tensors.items()})
     return cfg, model.eval()
 

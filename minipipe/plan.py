@@ -44,7 +44,7 @@ from minipipe import partition
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
 from minipipe.models import registry
-from minipipe.pipeline import tied
+from minipipe.layers import tied_numel
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
 from minipipe.pipeline.values import as_tuple
 from minipipe.schedule.actions import Kind, bubble_fraction, train_actions
@@ -270,7 +270,7 @@ def plan_run(cfg, n_stages: int) -> Plan:
                  for c, r in enumerate(chunks)]
         params = sum(p.params for own in owned for p in own)
         if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
-            params -= tied.copy_numel(cfg)
+            params -= tied_numel(cfg)
         order = [(a.kind is Kind.FORWARD, a.chunk) for a in train_actions(
             spec.schedule, s, n_stages, spec.n_microbatches, spec.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
@@ -343,8 +343,8 @@ def format_plan(plan: Plan, budget: int | None) -> str:
                     + (("yes" if total <= budget else "NO",) if budget else ()))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-    params = sum(stage.params for stage in plan.stages) - (tied.copy_numel(cfg) if k > 1 else 0)
-    if tied.is_tied(cfg):
+    params = sum(stage.params for stage in plan.stages) - (tied_numel(cfg) if k > 1 else 0)
+    if registry.tied_weight(cfg) is not None:
         shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
                   else ", tied embedding")
     v, m = spec.virtual_stages, spec.n_microbatches

@@ -11,7 +11,8 @@
 Invariants:
 - Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
-  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/pipeline/tied.py).
+  A tied weight is stored once, under its source's name (the Transformer's
+  `layers.0.tokens.weight`; minipipe/pipeline/tied.py).
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
 - Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
@@ -53,6 +54,7 @@ from minipipe.checkpoint.files import (
     read_trainer_state,
 )
 from minipipe.errors import CheckpointError
+from minipipe.models import registry
 from minipipe.pipeline import tied
 from minipipe.pipeline.collectives import collective, from_rank0, raise_first, to_rank0
 
@@ -145,8 +147,9 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
         collective(lay, f"every rank to start checkpoint {final.name}", dist.barrier, **SAVING)
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
-        shards = {"model": tied.drop_copy(run.cfg, run.stage.state_dict()),  # a tied weight once
-                  "optimizer": tied.drop_copy(run.cfg, optimizer_tensors(run.stage, run.optimizer))}
+        tie = registry.tied_weight(run.cfg)
+        shards = {"model": tied.drop_copy(tie, run.stage.state_dict()),  # a tied weight once
+                  "optimizer": tied.drop_copy(tie, optimizer_tensors(run.stage, run.optimizer))}
         for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
             with _write_failure_reported(root, tmp / file_name, lay):
@@ -303,12 +306,13 @@ def load_checkpoint(run, cursor, path: Path) -> int:
 def _read_stage_tensors(path: Path, state: dict, stage, cfg) -> tuple[dict, dict]:
     """This stage's weights and buffers, and the optimizer state of its parameters, under this
     stage's names (a tied head's copy is read from the tied weight's one stored name)."""
-    stored = {name: tied.stored_name(cfg, name) for name in stage.state_dict()}
+    tie = registry.tied_weight(cfg)
+    stored = {name: tied.stored_name(tie, name) for name in stage.state_dict()}
     shapes = {stored[name]: t.shape for name, t in stage.state_dict().items()}
     read = read_tensors(path, "model", read_index(path, "model", state), state, shapes)
     weights = {name: read[stored[name]] for name in stored}
     own = dict(stage.named_parameters())
-    param_of = {tied.stored_name(cfg, name): name for name in own}  # stored name -> this stage's
+    param_of = {tied.stored_name(tie, name): name for name in own}  # stored name -> this stage's
     optimizer_map = read_index(path, "optimizer", state)
     wanted = {}
     for name in optimizer_map:

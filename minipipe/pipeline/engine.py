@@ -74,7 +74,7 @@ class Engine:
     `chunk_input`, `run_chunk`, `loss`, `send_act`, `model_chunk`, `autocast`."""
 
     def __init__(self, stage, layout, *, spec: PipelineSpec, loss_sum, count_units, optimizer,
-                 layer_param_counts: list[int] | None = None):
+                 layer_param_counts: list[int] | None = None, tied_weight=None):
         self.stage, self.layout, self.spec, self.optimizer = stage, layout, spec, optimizer
         self.loss_sum, self.count_units = loss_sum, count_units
         # Slot of each of this stage's parameters in the whole model's parameter order
@@ -82,7 +82,8 @@ class Engine:
         counts = layer_param_counts or [len(list(layer.parameters())) for layer in stage.layers.values()]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.n_param_slots = sum(counts)
-        self.tied = TiedEmbedding(stage, layout, spec.timeout_s)  # a tied head's copy has no slot
+        # tied_weight: the model family's TiedWeight (or None); its copy has no slot
+        self.tied = TiedEmbedding(stage, layout, tied_weight, spec.timeout_s)
         counted = [(starts[i] + j, p) for i, layer in zip(stage.indices, stage.layers.values())
                    for j, p in enumerate(self.tied.counted(i, layer)) if p.requires_grad]
         self.norm_params = [p for _, p in counted]  # what the global gradient norm counts
