@@ -13,6 +13,7 @@ in minipipe.presets, schedules in minipipe.schedule.actions).
 import argparse
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_args, get_origin
@@ -134,6 +135,10 @@ def _field_type(f: dataclasses.Field):
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+# Settings that name a path: an empty one would mean "the current directory" or "unset" silently.
+PATH_FIELDS = ("data", "metrics_jsonl", "out_dir", "trace", "ckpt_dir", "resume", "init_from")
+# gloo counts a timeout in milliseconds in 32 bits (24.8 days); a week is already "never".
+TIMEOUT_RANGE_S = (0.01, 7 * 24 * 3600.0)
 
 
 def _check_types(values: dict) -> dict:
@@ -181,6 +186,13 @@ def _from_toml(path: str) -> dict:
             values = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file")
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a directory; give a .toml file")
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          f"save the file as UTF-8")
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"--config {path}: not valid TOML ({err})")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -248,6 +260,13 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{_flag(f.name)} must be a finite number (got {value})")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"{_flag(f.name)} holds a NUL character; give a plain value")
+        if f.name in PATH_FIELDS and isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{_flag(f.name)} is empty; give a path (an empty one is not "
+                              f"taken as unset: drop the flag to use the default)")
     positive = ["batch_size", "microbatches", "dp", "eval_batches", "log_every"]
     # model shape and cut: unset (None) until the preset or the data fills them
     positive += ["layers", "d_model", "heads", "max_seq_len", "vocab", "cells", "filters",
@@ -260,7 +279,7 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{_flag(name)} must be in [0, 1) (got {getattr(cfg, name)})")
     if cfg.balance is not None:
-        if not all(p.strip().isdigit() and int(p) >= 1 for p in cfg.balance.split(",")):
+        if not all(re.fullmatch(r"\s*[0-9]+\s*", p) and int(p) >= 1 for p in cfg.balance.split(",")):
             raise ConfigError(f"--balance {cfg.balance!r}: give a layer count >= 1 per stage, "
                               f"e.g. 3,3,2")
     if cfg.sample and cfg.model != "transformer":
@@ -284,8 +303,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.lr < 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:  # lr 0 keeps the weights (a round trip)
         raise ConfigError(f"need 0 <= --min-lr <= --lr (got lr={cfg.lr}, min-lr={cfg.min_lr})")
-    if cfg.timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 seconds (got {cfg.timeout})")
+    low, high = TIMEOUT_RANGE_S
+    if not low <= cfg.timeout <= high:
+        raise ConfigError(f"--timeout must be between {low:g} and {high:g} seconds (a week); got "
+                          f"{cfg.timeout:g}")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
         raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be below "
                           f"--steps {cfg.steps} (steps count from 0)")
@@ -294,7 +315,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
         if cfg.seq_len > cfg.max_seq_len:
             raise ConfigError(f"--seq-len {cfg.seq_len} is over the model's maximum {cfg.max_seq_len}; "
-                              f"lower --seq-len or raise --max-seq-len")
+                              f"lower --seq-len" + (" (the maximum is --init-from's n_positions)"
+                                                    if cfg.init_from else " or raise --max-seq-len"))
         if cfg.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":

@@ -247,3 +247,90 @@ def test_a_ckpt_dir_not_shared_by_every_rank_is_refused_before_training(tmp_path
         assert "cannot see the files that ranks [1] wrote" in outcome.message
         assert "filesystem every node shares" in outcome.message
     assert _tree(tmp_path) == {}  # no step saved, lock released, every probe removed
+
+
+# ---- an empty value is refused, never taken as "unset" or "here" -----------------------------
+@pytest.mark.parametrize("flag", ["--ckpt-dir", "--init-from", "--data", "--resume",
+                                  "--metrics-jsonl", "--trace", "--out-dir"])
+def test_an_empty_path_is_refused_by_name(cli, tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)  # where an empty path would have written
+    refused(cli(flag, ""), f"{flag} is empty", "give a path")
+    assert _tree(tmp_path) == {}
+
+
+def test_an_empty_minipipe_cache_is_refused_by_name(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINIPIPE_CACHE", "")
+    refused(cli("--data", "stdlib"), "MINIPIPE_CACHE is set but empty")
+    assert _tree(tmp_path) == {}
+
+
+# ---- data that would train wrong, or never end ---------------------------------------------------
+def test_a_truncated_corpus_cache_is_rebuilt_not_trained_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPIPE_CACHE", str(tmp_path))
+    train, val = (np.array(split) for split in data._stdlib_corpus())
+    cached = next(tmp_path.glob("stdlib-*.train.u8"))
+    with open(cached, "r+b") as fh:
+        fh.truncate(cached.stat().st_size // 2)
+    again, val_again = data._stdlib_corpus()
+    assert np.array_equal(again, train) and np.array_equal(val_again, val)
+
+
+def test_token_ids_beside_text_are_not_read_as_bytes(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("some text " * 100)
+    (np.arange(1000, dtype=np.uint16) % 256).tofile(corpus / "ids.bin")
+    refused(cli("--data", corpus), "holds token-id files (ids.bin)", "pass the .bin itself")
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "fifo.npz"])
+def test_a_device_or_a_fifo_is_refused_not_read_forever(cli, tmp_path, kind):
+    source = kind if kind.startswith("/") else tmp_path / kind
+    if not kind.startswith("/"):
+        os.mkfifo(source)
+    model = ["--model", "amoebanet", "--image-size", "8"] if kind.endswith(".npz") else []
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)  # a read that blocks fails the test instead of hanging the suite
+    try:
+        refused(cli(*model, "--data", source), "not a regular file or directory")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- flags and the launcher's environment --------------------------------------------------------
+@pytest.mark.parametrize("flags,needles", [
+    (["--timeout", "1e12"], ["--timeout must be between"]),
+    (["--timeout", "1e-9"], ["--timeout must be between"]),
+    (["--balance", "\u00b2,1", "--layers", "1"], ["--balance"]),  # superscript two: isdigit() says yes
+    (["--balance", "\uff12"], ["--balance"]),  # a full-width 2
+    (["--run-name", "a\0b"], ["--run-name holds a NUL character"]),
+])
+def test_extreme_and_exotic_flag_values(cli, flags, needles):
+    refused(cli(*flags), *needles)
+
+
+@pytest.mark.parametrize("content,needle", [(None, "is a directory"),
+                                            (b"steps = 2\n\xff\xfe\n", "not UTF-8")])
+def test_a_config_that_is_a_directory_or_not_utf8(cli, tmp_path, content, needle):
+    path = tmp_path / "run.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    refused(cli("--config", path), "--config", needle)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not an integer in 1.."),
+    ({"RANK": "-1"}, "RANK='-1' is not an integer"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not an integer in 1..65535"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 is not below WORLD_SIZE=2"),
+])
+def test_a_malformed_launcher_variable_is_refused_by_name(cli, monkeypatch, env, needle):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused(cli(), needle)
