@@ -334,3 +334,12 @@ def test_a_malformed_launcher_variable_is_refused_by_name(cli, monkeypatch, env,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     refused(cli(), needle)
+
+
+def test_the_advice_never_asks_for_what_the_user_already_passed(cli, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli("--ckpt-dir", ckpt, "--steps", 1)[0] == 0
+    (ckpt / "latest").unlink()  # (a copy without it, or a save that died before naming it)
+    line = refused(cli("--ckpt-dir", ckpt, "--resume", "auto"), "holds checkpoints of another run",
+                   f"--resume auto found no `latest` there: pass --resume {ckpt / 'step-000001'}")
+    assert "pass --resume auto" not in line

@@ -164,11 +164,14 @@ def _check_fresh_run(cfg, root: Path, resume_from: Path | None) -> None:
         return
     names = ", ".join(p.name for p in existing[-3:]) + (" ..." if len(existing) > 3 else "")
     start = "starts fresh" if resume_from is None else f"resumes from {resume_from}"
+    if cfg.resume == "auto":  # (it was passed, or is the default: no `latest` names a step there)
+        how = f"--resume auto found no `{LATEST}` there: pass --resume {existing[-1]}"
+    else:
+        how = "pass --resume auto (or one of its step directories)"
     raise CheckpointError(
         f"--ckpt-dir {root} holds checkpoints of another run ({names}) and this run {start} "
-        f"(--resume {cfg.resume}); to continue that run pass --resume auto (or a step directory), "
-        f"or use another --ckpt-dir, or pass --overwrite-ckpt to start over there (--keep may "
-        f"then delete the old checkpoints)")
+        f"(--resume {cfg.resume}); to continue that run {how}, or use another --ckpt-dir, or "
+        f"pass --overwrite-ckpt to start over there (--keep may then delete the old checkpoints)")
 
 
 def _check_resaved_steps(cfg, root: Path, resume_from: Path | None) -> None:

@@ -105,6 +105,7 @@ def apply_config(cfg) -> None:
     if cfg.model != "transformer":
         raise HFModelError(f"--init-from imports a GPT-2 Transformer; --model is {cfg.model!r}")
     config = read_config(cfg.init_from)
+    _check_sizes_are_the_weights(Path(cfg.init_from), config)
     wanted = {name: config[key] for name, key in SHAPE_KEYS.items()}
     wanted["tie_embeddings"] = config.get("tie_word_embeddings", True)  # GPT2Config's default
     keys = {**SHAPE_KEYS, "tie_embeddings": "tie_word_embeddings"}
@@ -115,6 +116,30 @@ def apply_config(cfg) -> None:
                                f"{cfg.init_from}: its {HF_CONFIG} has {keys[name]} = {value}; drop "
                                f"the flag (the shape comes from the imported model)")
         setattr(cfg, name, value)
+
+
+def _check_sizes_are_the_weights(directory: Path, config: dict) -> None:
+    """The config's sizes are its weights' own (read from the safetensors headers only): a
+    config.json claiming 1e9 layers or a width its tensors do not have is refused here, before a
+    model of that size is allocated."""
+    located = _file_names(directory, config["n_layer"])
+    last = config["n_layer"] - 1
+    claims = {"transformer.wte.weight": ("vocab_size x n_embd", ["vocab_size", "n_embd"]),
+              "transformer.wpe.weight": ("n_positions x n_embd", ["n_positions", "n_embd"]),
+              f"transformer.h.{last}.ln_1.weight": ("n_embd", ["n_embd"])}
+    for hf_name, (what, keys) in claims.items():
+        claimed = [config[key] for key in keys]
+        if hf_name not in located:
+            raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has n_layer = "
+                               f"{config['n_layer']}, but the weights hold no {hf_name}: the config "
+                               f"does not describe these weights")
+        file, stored = located[hf_name]
+        with _opened(directory, file) as weights:
+            held = list(weights.get_slice(stored).get_shape()) if stored in weights.keys() else None  # noqa: SIM118
+        if held != claimed:
+            raise HFModelError(f"--init-from {directory}: {HF_CONFIG} says {what} = {claimed}, but "
+                               f"{hf_name} in {file.name} is {held}: the config does not describe "
+                               f"these weights")
 
 
 def export_config(cfg) -> dict:
@@ -156,7 +181,7 @@ def _file(directory: Path, name: str, named_by: str = "") -> Path:
     return path
 
 
-def _file_names(directory: Path, cfg) -> dict:
+def _file_names(directory: Path, n_layer: int) -> dict:
     """Canonical GPT-2 name -> (file, name in the file), from the index or the single file. Every
     file named must lie inside the directory; a block beyond the config's n_layer is refused
     (its weights would be dropped without a word)."""
@@ -177,9 +202,9 @@ def _file_names(directory: Path, cfg) -> dict:
                            f"(only safetensors weights are read, never pickles)")
     located = {_canonical(name): where for name, where in located.items() if not name.endswith(MASK_BUFFERS)}
     blocks = [int(m.group(1)) for m in map(BLOCK_NAME.match, located) if m]
-    if blocks and max(blocks) >= cfg.layers:
+    if blocks and max(blocks) >= n_layer:
         raise HFModelError(f"--init-from {directory}: the weights hold block transformer.h."
-                           f"{max(blocks)}, but {HF_CONFIG} has n_layer = {cfg.layers}: the config "
+                           f"{max(blocks)}, but {HF_CONFIG} has n_layer = {n_layer}: the config "
                            f"does not describe these weights; fix n_layer")
     return located
 
@@ -198,7 +223,7 @@ def read_stage_weights(directory, cfg, shapes: dict) -> dict:
     """The tensors of one stage (`shapes`: its global parameter names -> shapes), in minipipe's
     names and layouts. Every name, shape and dtype is checked before any tensor is read."""
     directory = Path(directory)
-    located = _file_names(directory, cfg)
+    located = _file_names(directory, cfg.layers)
     plan = {}
     for index in sorted({int(name.split(".")[1]) for name in shapes}):
         for name, (hf_name, transposed) in layer_names(cfg, index).items():
