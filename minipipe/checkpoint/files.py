@@ -152,8 +152,8 @@ TORCH_RNG_BYTES = torch.get_rng_state().numel()
 def _rng_state_ok(saved) -> bool:
     """One rank's RNG record: base64 of a CPU generator state of the right size (a short one
     aborts the process in torch.set_rng_state), and a CUDA one or null."""
-    if not (isinstance(saved, dict) and isinstance(saved.get("torch"), str)
-            and (saved.get("cuda") is None or isinstance(saved.get("cuda"), str))):
+    if not (isinstance(saved, dict) and isinstance(saved.get("torch"), str) and "cuda" in saved
+            and (saved["cuda"] is None or isinstance(saved["cuda"], str))):
         return False
     try:
         if len(base64.b64decode(saved["torch"], validate=True)) != TORCH_RNG_BYTES:
