@@ -123,16 +123,18 @@ def _check_sizes_are_the_weights(directory: Path, config: dict) -> None:
     config.json claiming 1e9 layers or a width its tensors do not have is refused here, before a
     model of that size is allocated."""
     located = _file_names(directory, config["n_layer"])
-    last = config["n_layer"] - 1
+    last_block = f"transformer.h.{config['n_layer'] - 1}.ln_1.weight"
+    if last_block not in located:  # (by name: a stage opens only the files of its own layers)
+        raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has n_layer = {config['n_layer']}, "
+                           f"but the weights hold no {last_block}: the config does not describe "
+                           f"these weights")
     claims = {"transformer.wte.weight": ("vocab_size x n_embd", ["vocab_size", "n_embd"]),
-              "transformer.wpe.weight": ("n_positions x n_embd", ["n_positions", "n_embd"]),
-              f"transformer.h.{last}.ln_1.weight": ("n_embd", ["n_embd"])}
+              "transformer.wpe.weight": ("n_positions x n_embd", ["n_positions", "n_embd"])}
     for hf_name, (what, keys) in claims.items():
         claimed = [config[key] for key in keys]
         if hf_name not in located:
-            raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has n_layer = "
-                               f"{config['n_layer']}, but the weights hold no {hf_name}: the config "
-                               f"does not describe these weights")
+            raise HFModelError(f"--init-from {directory}: tensor {hf_name} is missing; the weights "
+                               f"do not match {HF_CONFIG}")
         file, stored = located[hf_name]
         with _opened(directory, file) as weights:
             held = list(weights.get_slice(stored).get_shape()) if stored in weights.keys() else None  # noqa: SIM118
@@ -213,6 +215,8 @@ def _opened(directory: Path, file: Path):
     """safe_open, with a file that is not safetensors named as such."""
     try:
         return safe_open(file, framework="pt")
+    except FileNotFoundError:
+        raise HFModelError(f"--init-from {directory}: {file.name} (named by {HF_INDEX}) is missing") from None
     except SafetensorError as err:
         raise HFModelError(f"--init-from {directory}: {file.name} is not a readable safetensors "
                            f"file ({err})") from None
