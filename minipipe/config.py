@@ -137,6 +137,7 @@ def _field_type(f: dataclasses.Field):
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 # Settings that name a path: an empty one would mean "the current directory" or "unset" silently.
 PATH_FIELDS = ("data", "metrics_jsonl", "out_dir", "trace", "ckpt_dir", "resume", "init_from")
+MAX_LAYERS = 100_000  # --layers / --cells: far past any model that fits a machine
 # gloo counts a timeout in milliseconds in 32 bits (24.8 days); a week is already "never".
 TIMEOUT_RANGE_S = (0.01, 7 * 24 * 3600.0)
 
@@ -275,6 +276,10 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1 (got {value})")
+    for name in ("layers", "cells"):  # the model is a list of layers: a billion never gets built
+        if (getattr(cfg, name) or 0) > MAX_LAYERS:
+            raise ConfigError(f"{_flag(name)} {getattr(cfg, name)} is over {MAX_LAYERS}: no model "
+                              f"that large can be built; give a smaller count")
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{_flag(name)} must be in [0, 1) (got {getattr(cfg, name)})")

@@ -343,3 +343,23 @@ def test_the_advice_never_asks_for_what_the_user_already_passed(cli, tmp_path):
     line = refused(cli("--ckpt-dir", ckpt, "--resume", "auto"), "holds checkpoints of another run",
                    f"--resume auto found no `latest` there: pass --resume {ckpt / 'step-000001'}")
     assert "pass --resume auto" not in line
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-seq-len", "1000000000", "--seq-len", "8"], "GiB, more than the"),
+    (["--d-model", "100000", "--heads", "2"], "GiB, more than the"),
+    (["--vocab", "4000000000000"], "GiB, more than the"),
+    (["--d-model", "2000000000", "--heads", "2"], "has a weight too large to size"),
+    (["--layers", "1000000000"], "--layers 1000000000 is over 100000"),
+])
+def test_a_size_no_machine_holds_is_refused_before_anything_is_allocated(cli, flags, needle):
+    refused(cli(*flags), needle, "smaller")
+
+
+def test_a_label_of_a_billion_is_refused_before_anything_is_allocated(cli, tmp_path):
+    images = np.zeros((40, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(40) % 3
+    labels[5] = 10**9
+    source = _npz(tmp_path / "images.npz", x=images, y=labels)
+    refused(cli("--model", "amoebanet", "--image-size", "8", "--data", source),
+            "--classes 1000000001", "GiB, more than the")
