@@ -38,6 +38,7 @@ from minipipe.checkpoint.files import (
     TRAINER_STATE,
     WRITTEN_FILE,
     checkpoint_path,
+    file_inside,
     read_trainer_state,
 )
 from minipipe.errors import CheckpointError, describe_comm_failure
@@ -58,8 +59,8 @@ def holds_only_checkpoint_files(path: Path) -> bool:
     """The step directory holds nothing but the files its trainer_state.json records: safe to
     delete whole. Anything else (a user's notes, an unreadable state) keeps it from pruning."""
     try:
-        recorded = set(json.loads((path / TRAINER_STATE).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = set(json.loads(file_inside(path, TRAINER_STATE).read_bytes())["files"])
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return False
     return all(p.is_file() and p.name in recorded | {TRAINER_STATE} for p in path.iterdir())
 

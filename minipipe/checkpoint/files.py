@@ -68,7 +68,8 @@ def checkpoint_path(path) -> Path:
     """A step directory as given, or the one a checkpoint directory's `latest` names."""
     path = Path(path)
     if (path / LATEST).is_file():
-        name = (path / LATEST).read_text(errors="replace").strip()
+        with open(file_inside(path, LATEST), "rb") as fh:  # a step name: a few bytes, never more
+            name = fh.read(256).decode(errors="replace").strip()
         if not STEP_DIR.match(name):
             raise CheckpointError(f"{path / LATEST} names {name[:80]!r}, not a step-N directory: "
                                   f"the file is corrupt; pass a step directory (--resume PATH)")
