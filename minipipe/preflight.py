@@ -1,9 +1,10 @@
 """Start-up checks of what lies outside the config: environment variables and output paths.
 
 `check_before_work(cfg)` runs on every rank before the process group starts (train.py), so a bad
-launcher variable (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT), WANDB_MODE or an unwritable --out-dir, --metrics-jsonl, --trace or MINIPIPE_CACHE stops every
-rank at once with the path and the fix, instead of an OSError at the first write (for --trace,
-at the traced step). Each directory is created if needed and proven writable with a probe file
+launcher variable (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT), WANDB_MODE or an unwritable
+--out-dir, --metrics-jsonl, --trace or MINIPIPE_CACHE stops every rank at once with the path and
+the fix, instead of a ValueError at start-up or an OSError at the first write (for --trace, at
+the traced step). Each directory is created if needed and proven writable with a probe file
 that is removed again; nothing else is written. The checkpoint directory has its own claim
 (checkpoint_dir.py), made once the ranks can agree.
 """

@@ -156,6 +156,7 @@ def test_an_init_from_directory_cannot_point_a_read_outside_itself(cli_importing
     ("files", {SHARD: {"sha256": "0" * 63, "bytes": 1}}, "must be an object {\"sha256\""),
     ("files", {"../x": {"sha256": "0" * 64, "bytes": 1}}, "a files entry must be a plain file name"),
     ("loss_scale", [float("inf"), 0], "loss_scale must be"),
+    ("balance", [2, 0], "balance must be a list of layer counts >= 1"),
 ])
 def test_every_trainer_state_field_is_checked_by_type_and_range(cli, saved, tmp_path, field, value, needle):
     step = tmp_path / "step-000002"

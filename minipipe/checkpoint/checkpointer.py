@@ -344,7 +344,8 @@ def _read_stage_tensors(path: Path, state: dict, stage, cfg) -> tuple[dict, dict
     wanted = {}
     for name in optimizer_map:
         param_name, _, key = name.rpartition(".")
-        if param_name in param_of and key in ("step", "exp_avg", "exp_avg_sq"):  # AdamW: a scalar step, moments shaped like the parameter
+        # AdamW: a scalar step, moments shaped like the parameter; any other key is not read
+        if param_name in param_of and key in ("step", "exp_avg", "exp_avg_sq"):
             wanted[name] = () if key == "step" else own[param_of[param_name]].shape
     optimizer_state = {}
     for name, value in read_tensors(path, "optimizer", optimizer_map, state, wanted).items():

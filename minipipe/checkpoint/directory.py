@@ -180,7 +180,8 @@ def _check_resaved_steps(cfg, root: Path, resume_from: Path | None) -> None:
     holding only its own files. Refused before the first step, not after training up to it."""
     start = 0
     if resume_from is not None and resume_from.resolve().parent == root.resolve():
-        start = int(STEP_DIR.match(resume_from.name).group(1))
+        named = STEP_DIR.match(resume_from.name)  # (a step directory the user renamed: from 0)
+        start = int(named.group(1)) if named else 0
     in_the_way = [p.name for p in sorted(root.iterdir())
                   if STEP_DIR.match(p.name) and p.name == f"step-{int(p.name[5:]):06d}"
                   and start < int(p.name[5:]) <= cfg.steps

@@ -124,6 +124,9 @@ def check_trainer_state(state, file: Path) -> None:
     scale = state.get("loss_scale", [1.0, 0])
     need(isinstance(scale, list) and len(scale) == 2 and _number(scale[0]) and scale[0] > 0
          and _count(scale[1]), "loss_scale", "[a finite scale > 0, steps >= 0]", scale)
+    balance = state.get("balance", [1])
+    need(isinstance(balance, list) and balance and all(_count(n) and n >= 1 for n in balance),
+         "balance", "a list of layer counts >= 1", balance)
     rng = state["rng"]
     need(isinstance(rng, list) and len(rng) == world["stages"] * world["dp"]
          and all(_rng_state_ok(r) for r in rng), "rng",
