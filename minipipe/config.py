@@ -13,6 +13,7 @@ in minipipe.presets, schedules in minipipe.schedule.actions).
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _from_toml(path: str) -> dict:
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ConfigError(f"--config {path} is not a regular file (a device or a pipe would be "
+                          f"read forever); give a .toml file")
     try:
         with open(path, "rb") as fh:
             values = tomllib.load(fh)

@@ -312,11 +312,14 @@ def test_extreme_and_exotic_flag_values(cli, flags, needles):
 
 
 @pytest.mark.parametrize("content,needle", [(None, "is a directory"),
-                                            (b"steps = 2\n\xff\xfe\n", "not UTF-8")])
-def test_a_config_that_is_a_directory_or_not_utf8(cli, tmp_path, content, needle):
+                                            (b"steps = 2\n\xff\xfe\n", "not UTF-8"),
+                                            ("/dev/zero", "is not a regular file")])
+def test_a_config_that_is_a_directory_a_device_or_not_utf8(cli, tmp_path, content, needle):
     path = tmp_path / "run.toml"
     if content is None:
         path.mkdir()
+    elif content == "/dev/zero":
+        path = content
     else:
         path.write_bytes(content)
     refused(cli("--config", path), "--config", needle)
