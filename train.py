@@ -19,6 +19,7 @@ from minipipe.checkpoint.checkpointer import Checkpointer
 from minipipe.checkpoint.hf_gpt2 import load_into_stage
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
+from minipipe.dist import stop_with_launcher
 from minipipe.errors import ConfigError, MinipipeError
 from minipipe.models import registry
 from minipipe.pipeline.optim import lr_at
@@ -44,6 +45,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     """Train up to cfg.steps (from a checkpoint's next step when resuming); returns {"losses",
     "val_losses", "sample"} of the steps run here (the same on every rank)."""
     check_before_work(cfg)  # environment and output paths, on every rank, before any wait
+    stop_with_launcher()  # a worker does not outlive a killed torchrun
     # Tracking starts before any rank waits on another: a slow wandb server delays rank 0 in the
     # rendezvous (bounded by --timeout), never in the middle of a step the other ranks wait on.
     logger = logger or make_logger(cfg, int(os.environ.get("RANK", "0")))
@@ -134,9 +136,10 @@ def main(argv=None) -> int:
         train(cfg)
     except MinipipeError as err:
         # Before the process group starts, the launcher's RANK says which process this is.
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        where = f"(rank {rank}) " if world > 1 else ""
+        # (As text: a malformed one is what the error may be about.)
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")[:20]
+        world = dist.get_world_size() if dist.is_initialized() else os.environ.get("WORLD_SIZE", "1")
+        where = f"(rank {rank}) " if str(world).strip() not in ("", "0", "1") else ""
         print(f"minipipe error: {where}{err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one without --ckpt-dir: stop, no traceback

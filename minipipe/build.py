@@ -19,9 +19,11 @@ from minipipe.models import registry
 from minipipe.pipeline.collectives import from_rank0
 from minipipe.pipeline.engine import Engine
 from minipipe.pipeline.optim import build_optimizer
-from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
+from minipipe.pipeline.spec import PARAM_DTYPES, PipelineSpec, pipeline_spec
 from minipipe.pipeline.stage import Stage
 from minipipe.pipeline.warmup import warm_up
+
+STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq (minipipe.plan counts the same)
 
 
 @dataclass
@@ -68,6 +70,7 @@ def build_run(cfg: Config) -> Run:
         backend = ops.resolve_backend(cfg.kernels, layout.device)
     except ValueError as err:  # the kernels know nothing of the trainer's error types
         raise ConfigError(f"--kernels {cfg.kernels}: {err}") from None
+    check_model_fits(cfg, n_stages, layout.device)  # before a cut by time builds any layer
     balance, costs, cost_kind = _choose_balance(cfg, spec, layout, dataset, backend, n_layers)
     chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
     indices = [i for chunk in chunks for i in chunk]
@@ -79,6 +82,38 @@ def build_run(cfg: Config) -> Run:
                     layer_param_counts=[len(n) for n in layer_param_numels(cfg)],
                     tied_weight=registry.tied_weight(cfg))
     return Run(cfg, spec, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
+
+
+def check_model_fits(cfg, n_stages: int, device: torch.device) -> None:
+    """The planner's first number, counted on the meta device before anything is allocated: the
+    least any cut leaves on one stage (a 1/K share of the parameters, and at least the largest
+    layer) needs weights, gradients and AdamW moments that fit in the device's whole memory. A
+    size no machine holds (a 1e9 sequence length, a 2e9 width, 1e9 classes) is refused by name
+    here, on every rank alike, not by the allocator or the out-of-memory killer. Activations come
+    on top: python -m minipipe.plan counts them."""
+    shape = ", ".join(f"{_flag(name)} {getattr(cfg, name)}" for name in
+                      ("layers", "d_model", "max_seq_len", "vocab", "cells", "filters", "classes")
+                      if getattr(cfg, name) is not None)
+    fix = "choose a smaller model, or more --stages (python -m minipipe.plan shows what fits)"
+    try:
+        counts = count_layer_params(cfg, n_stages)
+    except RuntimeError as err:  # a tensor of over 2**63 elements cannot even be sized
+        raise ConfigError(f"the model ({shape}) has a weight too large to size "
+                          f"({str(err).splitlines()[0]}); {fix}") from None
+    params = max(-(-sum(counts) // n_stages), max(counts))
+    needed = STATE_COPIES * PARAM_DTYPES[cfg.dtype].itemsize * params
+    if device.type == "cuda":
+        memory, where = torch.cuda.mem_get_info(device)[1], f"{device}"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's RAM"
+    if needed > memory:
+        raise ConfigError(f"a stage would hold {params:,} parameters or more ({shape}): weights, "
+                          f"gradients and AdamW's moments need {needed / 2**30:,.1f} GiB, more "
+                          f"than the {memory / 2**30:,.1f} GiB of {where}; {fix}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def allow_tf32() -> None:

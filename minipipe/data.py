@@ -156,20 +156,29 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
 
 
 def cache_dir() -> Path:
-    """Where the stdlib corpus is cached: $MINIPIPE_CACHE, else ~/.cache/minipipe."""
-    return Path(os.environ.get("MINIPIPE_CACHE", Path.home() / ".cache" / "minipipe"))
+    """Where the stdlib corpus is cached: $MINIPIPE_CACHE, else ~/.cache/minipipe. Set but empty
+    is refused: Path("") is the current directory, which would fill with corpus files."""
+    value = os.environ.get("MINIPIPE_CACHE")
+    if value is not None and not value.strip():
+        raise DataError("MINIPIPE_CACHE is set but empty; unset it (the cache is then "
+                        "~/.cache/minipipe) or name a directory")
+    return Path(value) if value is not None else Path.home() / ".cache" / "minipipe"
 
 
 def _stdlib_corpus():
     """Bytes of every stdlib .py file, sorted by path; every VAL_EVERY-th file is validation."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p in files)
+    sizes = {p: p.stat().st_size for p in files}
+    listing = "\n".join(f"{p.relative_to(root)}:{size}" for p, size in sizes.items())
     key = hashlib.sha256(listing.encode()).hexdigest()[:16]
     paths = {split: cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
-    if not all(p.exists() for p in paths.values()):
-        for split, chosen in (("train", [f for i, f in enumerate(files) if i % VAL_EVERY]),
-                              ("val", files[::VAL_EVERY])):
+    chosen_by_split = {"train": [f for i, f in enumerate(files) if i % VAL_EVERY],
+                       "val": files[::VAL_EVERY]}
+    # A cache file of another size (truncated by a full disk, or edited) is rebuilt, not read.
+    if not all(p.is_file() and p.stat().st_size == sum(sizes[f] for f in chosen_by_split[s])
+               for s, p in paths.items()):
+        for split, chosen in chosen_by_split.items():
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
             try:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +210,7 @@ def _token_files(path: Path, vocab):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
+    _regular_file_or_directory(path)
     if path.is_dir() and {"train.bin", "val.bin"} & {p.name for p in path.iterdir()}:
         splits = {s: path / f"{s}.bin" for s in ("train", "val")}
         absent = [str(p) for p in splits.values() if not p.is_file()]
@@ -214,6 +224,11 @@ def _token_files(path: Path, vocab):
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
         return tokens[:split], tokens[split:], vocab
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    token_files = [p for p in files if p.suffix == ".bin"]
+    if path.is_dir() and token_files:  # uint16 ids read as bytes would train on garbage
+        raise DataError(f"--data {path}: holds token-id files ({token_files[0].name}) among the "
+                        f"files it would read as text; pass the .bin itself, a directory holding "
+                        f"train.bin and val.bin, or a directory of text only")
     if len(files) >= VAL_EVERY:
         parts = ([f for i, f in enumerate(files) if i % VAL_EVERY], files[::VAL_EVERY])
         train, val = (np.frombuffer(b"".join(f.read_bytes() for f in fs), dtype=np.uint8) for fs in parts)
@@ -224,6 +239,13 @@ def _token_files(path: Path, vocab):
     if len(train) == 0:
         raise DataError(f"--data {path}: no bytes to train on (empty file or directory)")
     return train, val, 256
+
+
+def _regular_file_or_directory(path: Path) -> None:
+    """A device (/dev/zero) or a FIFO would be read until memory runs out, or block forever."""
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"--data {path}: not a regular file or directory (a device, pipe or "
+                        f"socket is never read); pass a file or directory")
 
 
 def _read_bin(path: Path, vocab) -> np.ndarray:
@@ -290,6 +312,7 @@ def _synthetic_images(classes: int, channels: int, size: int, n: int = 2048):
 def _npz(path: Path):
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
+    _regular_file_or_directory(path)
     layout = "arrays x (N, C, H, W) of numbers and y (N,) of integer class ids"
     if not zipfile.is_zipfile(path):
         raise DataError(f"--data {path}: not an .npz (zip) archive; save {layout} with np.savez")

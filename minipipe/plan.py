@@ -41,15 +41,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from minipipe import partition
+from minipipe.build import STATE_COPIES
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
-from minipipe.models import registry
 from minipipe.layers import tied_numel
+from minipipe.models import registry
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
 from minipipe.pipeline.values import as_tuple
 from minipipe.schedule.actions import Kind, bubble_fraction, train_actions
 
-STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
 UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _TRACES: dict = {}  # (previous layer, layer, input) signature -> traced numbers; layers repeat

@@ -11,11 +11,11 @@ from torch import nn
 from minipipe import build
 from minipipe.config import make_config
 from minipipe.data import load_settled
-from minipipe.pipeline.spec import pipeline_spec
 from minipipe.errors import ConfigError
 from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.partition import balance_by_cost, check_balance, format_cut, profile_costs, stage_ranges
+from minipipe.pipeline.spec import pipeline_spec
 
 
 def max_stage_cost(costs, balance):

@@ -22,7 +22,6 @@ Invariants:
 import base64
 import json
 import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from minipipe.checkpoint.directory import (
     claim_checkpoint_dir,
     holds_only_checkpoint_files,
     is_checkpoint,
+    remove_written,
 )
 from minipipe.checkpoint.files import (
     FORMAT_VERSION,
@@ -140,11 +140,15 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     lay, root = run.layout, Path(run.cfg.ckpt_dir)
     final = root / f"step-{step + 1:06d}"
     tmp = root / f".tmp-{final.name}"
+    problem = None
     if lay.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed at this step
-        tmp.mkdir(parents=True)
-    if lay.world_size > 1:
-        collective(lay, f"every rank to start checkpoint {final.name}", dist.barrier, **SAVING)
+        try:
+            _start_directory(tmp)
+        except CheckpointError as err:
+            problem = str(err)
+    problem = from_rank0(lay, [problem], f"every rank to start checkpoint {final.name}", **SAVING)[0]
+    if problem:
+        raise CheckpointError(problem)
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
         tie = registry.tied_weight(run.cfg)
@@ -242,21 +246,43 @@ def _write_failure_reported(root: Path, path: Path, lay):
                               f"disk space (or fix --ckpt-dir) and resume with --resume auto") from err
 
 
+def _start_directory(tmp: Path) -> None:
+    """An empty `.tmp-step-N`: what a save killed at this step left there is removed first."""
+    if not remove_written(tmp):
+        raise CheckpointError(f"cannot save into {tmp}: it holds files minipipe did not write; "
+                              f"move them out and resume with --resume auto")
+    tmp.mkdir(parents=True)
+
+
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    if final.exists() and not is_checkpoint(final):
-        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that is "
-                              f"not a checkpoint is in the way; move it and resume (the step is "
-                              f"saved under {tmp})")
+    """Rename the complete step into place, then point `latest` at it. A step saved before (a
+    resume from an earlier step) stays until the new one is in place, then only its own files go."""
+    if (final.exists() or final.is_symlink()) and not (is_checkpoint(final)
+                                                       and holds_only_checkpoint_files(final)):
+        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that "
+                              f"holds files minipipe did not write is in the way; move it and "
+                              f"resume (the step is saved under {tmp})")
+    stale = root / f".old-{final.name}"
     if final.exists():  # this step was saved by an earlier run in the same directory
-        stale = root / f".old-{final.name}"
-        shutil.rmtree(stale, ignore_errors=True)
+        if not remove_written(stale):
+            raise CheckpointError(f"cannot publish {final}: {stale} holds files minipipe did not "
+                                  f"write; move it and resume (the step is saved under {tmp})")
         final.rename(stale)
     tmp.rename(final)
     pointer = root / f"{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    _fsync(pointer)
-    os.replace(pointer, root / LATEST)
-    _fsync(root)
+    try:
+        pointer.write_text(final.name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        _fsync(root)
+    except OSError as err:  # disk or inodes full: `latest` still names the previous step
+        pointer.unlink(missing_ok=True)
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"saving {root / LATEST} failed ({err}); {final} is complete but `{LATEST}` still "
+            f"names {previous or 'no step'}; free disk space (or inodes) and resume with "
+            f"--resume {final}") from err
+    remove_written(stale)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -264,8 +290,7 @@ def _prune(root: Path, keep: int) -> None:
     of killed saves. Only checkpoints count (is_checkpoint): a user's `step-7/notes.txt` or a file
     named `step-1` is neither counted nor touched."""
     for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_written(leftover)
     if not keep:
         return
     latest = (root / LATEST).read_text().strip()
@@ -273,7 +298,7 @@ def _prune(root: Path, keep: int) -> None:
                     key=lambda p: int(STEP_DIR.match(p.name).group(1)))
     for old in others[:max(len(others) - (keep - 1), 0)]:
         if holds_only_checkpoint_files(old):
-            shutil.rmtree(old)
+            remove_written(old)
         else:
             print(f"note: --keep {keep} leaves {old} in place: it holds files that are not part of "
                   f"the checkpoint", file=sys.stderr, flush=True)
@@ -316,8 +341,9 @@ def _read_stage_tensors(path: Path, state: dict, stage, cfg) -> tuple[dict, dict
     optimizer_map = read_index(path, "optimizer", state)
     wanted = {}
     for name in optimizer_map:
-        param_name, key = name.rsplit(".", 1)
-        if param_name in param_of:  # AdamW: a scalar step, moments shaped like the parameter
+        param_name, _, key = name.rpartition(".")
+        # AdamW: a scalar step, moments shaped like the parameter; any other key is not read
+        if param_name in param_of and key in ("step", "exp_avg", "exp_avg_sq"):
             wanted[name] = () if key == "step" else own[param_of[param_name]].shape
     optimizer_state = {}
     for name, value in read_tensors(path, "optimizer", optimizer_map, state, wanted).items():
