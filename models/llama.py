@@ -51,9 +51,8 @@ def rotary_cos_sin(n_positions: int, head_dim: int, theta: float, like: torch.Te
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, d_model: int, dropout: float, tied: bool = False):
+    def __init__(self, vocab: int, d_model: int, dropout: float):
         super().__init__()
-        self.tied = tied  # tokens.weight is also the Head's proj.weight (minipipe/pipeline/tied.py)
         self.tokens = nn.Embedding(vocab, d_model)
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.tokens.weight, std=0.02)
@@ -98,9 +97,8 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, d_model: int, vocab: int, eps: float, backend: str, tied: bool = False):
+    def __init__(self, d_model: int, vocab: int, eps: float, backend: str):
         super().__init__()
-        self.tied = tied
         self.norm = RMSNorm(d_model, eps, backend)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         transformer._init_linear(self.proj, 0.02)
@@ -113,10 +111,9 @@ class Head(nn.Module):
 
 
 def layer_factories(cfg, backend: str):
-    tied = bool(cfg.tie_embeddings)
-    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.dropout, tied)]
+    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.dropout)]
             + [lambda: Block(cfg, backend)] * cfg.layers
-            + [lambda: Head(cfg.d_model, cfg.vocab, cfg.norm_eps, backend, tied)])
+            + [lambda: Head(cfg.d_model, cfg.vocab, cfg.norm_eps, backend)])
 
 
 FAMILY = Family(
@@ -129,4 +126,5 @@ FAMILY = Family(
     targets_shape=lambda cfg, rows: (rows, cfg.seq_len),
     planning_defaults=lambda cfg: {"vocab": cfg.vocab or 256},  # the byte-level default data
     describe=lambda cfg: (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads "
-                          f"({cfg.kv_heads} kv), ffn {cfg.ffn_dim}, seq {cfg.seq_len}"))
+                          f"({cfg.kv_heads} kv), ffn {cfg.ffn_dim}, seq {cfg.seq_len}"),
+    tied_weight=transformer.tied_weight)  # --tie-embeddings: the Head's proj.weight is tokens.weight

@@ -181,3 +181,61 @@ def test_flags_that_contradict_the_import_and_other_families_are_refused(models)
         make_config(init_from=str(models["untied"]))
     with pytest.raises(HFModelError, match="--model is 'amoebanet'"):
         make_config(model="amoebanet", init_from=str(models["untied"]))
+
+
+# ---- the hostile-input checks of hf_format apply to the Llama reader too ----------------------
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_hidden_layers=True), "num_hidden_layers = True"),
+    (lambda c: c.update(hidden_size="32"), "hidden_size = '32'"),
+    (lambda c: c.update(intermediate_size=10**9), "intermediate_size an integer in 1.."),
+    (lambda c: c.pop("vocab_size"), "vocab_size set"),
+    (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads an integer dividing"),
+    (lambda c: c.update(num_key_value_heads=True), "num_key_value_heads = True"),
+    (lambda c: c.update(rms_norm_eps="1e-5"), "rms_norm_eps = '1e-5'"),
+    (lambda c: c.update(rope_theta=-1.0, rope_parameters=None), "rope_theta a finite number > 0"),
+    (lambda c: c.update(rope_parameters=[1]), "rope_parameters an object or null"),
+    (lambda c: c.update(mlp_bias=0), "mlp_bias = false only"),
+    (lambda c: c.update(layer_types="full_attention"), "layer_types = 'full_attention'"),
+    (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings true or false"),
+    (lambda c: c.update(vocab_size=301), r"vocab_size x hidden_size = \[301, 32\], but model.embed_tokens"),
+    (lambda c: c.update(num_hidden_layers=10**6), "the weights hold no model.layers.999999.input_layernorm"),
+    (lambda c: c.update(num_hidden_layers=2), "the weights hold block model.layers.2, but config.json has "
+                                              "num_hidden_layers = 2"),
+])
+def test_every_llama_config_field_is_checked_by_type_and_range(models, tmp_path, edit, message):
+    bad = _edited_copy(models["untied"], tmp_path / "bad", edit)
+    with pytest.raises(HFModelError, match=message):
+        make_config(model="llama", init_from=bad)
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "config symlinked out"])
+def test_a_llama_directory_cannot_point_a_read_outside_itself(models, tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    directory = tmp_path / "hf"
+    shutil.copytree(models["untied"], directory)
+    if case == "config symlinked out":
+        shutil.move(directory / "config.json", outside / "config.json")
+        (directory / "config.json").symlink_to(outside / "config.json")
+    else:
+        names = load_file(directory / "model.safetensors")
+        weight_map = {name: "model.safetensors" for name in names}
+        weight_map["model.embed_tokens.weight"] = (str(outside / "x.safetensors") if case == "absolute"
+                                                   else "../outside/x.safetensors")
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(HFModelError, match="lies outside"):
+        make_config(model="llama", init_from=str(directory))
+
+
+def test_nan_in_llama_weights_is_refused_as_corrupt(models, tmp_path):
+    from safetensors.torch import save_file
+    directory = tmp_path / "hf"
+    shutil.copytree(models["untied"], directory)
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    cfg = make_config(model="llama", init_from=str(directory))
+    layers = build_layers(cfg, [2])
+    shapes = {f"layers.2.{n}": p.shape for n, p in layers[2].named_parameters()}
+    with pytest.raises(HFModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN or infinite"):
+        read_stage_weights(directory, cfg, shapes)

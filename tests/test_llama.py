@@ -12,6 +12,7 @@ from minipipe.config import make_config
 from minipipe.errors import ConfigError
 from minipipe.layers import build_layers, count_layer_params
 from minipipe.models import registry
+from minipipe.pipeline.spec import pipeline_spec
 from minipipe.plan import model_flops_per_unit
 
 SHAPE = dict(model="llama", layers=3, d_model=48, heads=6, kv_heads=2, ffn_dim=80, max_seq_len=16,
@@ -55,7 +56,7 @@ def test_flops_per_token_count_gqa_and_swiglu(kv_heads):
     only kv_heads wide) plus, per layer, q k^T and p v over all T positions of every query head."""
     cfg = make_config(**dict(SHAPE, kv_heads=kv_heads), batch_size=4, microbatches=2)
     attention = cfg.layers * 2 * 2 * cfg.seq_len * cfg.d_model
-    assert model_flops_per_unit(cfg) == 3 * (2 * matmul_params(cfg) + attention)
+    assert model_flops_per_unit(cfg, spec=pipeline_spec(cfg, 1)) == 3 * (2 * matmul_params(cfg) + attention)
 
 
 def plain_llama_block(block, x):

@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 <-> minipipe's Transformer: the config, and every tensor's name and layout,
-both ways: a converter for minipipe/checkpoint/hf_format.py, which reads and writes the files.
+both ways: a converter for minipipe/checkpoint/hf_format.py, which reads and writes the files
+(and checks them: containment, the config's types and ranges, sizes, dtypes, finite values).
 
     import:  train.py --init-from DIR      (--model transformer, the default)
     export:  python -m minipipe.export CKPT OUT --format hf
@@ -15,11 +16,11 @@ weight as (in, out), the transpose of nn.Linear's):
 Files without the `transformer.` prefix (the original hub checkpoints) read the same; GPT-2's
 causal-mask buffers (`attn.bias`, `attn.masked_bias`) are not weights and are skipped.
 """
-from minipipe.errors import HFModelError
+import json
 
-HF_CONFIG = "config.json"
+NAME = "GPT-2"
 MODEL_TYPES = ("gpt2",)
-# minipipe shape field -> GPT-2 config key
+# minipipe shape field -> GPT-2 config key (all required)
 SHAPE_KEYS = {"layers": "n_layer", "d_model": "n_embd", "heads": "n_head",
               "max_seq_len": "n_positions", "vocab": "vocab_size"}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(...)), as minipipe's
@@ -33,29 +34,39 @@ BLOCK = {  # Block parameter -> (GPT-2 name under transformer.h.{b}., stored tra
     "mlp_proj.weight": ("mlp.c_proj.weight", True), "mlp_proj.bias": ("mlp.c_proj.bias", False),
 }
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+BLOCK_PREFIX = "transformer.h."  # block b's tensors: transformer.h.{b}.*
+FIRST_BLOCK_TENSOR = "ln_1.weight"
 
 
 # ---- config ------------------------------------------------------------------------------------
-def read_config(directory, config: dict) -> dict:
-    """{Config field: (value, config.json key)} from DIR's config.json, refused unless it
-    describes GPT-2 math minipipe computes exactly."""
-    checks = [("model_type", config.get("model_type"), MODEL_TYPES[0]),
-              ("activation_function", config.get("activation_function", "gelu_new"), TANH_GELUS),
-              ("layer_norm_epsilon", config.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
-              ("n_inner", config.get("n_inner"), (None, 4 * config.get("n_embd", 0))),
-              ("scale_attn_weights", config.get("scale_attn_weights", True), True),
-              ("scale_attn_by_inverse_layer_idx", config.get("scale_attn_by_inverse_layer_idx", False), False)]
-    for key, value, allowed in checks:
-        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has {key} = {value!r}; minipipe "
-                               f"imports GPT-2 with {key} = {allowed!r} only")
-    absent = [key for key in SHAPE_KEYS.values() if not isinstance(config.get(key), int)]
-    if absent:
-        raise HFModelError(f"--init-from {directory}: {HF_CONFIG} lacks {', '.join(absent)}")
+def read_config(config: dict, refuse) -> dict:
+    """{Config field: (value, config.json key)} from a config.json whose sizes, model_type and tie
+    hf_format has checked; the rest of GPT-2's schema is checked here by type and range, refused
+    (refuse(key, what)) unless it describes GPT-2 math minipipe computes exactly."""
+    if config.get("activation_function", "gelu_new") not in TANH_GELUS:
+        refuse("activation_function", f"activation_function one of {TANH_GELUS}")
+    eps = config.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if isinstance(eps, bool) or eps != LAYER_NORM_EPS:
+        refuse("layer_norm_epsilon", f"layer_norm_epsilon = {LAYER_NORM_EPS} only")
+    n_inner = config.get("n_inner")
+    if n_inner is not None and (isinstance(n_inner, bool) or n_inner != 4 * config["n_embd"]):
+        refuse("n_inner", f"n_inner null or 4 x n_embd = {4 * config['n_embd']}")
+    for key, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if config.get(key, value) is not value:  # `is`: 1 == True would pass an equality test
+            refuse(key, f"{key} = {json.dumps(value)} only")
+    if config["n_embd"] % config["n_head"]:
+        refuse("n_embd", f"n_embd divisible by n_head = {config['n_head']}")
     wanted = {name: (config[key], key) for name, key in SHAPE_KEYS.items()}
     # GPT2Config's default ties the head
-    wanted["tie_embeddings"] = (bool(config.get("tie_word_embeddings", True)), "tie_word_embeddings")
+    wanted["tie_embeddings"] = (config.get("tie_word_embeddings", True), "tie_word_embeddings")
     return wanted
+
+
+def size_claims(config: dict) -> dict:
+    """{GPT-2 tensor name: (what, the shape config.json implies)}, checked against the headers of
+    the file that holds the embeddings before any model is built."""
+    return {"transformer.wte.weight": ("vocab_size x n_embd", [config["vocab_size"], config["n_embd"]]),
+            "transformer.wpe.weight": ("n_positions x n_embd", [config["n_positions"], config["n_embd"]])}
 
 
 def export_config(cfg) -> dict:

@@ -14,11 +14,13 @@ Correspondence (global layer i of [Embedding, Block x L, Head]; both store nn.Li
     layers.{L+1}.proj.weight                    lm_head.weight, or embed_tokens when tie_word_embeddings
 What minipipe does not compute is refused by name: a rope_scaling / rope_parameters type other
 than the default, sliding-window attention, an activation other than silu, MLP biases, an o_proj
-bias (Llama's attention_bias), a head_dim other than hidden_size / num_attention_heads.
+bias (Llama's attention_bias), a head_dim other than hidden_size / num_attention_heads. The
+file checks (containment, types and ranges, sizes against the headers, dtypes, finite values) are
+hf_format's, shared with GPT-2.
 """
-from minipipe.errors import HFModelError
+import math
 
-HF_CONFIG = "config.json"
+NAME = "Llama"
 MODEL_TYPES = ("llama", "qwen2")
 # minipipe shape field -> config key (all required)
 SHAPE_KEYS = {"layers": "num_hidden_layers", "d_model": "hidden_size", "heads": "num_attention_heads",
@@ -31,53 +33,83 @@ BLOCK = {  # Block parameter -> its name under model.layers.{b}.
     **{f"{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
 }
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # older checkpoints store it; minipipe computes it
+BLOCK_PREFIX = "model.layers."  # block b's tensors: model.layers.{b}.*
+FIRST_BLOCK_TENSOR = "input_layernorm.weight"
 
 
-def _rope(directory, config: dict) -> float:
+def _number(value) -> bool:
+    """A finite positive JSON number (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def _rope(config: dict, refuse) -> float:
     """rope_theta, after refusing any scaled rotary embedding: transformers 5 writes
     rope_parameters {rope_type, rope_theta}, older files rope_theta and rope_scaling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(config.get(key) or {}, dict):
+            refuse(key, f"{key} an object or null")
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     kinds = (parameters.get("rope_type"), scaling.get("rope_type"), scaling.get("type"))
     kind = next((kind for kind in kinds if kind not in (None, "default")), "default")
     if kind != "default":
-        raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has a rope type {kind!r}; minipipe "
-                           f"computes the default rotary embedding only (no rope_scaling)")
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+        key = "rope_parameters" if parameters.get("rope_type") not in (None, "default") else "rope_scaling"
+        refuse(key, f"the default rotary embedding only (a rope type {kind!r} is not computed; no "
+                    f"rope_scaling)")
+    theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    if not _number(theta):
+        refuse("rope_parameters" if "rope_theta" in parameters else "rope_theta",
+               "rope_theta a finite number > 0")
+    return float(theta)
 
 
-def read_config(directory, config: dict) -> dict:
-    """{Config field: (value, config.json key)} from DIR's config.json, refused unless it
-    describes Llama math minipipe computes exactly."""
-    model_type = config.get("model_type")
-    qwen2 = model_type == "qwen2"
-    checks = [("model_type", model_type, MODEL_TYPES),
-              ("hidden_act", config.get("hidden_act", "silu"), "silu"),
-              ("mlp_bias", config.get("mlp_bias", False), False),
-              # Llama's attention_bias also gives o_proj a bias, which minipipe's Block has not
-              ("attention_bias", config.get("attention_bias", False), False),
-              ("use_sliding_window", config.get("use_sliding_window", False), False)]
-    checks += [("layer_types", kind, "full_attention") for kind in config.get("layer_types") or ()]
-    for key, value, allowed in checks:
-        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has {key} = {value!r}; minipipe "
-                               f"imports Llama with {key} = {allowed!r} only")
-    absent = [key for key in SHAPE_KEYS.values() if not isinstance(config.get(key), int)]
-    if absent:
-        raise HFModelError(f"--init-from {directory}: {HF_CONFIG} lacks {', '.join(absent)}")
+def read_config(config: dict, refuse) -> dict:
+    """{Config field: (value, config.json key)} from a config.json whose sizes, model_type and tie
+    hf_format has checked; the rest of Llama's schema is checked here by type and range, refused
+    (refuse(key, what)) unless it describes Llama math minipipe computes exactly."""
+    qwen2 = config["model_type"] == "qwen2"
+    if config.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "hidden_act = 'silu' only")
+    # `is`: 0 == False would pass an equality test. Llama's attention_bias also gives o_proj a
+    # bias, which minipipe's Block has not
+    for key in ("mlp_bias", "attention_bias", "use_sliding_window"):
+        if config.get(key, False) is not False:
+            refuse(key, f"{key} = false only")
+    layer_types = config.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list)
+                                        and all(kind == "full_attention" for kind in layer_types)):
+        refuse("layer_types", "layer_types all 'full_attention' only (no sliding windows)")
+    heads = config["num_attention_heads"]
+    if config["hidden_size"] % heads:
+        refuse("hidden_size", f"hidden_size divisible by num_attention_heads = {heads}")
+    kv_heads = config.get("num_key_value_heads")
+    if kv_heads is None:
+        kv_heads = heads
+    elif not (isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and 1 <= kv_heads <= heads
+              and heads % kv_heads == 0):
+        refuse("num_key_value_heads", f"num_key_value_heads an integer dividing num_attention_heads = {heads}")
+    head_dim = config["hidden_size"] // heads
+    given = config.get("head_dim")
+    if given is not None and (isinstance(given, bool) or given != head_dim):
+        refuse("head_dim", f"head_dim = hidden_size / num_attention_heads = {head_dim} only")
+    eps = config.get("rms_norm_eps", 1e-6)
+    if not (_number(eps) and eps < 1):
+        refuse("rms_norm_eps", "rms_norm_eps a number in (0, 1)")
     wanted = {name: (config[key], key) for name, key in SHAPE_KEYS.items()}
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    if config.get("head_dim", head_dim) != head_dim:
-        raise HFModelError(f"--init-from {directory}: {HF_CONFIG} has head_dim = {config['head_dim']}; "
-                           f"minipipe imports Llama with head_dim = hidden_size / num_attention_heads "
-                           f"= {head_dim} only")
     wanted.update(kv_heads=(kv_heads, "num_key_value_heads"),
-                  rope_theta=(_rope(directory, config), "rope_theta"),
-                  norm_eps=(float(config.get("rms_norm_eps", 1e-6)), "rms_norm_eps"),
+                  rope_theta=(_rope(config, refuse), "rope_theta"),
+                  norm_eps=(float(eps), "rms_norm_eps"),
                   attention_bias=(qwen2, "model_type"),  # Qwen2's q, k, v carry biases
-                  tie_embeddings=(bool(config.get("tie_word_embeddings", False)), "tie_word_embeddings"))
+                  tie_embeddings=(config.get("tie_word_embeddings", False), "tie_word_embeddings"))
     return wanted
+
+
+def size_claims(config: dict) -> dict:
+    """{HF tensor name: (what, the shape config.json implies)}, checked against the headers of
+    the file that holds the embeddings before any model is built."""
+    return {"model.embed_tokens.weight": ("vocab_size x hidden_size",
+                                          [config["vocab_size"], config["hidden_size"]])}
 
 
 def export_config(cfg) -> dict:
