@@ -2,10 +2,10 @@
 every chunk position of both families and both kernel backends; B leaves the weights to W."""
 import pytest
 import torch
-from minipipe.models import registry
 
 from minipipe.config import make_config
 from minipipe.layers import build_layers
+from minipipe.models import registry
 from minipipe.pipeline import values
 from minipipe.pipeline.recompute import grad_leaf, recompute_forward
 from minipipe.pipeline.split_backward import backward_input, backward_weight
