@@ -21,7 +21,14 @@ when split) on each rank (in flight: the activations a stage holds).
 """
 from dataclasses import dataclass
 
-from minipipe.schedule.actions import BACKWARDS, Action, Kind, ScheduleError, bubble_fraction, train_actions
+from minipipe.schedule.actions import (
+    BACKWARDS,
+    Action,
+    Kind,
+    ScheduleError,
+    bubble_fraction,
+    train_actions,
+)
 
 BUBBLE = "."
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
