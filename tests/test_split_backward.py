@@ -107,3 +107,26 @@ def test_a_weight_used_twice_by_input_side_ops_runs_whole_in_b():
             out.backward(torch.ones_like(out))
         grads.append((leaf.grad, weight.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_an_input_handed_on_unchanged_gets_its_whole_gradient_in_b():
+    """AmoebaNet's cells return their input as the next cell's 'previous' state: that output's
+    gradient belongs to the input's gradient, which B sends upstream."""
+    linear = torch.nn.Linear(4, 4, dtype=torch.float64)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    grads = [torch.randn(2, 4, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for split in (False, True):
+        linear.zero_grad(set_to_none=True)
+        leaf = grad_leaf(x)
+        outputs = [leaf, linear(leaf).tanh()]
+        if split:
+            pending = backward_input(outputs, grads, [leaf])
+            sent = leaf.grad.clone()
+            backward_weight(pending)
+            assert torch.equal(leaf.grad, sent)  # W added nothing to what was sent
+        else:
+            torch.autograd.backward(outputs, grads)
+        results.append((leaf.grad, linear.weight.grad, linear.bias.grad))
+    for fused, halves in zip(*results, strict=True):
+        assert torch.equal(fused, halves)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from minipipe.pipeline import values
+
 
 @dataclass
 class PendingWeightGrad:
@@ -45,6 +47,12 @@ class PendingWeightGrad:
 
     def empty(self) -> bool:
         return not self.reentries and not self.ready
+
+    def held_bytes(self) -> int:
+        """The captured gradients W needs beyond the graph (each storage once)."""
+        grads = [g for _, grad_outputs, _ in self.reentries for g in grad_outputs if g is not None]
+        grads += [g for _, g in self.ready]
+        return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
 
 
 def _graph(roots):
@@ -83,8 +91,11 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
         if node in input_nodes or any(c in input_side for c, _ in node.next_functions if c is not None):
             input_side.add(node)
     pending = PendingWeightGrad()
-    # outputs made without the inputs (the first chunk) start the weight side themselves
-    pending.ready = [(o, g) for o, g in zip(outputs, grads) if o.grad_fn not in input_side]
+    # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
+    # path: B adds it; an output made without the inputs (the first chunk) starts the weight side
+    passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
+    made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
+    pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
     cuts = {node: [GradientEdge(c, nr) for c, nr in node.next_functions if c is not None and c not in input_side]
             for node in input_side if node not in input_nodes}
     cuts = {node: edges for node, edges in cuts.items() if edges}
@@ -98,18 +109,27 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     for node in cuts:
         if not _is_custom_function(node):
             hooks.append(node.register_prehook(lambda grad_outputs, node=node: captured.__setitem__(node, grad_outputs)))
-    split = [(o, g) for o, g in zip(outputs, grads) if o.grad_fn in input_side]
+    split = [(o, g) for o, g in made if o.grad_fn in input_side]
     try:
         got = torch.autograd.grad([o for o, _ in split], inputs + collected, [g for _, g in split],
-                                  retain_graph=True, allow_unused=True)
+                                  retain_graph=True, allow_unused=True) if split else [None] * len(inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    for t, g in zip(inputs, got):
+    for t, g in [*zip(inputs, got), *passed_on]:
         t.grad = g if t.grad is None or g is None else t.grad + g
     pending.ready += [(e, g) for e, g in zip(collected, got[len(inputs):]) if g is not None]
     pending.reentries = [(node, grad_outputs, cuts[node]) for node, grad_outputs in captured.items()]
     return pending
+
+
+def weight_grad_bytes(module, value) -> int:
+    """What a split backward of module(value) keeps from I to W beyond its graph (the planner
+    traces this on the meta device; `value`'s floating tensors require grad)."""
+    outputs = [t for t in values.as_tuple(module(value)) if t.requires_grad]
+    pending = backward_input(outputs, [torch.empty_like(t) for t in outputs],
+                             [t for t in values.as_tuple(value) if t.requires_grad])
+    return pending.held_bytes()
 
 
 def backward_weight(pending: PendingWeightGrad) -> None:

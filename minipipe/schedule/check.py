@@ -183,6 +183,16 @@ def check(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int
     return simulate(lists, n_stages, n_microbatches, virtual_stages, times)
 
 
+def ideal_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> str:
+    """The bubble fraction as text: the literature's formula for the fused-backward schedules,
+    the simulation at F = I = W (a fused B = I + W) for the split ones."""
+    k, m, v = n_stages, n_microbatches, virtual_stages
+    if any(a.kind is Kind.BACKWARD_INPUT for a in train_actions(schedule, 0, k, m, v)):
+        return f"at F = I = W (simulated) = {max(check(schedule, k, m, v, (1, 1, 1)).bubble):.3f}"
+    formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
+    return f"{formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}"
+
+
 def render_grid(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> str:
     """One row per rank, one column per time unit of the simulation; idle cells are the bubble."""
     report = check(schedule, n_stages, n_microbatches, virtual_stages)
@@ -196,13 +206,8 @@ def render_grid(schedule: str, n_stages: int, n_microbatches: int, virtual_stage
     lines.append("-" * len(lines[0]))
     for rank, row in enumerate(cells):
         lines.append(f"stage {rank}".ljust(label) + " | " + " ".join(c.rjust(width) for c in row))
-    k, m, v = n_stages, n_microbatches, virtual_stages
-    peak = f"peak micro-batches in flight per stage: {report.peak_in_flight}"
     if any(Kind.BACKWARD_INPUT in {a.kind for a in starts} for starts in report.starts):
         lines.append("I = input gradient (the zero-bubble paper's B), W = weight gradient")
-        ideal = check(schedule, k, m, v, times=(1, 1, 1))
-        lines.append(f"bubble fraction at F = I = W (simulated) = {max(ideal.bubble):.3f}; {peak}")
-        return "\n".join(lines)
-    formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
-    lines.append(f"bubble fraction {formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}; {peak}")
+    lines.append(f"bubble fraction {ideal_bubble(schedule, n_stages, n_microbatches, virtual_stages)}; "
+                 f"peak micro-batches in flight per stage: {report.peak_in_flight}")
     return "\n".join(lines)
