@@ -1,6 +1,6 @@
 """PURE: (schedule, rank, K, M, V) -> the ordered actions of one training step on that rank.
 
-Three schedules, each a compute order per rank; the messages follow from it (`_with_messages`):
+Three schedules, each a compute order per rank; the messages follow from it (`with_messages`):
 
     gpipe        fill-drain (Huang et al. 2019, Fig. 2): F0..F(M-1), then B(M-1)..B0.
     1f1b         PipeDream-flush (Narayanan et al. 2021): K-1-r warm-up forwards on rank r, then
@@ -137,7 +137,7 @@ _ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _in
            "zb-h1": _from_letters(zb_h1_order)}
 
 
-def _with_messages(order, rank, k, v, chunk_named):
+def with_messages(order, rank, k, v, chunk_named):
     """Receive right before the compute that needs the value; send right after it is made."""
     last_chunk = k * v - 1
     actions = []
@@ -166,7 +166,7 @@ def train_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
     if not 0 <= rank < n_stages:
         raise ScheduleError(f"rank {rank} is outside 0..{n_stages - 1}")
     order = _ORDERS[schedule](rank, n_stages, n_microbatches, virtual_stages)
-    return _with_messages(order, rank, n_stages, virtual_stages, virtual_stages > 1) + [
+    return with_messages(order, rank, n_stages, virtual_stages, virtual_stages > 1) + [
         Action(Kind.ALLREDUCE), Action(Kind.STEP)]
 
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 from minipipe.schedule.actions import (
     BACKWARDS,
+    SCHEDULES,
     Action,
     Kind,
     ScheduleError,
     bubble_fraction,
     train_actions,
 )
+from minipipe.schedule.csv_format import read_csv
 
 BUBBLE = "."
 _COMPUTE = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
@@ -175,20 +177,40 @@ def _check_complete(lists, done, k, n_microbatches, v):
             raise ScheduleError(f"rank {rank}: the list must end with allreduce, step (once each)")
 
 
+def schedule_lists(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1):
+    """({rank: training actions}, V) of a named schedule or of a CSV file (csv_format.py)."""
+    if schedule.endswith(".csv"):
+        return read_csv(schedule, n_stages, n_microbatches)
+    return {r: train_actions(schedule, r, n_stages, n_microbatches, virtual_stages)
+            for r in range(n_stages)}, virtual_stages
+
+
 def check(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1,
           times: tuple | None = None) -> Report:
-    """Simulate a named schedule's lists for all ranks (unit ticks, or times=(f, b, w))."""
-    lists = {r: train_actions(schedule, r, n_stages, n_microbatches, virtual_stages)
-             for r in range(n_stages)}
-    return simulate(lists, n_stages, n_microbatches, virtual_stages, times)
+    """Simulate a schedule's lists for all ranks (unit ticks, or times=(f, b, w))."""
+    lists, v = schedule_lists(schedule, n_stages, n_microbatches, virtual_stages)
+    return simulate(lists, n_stages, n_microbatches, v, times)
+
+
+def _simulated(schedule: str, k: int, m: int, v: int) -> bool:
+    """Split backwards and files have no closed formula: their bubble is the simulation's."""
+    return schedule not in SCHEDULES or any(a.kind is Kind.BACKWARD_INPUT for a in train_actions(schedule, 0, k, m, v))
+
+
+def theory_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+    """The bubble fraction: the literature's formula for the fused-backward schedules, the
+    simulation at F = I = W (a fused B = I + W) for the split ones and for files."""
+    k, m, v = n_stages, n_microbatches, virtual_stages
+    if _simulated(schedule, k, m, v):
+        return max(check(schedule, k, m, v, (1, 1, 1)).bubble)
+    return bubble_fraction(k, m, v)
 
 
 def ideal_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> str:
-    """The bubble fraction as text: the literature's formula for the fused-backward schedules,
-    the simulation at F = I = W (a fused B = I + W) for the split ones."""
+    """theory_bubble as text, with its formula."""
     k, m, v = n_stages, n_microbatches, virtual_stages
-    if any(a.kind is Kind.BACKWARD_INPUT for a in train_actions(schedule, 0, k, m, v)):
-        return f"at F = I = W (simulated) = {max(check(schedule, k, m, v, (1, 1, 1)).bubble):.3f}"
+    if _simulated(schedule, k, m, v):
+        return f"at F = I = W (simulated) = {theory_bubble(schedule, k, m, v):.3f}"
     formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
     return f"{formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}"
 
