@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineScheduleRuntime
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    _PipelineScheduleRuntime,
+)
 
 from minipipe.schedule.actions import ScheduleError, train_actions
 from minipipe.schedule.check import check, schedule_lists
