@@ -1,10 +1,10 @@
-"""What splitting a chunk's backward costs: B (input gradient) + W (weight gradients) against the
+"""What splitting a chunk's backward costs: I (input gradient) + W (weight gradients) against the
 fused backward of the same chunk, same weights and micro-batch, alternating call by call.
 
     python bench/split_backward.py                       # GPT shape: 4 blocks, d=256, T=128, rows 4
     python bench/split_backward.py --blocks 8 --rows 8 --repeats 30
 
-Prints the median milliseconds of fused, B, W and B + W over --repeats, and (B + W) / fused.
+Prints the median milliseconds of fused, I, W and I + W over --repeats, and (I + W) / fused.
 The forward is rebuilt before each backward and is not timed. One thread (a pipeline rank's).
 """
 import argparse
@@ -52,7 +52,7 @@ def main(argv=None):
         backward_weight(pending)
         return middle - started, time.perf_counter() - middle, leaf
 
-    times = {"fused": [], "B": [], "W": [], "B + W": []}
+    times = {"fused": [], "I": [], "W": [], "I + W": []}
     for i in range(args.repeats + 2):
         chunk.zero_grad(set_to_none=True)
         f, _, _ = fused()
@@ -60,13 +60,13 @@ def main(argv=None):
         b, w, _ = split()
         if i >= 2:  # warm-up
             times["fused"].append(f)
-            times["B"].append(b)
+            times["I"].append(b)
             times["W"].append(w)
-            times["B + W"].append(b + w)
+            times["I + W"].append(b + w)
     medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"{args.blocks} blocks, d={args.d_model}, T={args.seq_len}, {args.rows} rows, "
           f"median of {args.repeats}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items())
-          + f"; (B + W) / fused = {medians['B + W'] / medians['fused']:.3f}")
+          + f"; (I + W) / fused = {medians['I + W'] / medians['fused']:.3f}")
 
 
 if __name__ == "__main__":

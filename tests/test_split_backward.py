@@ -1,5 +1,5 @@
-"""B (input gradient) then W (weight gradients) add bitwise what the fused backward adds, for
-every chunk position of both families and both kernel backends; B leaves the weights to W."""
+"""I (input gradient) then W (weight gradients) add bitwise what the fused backward adds, for
+every chunk position of both families and both kernel backends; I leaves the weights to W."""
 import pytest
 import torch
 
@@ -49,7 +49,7 @@ def _chunk_grads(stage, chunk, value, grad_or_loss, split, recompute):
         pending = backward_input(outputs, grads, [t for t in values.as_tuple(leaf) if t.requires_grad])
         made_by_b = {n for n, p in stage.named_parameters() if p.grad is not None}
         backward_weight(pending)
-        assert not made_by_b, f"B computed weight gradients: {sorted(made_by_b)[:3]}"
+        assert not made_by_b, f"I computed weight gradients: {sorted(made_by_b)[:3]}"
         assert pending.empty()
     else:
         torch.autograd.backward(outputs, grads)
@@ -89,9 +89,9 @@ def test_input_then_weight_halves_equal_the_fused_backward_bitwise(family, backe
     assert checked == len(list(stage.parameters()))
 
 
-def test_a_weight_used_twice_by_input_side_ops_runs_whole_in_b():
+def test_a_weight_used_twice_by_input_side_ops_runs_whole_in_i():
     """Re-entering one user of a shared weight alone would count the other's share twice, so
-    such a chunk is not split: B adds everything, W nothing, and the sums are still the fused ones."""
+    such a chunk is not split: I adds everything, W nothing, and the sums are still the fused ones."""
     weight = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     x = torch.randn(2, 4, dtype=torch.float64)
     grads = []
@@ -109,9 +109,9 @@ def test_a_weight_used_twice_by_input_side_ops_runs_whole_in_b():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_an_input_handed_on_unchanged_gets_its_whole_gradient_in_b():
+def test_an_input_handed_on_unchanged_gets_its_whole_gradient_in_i():
     """AmoebaNet's cells return their input as the next cell's 'previous' state: that output's
-    gradient belongs to the input's gradient, which B sends upstream."""
+    gradient belongs to the input's gradient, which I sends upstream."""
     linear = torch.nn.Linear(4, 4, dtype=torch.float64)
     x = torch.randn(2, 4, dtype=torch.float64)
     grads = [torch.randn(2, 4, dtype=torch.float64) for _ in range(2)]

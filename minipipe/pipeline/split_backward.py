@@ -1,6 +1,7 @@
 """A chunk's backward in two halves (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"):
+I, the input gradient (the paper's B), and W, the weight gradients:
 
-    pending = backward_input(outputs, grads, inputs)   # B: input gradients only, into inputs' .grad
+    pending = backward_input(outputs, grads, inputs)   # I: input gradients only, into inputs' .grad
     ...                                                # (send them upstream, run other work)
     backward_weight(pending)                           # W: weight gradients, into the parameters' .grad
 
@@ -8,27 +9,28 @@ Together they add exactly what `torch.autograd.backward(outputs, grads)` adds, b
 gradient op runs twice. It works on the autograd graph, so every layer of every family and
 every kernel backend is split the same way, with no change to the models:
 
-- The graph's nodes that lead to a chunk input are the *input side*: B runs only those
+- The graph's nodes that lead to a chunk input are the *input side*: I runs only those
   (`torch.autograd.grad` with the inputs as targets). Autograd's own pruning then skips, inside
   each node, the outputs that lead only to weights: a linear's backward node computes
   grad_output @ W for the input and leaves grad_output^T @ x (the weight GEMM) undone.
 - Every edge from an input-side node into the weight side is a *cut edge*. A prehook on the
-  node captures the gradient that reached it during B; W re-enters that node alone and asks it
+  node captures the gradient that reached it during I; W re-enters that node alone and asks it
   for its cut edges only (the weight GEMM), then runs the weight side from all cut edges at once.
 - A custom autograd Function (the Triton kernels) computes all its outputs in one call whatever
-  is asked, and some update saved tensors in place, so it is never re-entered: B collects the
+  is asked, and some update saved tensors in place, so it is never re-entered: I collects the
   gradients it already produced on its cut edges and W starts from them.
-- A chunk whose inputs carry no gradient (the first chunk: token ids) has no input side: B does
-  nothing and W is the whole backward.
+- A chunk whose inputs carry no gradient (the first chunk: token ids) has no input side: I does
+  nothing and W is the whole backward. An input handed on unchanged as an output (AmoebaNet's
+  cells) gets that output's gradient in I.
 
-What W keeps alive between B and W (the planner counts it, minipipe/plan.py): the chunk's
+What W keeps alive between I and W (the planner counts it, minipipe/plan.py): the chunk's
 autograd graph with every saved tensor (the activations, as without recompute: with recompute
-the graph rebuilt at B lives until W) and one captured output gradient per cut node (a linear's
+the graph rebuilt at I lives until W) and one captured output gradient per cut node (a linear's
 output size, per linear of the chunk).
 
 Re-entering a node alone is exact only if each weight-side node reached from a cut has that cut
 node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the chunk
-is not split: B runs the whole backward and W has nothing to do.
+is not split: I runs the whole backward and W has nothing to do.
 """
 from dataclasses import dataclass, field
 
@@ -40,8 +42,8 @@ from minipipe.pipeline import values
 
 @dataclass
 class PendingWeightGrad:
-    """What W needs from B: the cut nodes to re-enter with the gradient captured at each, and
-    the weight-side edges whose gradients B already has (custom Functions, outputs)."""
+    """What W needs from I: the cut nodes to re-enter with the gradient captured at each, and
+    the weight-side edges whose gradients I already has (custom Functions, outputs)."""
     reentries: list = field(default_factory=list)  # (node, captured grad_outputs, its cut edges)
     ready: list = field(default_factory=list)  # (GradientEdge into the weight side, its gradient)
 
@@ -80,7 +82,7 @@ def _is_custom_function(node) -> bool:
 
 
 def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
-    """B: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
+    """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
     `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
     inputs = [t for t in inputs if t.requires_grad]
     roots = [o.grad_fn for o in outputs if o.grad_fn is not None]
@@ -92,7 +94,7 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
             input_side.add(node)
     pending = PendingWeightGrad()
     # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
-    # path: B adds it; an output made without the inputs (the first chunk) starts the weight side
+    # path: I adds it; an output made without the inputs (the first chunk) starts the weight side
     passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
     made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
     pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
@@ -133,7 +135,7 @@ def weight_grad_bytes(module, value) -> int:
 
 
 def backward_weight(pending: PendingWeightGrad) -> None:
-    """W: the weight gradients B left, accumulated into each parameter's .grad."""
+    """W: the weight gradients I left, accumulated into each parameter's .grad."""
     edges, grads = [], []
     for edge, grad in pending.ready:
         edges.append(edge)
