@@ -114,7 +114,7 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     split = [(o, g) for o, g in made if o.grad_fn in input_side]
     try:
         got = torch.autograd.grad([o for o, _ in split], inputs + collected, [g for _, g in split],
-                                  retain_graph=True, allow_unused=True) if split else [None] * len(inputs)
+                                  retain_graph=True, allow_unused=True) if split else [None] * (len(inputs) + len(collected))
     finally:
         for hook in hooks:
             hook.remove()
