@@ -95,7 +95,8 @@ class Config:
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
     # pipeline schedules: see minipipe/schedule/actions.py
     schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
-                                "interleaved (Megatron, needs --virtual-stages >= 2)",
+                                "interleaved (Megatron, needs --virtual-stages >= 2), "
+                                "zb-h1 (zero bubble at 1F1B's memory: backward split into I and W)",
                        SCHEDULES)
     virtual_stages: int = _f(1, "model chunks per stage V (interleaved); --balance then lists K*V chunks")
     # tracking

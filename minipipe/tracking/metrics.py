@@ -18,7 +18,7 @@ from minipipe.config import WANDB_MODES
 from minipipe.errors import ConfigError
 from minipipe.layers import count_layer_params
 from minipipe.partition import stage_ranges
-from minipipe.schedule.actions import bubble_fraction
+from minipipe.schedule.check import theory_bubble
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
 # Dense peak TFLOP/s per device and compute precision: bf16 (= fp16) and tf32 on tensor cores, fp32
@@ -212,8 +212,8 @@ def config_record(cfg, balance: list[int]) -> dict:
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],
-            "bubble_theory": bubble_fraction(len(balance) // cfg.virtual_stages, cfg.microbatches,
-                                             cfg.virtual_stages)}  # balance: K*V chunks
+            "bubble_theory": theory_bubble(cfg.schedule, len(balance) // cfg.virtual_stages, cfg.microbatches,
+                                           cfg.virtual_stages)}  # balance: K*V chunks
     return {**cfg.to_dict(), "plan": plan}
 
 
