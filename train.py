@@ -33,6 +33,8 @@ from minipipe.tracking.metrics import (
     make_logger,
 )
 
+STEP_LIMIT_ENV = "MINIPIPE_STEP_LIMIT"
+
 
 def validation_loss(run) -> float:
     cfg = run.cfg
@@ -60,10 +62,10 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     checkpoints = Checkpointer(run, cursor)  # saves on schedule, at the end, on SIGTERM/SIGINT
     try:
         first_step = checkpoints.resume()  # claims --ckpt-dir first
-        if cfg.sample and first_step >= cfg.steps:
-            raise ConfigError(f"--sample generates after training, but the checkpoint already "
-                              f"holds all --steps {cfg.steps}: nothing is trained here; raise "
-                              f"--steps, or drop --sample")
+        last = last_step_of_run(cfg, first_step)
+        if first_step >= cfg.steps and rank == 0:
+            print(f"nothing to train: the checkpoint already holds step {first_step} of --steps "
+                  f"{cfg.steps} (raise --steps to train on)", flush=True)
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         if first_step == 0 and cfg.init_from:  # a checkpoint to resume wins: a restarted fine-tune goes on
             load_into_stage(run)
@@ -78,7 +80,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
         flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
         precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
-        for step in range(first_step, cfg.steps):
+        for step in range(first_step, last):
             inputs, targets = cursor.next_batch()
             log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
             run.engine.timed = log_step or step in traced  # CUDA: spans from device events
@@ -99,12 +101,12 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
                                                 precision))
             if step in traced:
                 timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1)
-            last_step = step + 1 == cfg.steps
+            last_step = step + 1 == last
             if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 values["val_loss"] = validation_loss(run)
                 history["val_losses"].append((step, values["val_loss"]))
             logger.log(step, values)  # one record per step
-            if checkpoints.after_step(step, lr):  # a SIGTERM: saved at this step boundary, stop
+            if checkpoints.after_step(step, lr, last_step):  # a SIGTERM: saved at this step boundary, stop
                 break
         if cfg.sample and not checkpoints.stopped:  # the config allows --sample for a language model only
             history["sample"] = sample_text(run)
@@ -114,6 +116,18 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
         checkpoints.close()
         logger.close()
     return history
+
+
+def last_step_of_run(cfg: Config, first_step: int) -> int:
+    """Where this run stops: --steps, or sooner when $MINIPIPE_STEP_LIMIT caps the steps one run
+    trains (a quick check of a long command as written: the run validates, saves and samples at
+    its last step as at --steps, and the learning-rate schedule is still that of --steps)."""
+    limit = os.environ.get(STEP_LIMIT_ENV)
+    if not limit:
+        return cfg.steps
+    if not limit.isdigit() or int(limit) < 1:
+        raise ConfigError(f"{STEP_LIMIT_ENV}={limit!r}: give a number of steps >= 1, or unset it")
+    return min(cfg.steps, first_step + int(limit))
 
 
 def sample_text(run) -> str:
