@@ -100,12 +100,12 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
                 values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,
                                                 precision))
             if step in traced:
-                timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1)
+                timeline.write_trace(run.engine, run.layout, cfg.trace, step + 1, several=len(traced) > 1)
             last_step = step + 1 == last
             if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 values["val_loss"] = validation_loss(run)
                 history["val_losses"].append((step, values["val_loss"]))
-            logger.log(step, values)  # one record per step
+            logger.log(step + 1, values)  # one record per step; users count steps from 1
             if checkpoints.after_step(step, lr, last_step):  # a SIGTERM: saved at this step boundary, stop
                 break
         if cfg.sample and not checkpoints.stopped:  # the config allows --sample for a language model only
