@@ -20,6 +20,7 @@ from minipipe.checkpoint.hf_gpt2 import load_into_stage
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.errors import ConfigError, MinipipeError
+from minipipe.inference import decode
 from minipipe.models import registry
 from minipipe.pipeline.optim import lr_at
 from minipipe.plan import model_flops_per_unit
@@ -135,10 +136,7 @@ def sample_text(run) -> str:
     prompt, _ = run.dataset.batch(0, 1, split="val")
     prompt = prompt[:, : min(32, cfg.seq_len // 2)]
     new = run.engine.generate(prompt, cfg.sample, cfg.max_seq_len, seed=cfg.seed)
-    ids = torch.cat([prompt[0], new]).tolist()
-    if cfg.vocab <= 256:
-        return bytes(ids).decode("utf-8", errors="replace")
-    return " ".join(map(str, ids))
+    return decode(torch.cat([prompt[0], new]).tolist(), cfg.vocab)
 
 
 def main(argv=None) -> int:
