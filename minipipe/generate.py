@@ -16,6 +16,7 @@ import torch
 
 from minipipe.errors import ConfigError
 from minipipe.inference import decode, encode, open_run, run_command
+from minipipe.models import registry
 
 
 def generate_text(source, prompt: str, tokens: int, temperature: float = 0.8, top_k: int = 40,
@@ -26,8 +27,9 @@ def generate_text(source, prompt: str, tokens: int, temperature: float = 0.8, to
                           f"{temperature}, {top_k})")
     run = open_run(source)
     cfg = run.cfg
-    if cfg.model != "transformer":
-        raise ConfigError(f"{source} holds a {cfg.model}: generation needs a Transformer")
+    if registry.family(cfg).unit != "token":
+        raise ConfigError(f"{source} holds a {cfg.model}, which does not predict tokens: generation "
+                          f"needs a language model")
     ids = encode(prompt, cfg.vocab)
     new = run.engine.generate(torch.tensor([ids]), tokens, cfg.max_seq_len, temperature, top_k,
                               seed=cfg.seed if seed is None else seed)
