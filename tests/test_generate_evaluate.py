@@ -89,7 +89,6 @@ def test_the_commands_print_and_refuse_what_they_cannot_use(trained, capsys, tmp
     assert "--prompt is empty" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_two_stages_sample_and_evaluate_as_one_process(trained):
     root, _ = trained
     one = generate.generate_text(root / "ckpt", "import ", 24)
