@@ -100,3 +100,17 @@ def test_two_stages_sample_and_evaluate_as_one_process(trained):
     done = run_torchrun(["-m", "minipipe.evaluate", str(root / "model")], nproc=2, timeout_s=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"val loss {loss:.4f}" in done.stdout
+
+
+def test_a_byte_level_hf_export_has_valid_special_tokens_and_the_source_dropout(trained, recwarn):
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root, _ = trained
+    config = json.loads((root / "gpt2" / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None  # vocab 256: no <|endoftext|>
+    assert config["embd_pdrop"] == config["resid_pdrop"] == SHAPE["dropout"]
+    loaded = GPT2LMHeadModel.from_pretrained(root / "gpt2")
+    assert GPT2Config.from_pretrained(root / "gpt2").eos_token_id is None
+    assert loaded.config.vocab_size == 256
+    assert not [w for w in recwarn if "token_id" in str(w.message)]
