@@ -150,6 +150,10 @@ def _stdlib_corpus():
     key = hashlib.sha256(listing.encode()).hexdigest()[:16]
     paths = {split: cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
     if not all(p.exists() for p in paths.values()):
+        if os.environ.get("RANK", "0") == "0":  # a first run's pause, explained once
+            size = sum(p.stat().st_size for p in files)
+            print(f"caching the stdlib corpus (once): {len(files)} .py files of {root}, "
+                  f"{size / 1e6:.0f} MB, into {cache_dir()}", flush=True)
         for split, chosen in (("train", [f for i, f in enumerate(files) if i % VAL_EVERY]),
                               ("val", files[::VAL_EVERY])):
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
