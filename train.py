@@ -19,6 +19,7 @@ from minipipe.checkpoint.checkpointer import Checkpointer
 from minipipe.checkpoint.hf_gpt2 import load_into_stage
 from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
+from minipipe.dist import stop_with_launcher
 from minipipe.errors import ConfigError, MinipipeError
 from minipipe.inference import decode
 from minipipe.models import registry
@@ -47,6 +48,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     """Train up to cfg.steps (from a checkpoint's next step when resuming); returns {"losses",
     "val_losses", "sample"} of the steps run here (the same on every rank)."""
     check_before_work(cfg)  # environment and output paths, on every rank, before any wait
+    stop_with_launcher()  # a worker does not outlive a killed torchrun
     # Tracking starts before any rank waits on another: a slow wandb server delays rank 0 in the
     # rendezvous (bounded by --timeout), never in the middle of a step the other ranks wait on.
     logger = logger or make_logger(cfg, int(os.environ.get("RANK", "0")))
@@ -55,7 +57,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     except BaseException:
         logger.close()
         raise
-    rank = run.layout.rank
+    cfg, rank = run.cfg, run.layout.rank  # the settled config: the data's fields filled
     logger.config(config_record(cfg, run.balance))
     if rank == 0:
         print(plan_table(run), flush=True)
@@ -78,7 +80,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             if rank == 0:
                 print(f"warm-up: every kernel of stage 0 ran once in {seconds:.1f} s", flush=True)
         history = {"losses": [], "val_losses": [], "sample": None}
-        flops_per_unit = model_flops_per_unit(cfg) if rank == 0 else 0.0
+        flops_per_unit = model_flops_per_unit(cfg, spec=run.spec) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
         precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
         for step in range(first_step, last):
@@ -97,11 +99,12 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
             if cfg.dtype == "float16":  # dynamic loss scaling: a skipped step is worth seeing
                 values.update(loss_scale=run.engine.scale.scale, skipped_step=result["skipped"])
             if log_step:  # one small collective brings every stage's bubble and memory to rank 0
-                values.update(timeline.pipeline_stats(run.engine, run.layout))
+                values.update(timeline.pipeline_stats(run.engine, run.layout, spec=run.spec))
                 values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,
                                                 precision))
             if step in traced:
-                timeline.write_trace(run.engine, run.layout, cfg.trace, step + 1, several=len(traced) > 1)
+                timeline.write_trace(run.engine, run.layout, cfg.trace, step + 1, several=len(traced) > 1,
+                                     spec=run.spec)
             last_step = step + 1 == last
             if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 values["val_loss"] = validation_loss(run)
@@ -145,9 +148,10 @@ def main(argv=None) -> int:
         train(cfg)
     except MinipipeError as err:
         # Before the process group starts, the launcher's RANK says which process this is.
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        where = f"(rank {rank}) " if world > 1 else ""
+        # (As text: a malformed one is what the error may be about.)
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")[:20]
+        world = dist.get_world_size() if dist.is_initialized() else os.environ.get("WORLD_SIZE", "1")
+        where = f"(rank {rank}) " if str(world).strip() not in ("", "0", "1") else ""
         print(f"minipipe error: {where}{err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one without --ckpt-dir: stop, no traceback

@@ -12,13 +12,16 @@ in minipipe.presets, schedules in minipipe.schedule.actions).
 """
 import argparse
 import dataclasses
+import functools
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
-from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, apply_preset
+from minipipe.presets import MODEL_FAMILIES, PRESET_NAMES, PRESETS, preset_values
 from minipipe.schedule.actions import SCHEDULES
 
 try:
@@ -36,7 +39,7 @@ def _f(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # model
     model: str = _f("transformer", "model family", MODEL_FAMILIES)
@@ -122,6 +125,17 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @functools.cached_property
+    def balance_counts(self) -> list[int] | None:
+        """--balance parsed (layers per model chunk), or None; refused unless every part is a
+        count >= 1."""
+        if self.balance is None:
+            return None
+        parts = self.balance.split(",")
+        if not all(re.fullmatch(r"\s*[0-9]+\s*", p) and int(p) >= 1 for p in parts):  # ASCII digits only
+            raise ConfigError(f"--balance {self.balance!r}: give a layer count >= 1 per stage, e.g. 3,3,2")
+        return [int(p) for p in parts]
+
 
 def _base_type(tp):
     if get_origin(tp) is Union:
@@ -134,6 +148,11 @@ def _field_type(f: dataclasses.Field):
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+# Settings that name a path: an empty one would mean "the current directory" or "unset" silently.
+PATH_FIELDS = ("data", "metrics_jsonl", "out_dir", "trace", "ckpt_dir", "resume", "init_from")
+MAX_LAYERS = 100_000  # --layers / --cells: far past any model that fits a machine
+# gloo counts a timeout in milliseconds in 32 bits (24.8 days); a week is already "never".
+TIMEOUT_RANGE_S = (0.01, 7 * 24 * 3600.0)
 
 
 def _check_types(values: dict) -> dict:
@@ -176,11 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _from_toml(path: str) -> dict:
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ConfigError(f"--config {path} is not a regular file (a device or a pipe would be "
+                          f"read forever); give a .toml file")
     try:
         with open(path, "rb") as fh:
             values = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file")
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a directory; give a .toml file")
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          f"save the file as UTF-8")
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"--config {path}: not valid TOML ({err})")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -205,7 +234,11 @@ def parse_config(argv=None) -> Config:
 
 
 def make_config(**values) -> Config:
-    """Config from keyword values (tests and tools use this): preset applied, then validated."""
+    """The settled Config of keyword values (parse_config's flags, tests, tools): types and choices
+    checked, then --init-from's config.json, the tie, the preset and --dtype auto fill what the
+    values leave open, and the result is validated. It is frozen: nothing changes it afterwards
+    (dataclasses.replace makes a variant). Only the fields the data decides (vocab, classes,
+    channels) may still be None: `with_data_fields` fills them, once, when the data is loaded."""
     cfg = Config(**_check_types(values))
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
@@ -216,13 +249,21 @@ def make_config(**values) -> Config:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
     if cfg.init_from:  # the imported model's config.json sets the shape before any preset
-        from minipipe.checkpoint.hf_gpt2 import apply_config  # (torch comes with it only for an import)
-        apply_config(cfg)
+        from minipipe.checkpoint.hf_gpt2 import config_values  # (torch comes with it only for an import)
+        cfg = dataclasses.replace(cfg, **config_values(cfg))
     if cfg.tie_embeddings and cfg.model != "transformer":
         raise ConfigError(f"--tie-embeddings ties a Transformer's embedding and head; --model is {cfg.model!r}")
-    cfg.tie_embeddings = bool(cfg.tie_embeddings)
-    apply_preset(cfg)
-    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
+    cfg = dataclasses.replace(cfg, **preset_values(cfg), tie_embeddings=bool(cfg.tie_embeddings),
+                              dtype=resolve_dtype(cfg.dtype, cfg.device))
+    validate(cfg)
+    return cfg
+
+
+def with_data_fields(cfg: Config, data_fields: dict) -> Config:
+    """cfg with the fields the data decides (vocab, classes, channels) that it left unset filled
+    from the loaded data's values, validated: the run's final Config."""
+    cfg = dataclasses.replace(cfg, **{name: value for name, value in data_fields.items()
+                                      if getattr(cfg, name) is None})
     validate(cfg)
     return cfg
 
@@ -248,6 +289,13 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{_flag(f.name)} must be a finite number (got {value})")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"{_flag(f.name)} holds a NUL character; give a plain value")
+        if f.name in PATH_FIELDS and isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{_flag(f.name)} is empty; give a path (an empty one is not "
+                              f"taken as unset: drop the flag to use the default)")
     positive = ["batch_size", "microbatches", "dp", "eval_batches", "log_every"]
     # model shape and cut: unset (None) until the preset or the data fills them
     positive += ["layers", "d_model", "heads", "max_seq_len", "vocab", "cells", "filters",
@@ -256,13 +304,14 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1 (got {value})")
+    for name in ("layers", "cells"):  # the model is a list of layers: a billion never gets built
+        if (getattr(cfg, name) or 0) > MAX_LAYERS:
+            raise ConfigError(f"{_flag(name)} {getattr(cfg, name)} is over {MAX_LAYERS}: no model "
+                              f"that large can be built; give a smaller count")
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{_flag(name)} must be in [0, 1) (got {getattr(cfg, name)})")
-    if cfg.balance is not None:
-        if not all(p.strip().isdigit() and int(p) >= 1 for p in cfg.balance.split(",")):
-            raise ConfigError(f"--balance {cfg.balance!r}: give a layer count >= 1 per stage, "
-                              f"e.g. 3,3,2")
+    cfg.balance_counts  # parsed here once: a malformed --balance is refused with the flags
     if cfg.sample and cfg.model != "transformer":
         raise ConfigError(f"--sample generates text: it needs --model transformer (got {cfg.model})")
     if cfg.sample and cfg.steps == 0:
@@ -284,8 +333,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.lr < 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:  # lr 0 keeps the weights (a round trip)
         raise ConfigError(f"need 0 <= --min-lr <= --lr (got lr={cfg.lr}, min-lr={cfg.min_lr})")
-    if cfg.timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 seconds (got {cfg.timeout})")
+    low, high = TIMEOUT_RANGE_S
+    if not low <= cfg.timeout <= high:
+        raise ConfigError(f"--timeout must be between {low:g} and {high:g} seconds (a week); got "
+                          f"{cfg.timeout:g}")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
         raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be at most "
                           f"--steps {cfg.steps} (steps count from 1)")
@@ -294,7 +345,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
         if cfg.seq_len > cfg.max_seq_len:
             raise ConfigError(f"--seq-len {cfg.seq_len} is over the model's maximum {cfg.max_seq_len}; "
-                              f"lower --seq-len or raise --max-seq-len")
+                              f"lower --seq-len" + (" (the maximum is --init-from's n_positions)"
+                                                    if cfg.init_from else " or raise --max-seq-len"))
         if cfg.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":

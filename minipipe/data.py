@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minipipe.config import with_data_fields
 from minipipe.errors import DataError
 from minipipe.models import registry
 from minipipe.seeding import derive_seed
@@ -53,6 +54,11 @@ class TokenDataset:
     def fingerprint(self) -> str:
         return f"{self.name}:{len(self.train)}:{len(self.val)}:{self.vocab}"
 
+    @property
+    def data_fields(self) -> dict:
+        """The config fields this data decides when the flags leave them unset."""
+        return {"vocab": self.vocab}
+
 
 @dataclass
 class ImageDataset:
@@ -62,6 +68,7 @@ class ImageDataset:
     val_x: torch.Tensor
     val_y: torch.Tensor
     seed: int
+    classes: int  # the label ids lie in 0..classes-1
 
     def batch(self, index: int, batch_size: int, split: str = "train"):
         """(images (B, C, H, W) float32, labels (B,) int64). Training walks a fresh permutation
@@ -83,6 +90,11 @@ class ImageDataset:
 
     def fingerprint(self) -> str:
         return f"{self.name}:{len(self.train_y)}:{len(self.val_y)}:{tuple(self.train_x.shape[1:])}"
+
+    @property
+    def data_fields(self) -> dict:
+        """The config fields this data decides when the flags leave them unset."""
+        return {"channels": self.train_x.shape[1], "classes": self.classes}
 
 
 class DataCursor:
@@ -106,8 +118,16 @@ class DataCursor:
         self.position = state["position"]
 
 
+def load_settled(cfg):
+    """(the run's final Config, its dataset): the data `cfg.data` names, and cfg with the fields
+    the data decides (vocab, classes, channels) filled where the flags left them unset."""
+    dataset = load_dataset(cfg)
+    return with_data_fields(cfg, dataset.data_fields), dataset
+
+
 def load_dataset(cfg):
-    """The dataset `cfg.data` names; fills cfg.vocab / classes / channels from it when unset."""
+    """The dataset `cfg.data` names; its `data_fields` hold the vocab / classes / channels the
+    run uses (the flags' values, else the data's). cfg is left as it is (frozen)."""
     family = registry.family(cfg)
     source = cfg.data or family.default_data
     if family.reads_tokens:
@@ -129,33 +149,39 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
         raise DataError(f"--data {source} is image data; use it with --model amoebanet")
     else:
         train, val, vocab = _token_files(Path(source), cfg.vocab)
-    if cfg.vocab is None:
-        cfg.vocab = vocab
-    elif cfg.vocab < vocab and not source.endswith(".bin"):
+    if cfg.vocab is not None and cfg.vocab < vocab and not source.endswith(".bin"):
         raise DataError(f"--vocab {cfg.vocab} is smaller than the data's {vocab} byte values; "
                         f"raise --vocab to at least {vocab}")
-    return TokenDataset(source, train, val, cfg.vocab, cfg.seq_len, cfg.seed)
+    return TokenDataset(source, train, val, cfg.vocab or vocab, cfg.seq_len, cfg.seed)
 
 
 def cache_dir() -> Path:
-    """Where the stdlib corpus is cached: $MINIPIPE_CACHE, else ~/.cache/minipipe."""
-    return Path(os.environ.get("MINIPIPE_CACHE", Path.home() / ".cache" / "minipipe"))
+    """Where the stdlib corpus is cached: $MINIPIPE_CACHE, else ~/.cache/minipipe. Set but empty
+    is refused: Path("") is the current directory, which would fill with corpus files."""
+    value = os.environ.get("MINIPIPE_CACHE")
+    if value is not None and not value.strip():
+        raise DataError("MINIPIPE_CACHE is set but empty; unset it (the cache is then "
+                        "~/.cache/minipipe) or name a directory")
+    return Path(value) if value is not None else Path.home() / ".cache" / "minipipe"
 
 
 def _stdlib_corpus():
     """Bytes of every stdlib .py file, sorted by path; every VAL_EVERY-th file is validation."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p in files)
+    sizes = {p: p.stat().st_size for p in files}
+    listing = "\n".join(f"{p.relative_to(root)}:{size}" for p, size in sizes.items())
     key = hashlib.sha256(listing.encode()).hexdigest()[:16]
     paths = {split: cache_dir() / f"stdlib-{key}.{split}.u8" for split in ("train", "val")}
-    if not all(p.exists() for p in paths.values()):
+    chosen_by_split = {"train": [f for i, f in enumerate(files) if i % VAL_EVERY],
+                       "val": files[::VAL_EVERY]}
+    # A cache file of another size (truncated by a full disk, or edited) is rebuilt, not read.
+    if not all(p.is_file() and p.stat().st_size == sum(sizes[f] for f in chosen_by_split[s])
+               for s, p in paths.items()):
         if os.environ.get("RANK", "0") == "0":  # a first run's pause, explained once
-            size = sum(p.stat().st_size for p in files)
             print(f"caching the stdlib corpus (once): {len(files)} .py files of {root}, "
-                  f"{size / 1e6:.0f} MB, into {cache_dir()}", flush=True)
-        for split, chosen in (("train", [f for i, f in enumerate(files) if i % VAL_EVERY]),
-                              ("val", files[::VAL_EVERY])):
+                  f"{sum(sizes.values()) / 1e6:.0f} MB, into {cache_dir()}", flush=True)
+        for split, chosen in chosen_by_split.items():
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
             try:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +213,7 @@ def _token_files(path: Path, vocab):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
+    _regular_file_or_directory(path)
     if path.is_dir() and {"train.bin", "val.bin"} & {p.name for p in path.iterdir()}:
         splits = {s: path / f"{s}.bin" for s in ("train", "val")}
         absent = [str(p) for p in splits.values() if not p.is_file()]
@@ -200,6 +227,11 @@ def _token_files(path: Path, vocab):
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
         return tokens[:split], tokens[split:], vocab
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    token_files = [p for p in files if p.suffix == ".bin"]
+    if path.is_dir() and token_files:  # uint16 ids read as bytes would train on garbage
+        raise DataError(f"--data {path}: holds token-id files ({token_files[0].name}) among the "
+                        f"files it would read as text; pass the .bin itself, a directory holding "
+                        f"train.bin and val.bin, or a directory of text only")
     if len(files) >= VAL_EVERY:
         parts = ([f for i, f in enumerate(files) if i % VAL_EVERY], files[::VAL_EVERY])
         train, val = (np.frombuffer(b"".join(f.read_bytes() for f in fs), dtype=np.uint8) for fs in parts)
@@ -210,6 +242,13 @@ def _token_files(path: Path, vocab):
     if len(train) == 0:
         raise DataError(f"--data {path}: no bytes to train on (empty file or directory)")
     return train, val, 256
+
+
+def _regular_file_or_directory(path: Path) -> None:
+    """A device (/dev/zero) or a FIFO would be read until memory runs out, or block forever."""
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"--data {path}: not a regular file or directory (a device, pipe or "
+                        f"socket is never read); pass a file or directory")
 
 
 def _read_bin(path: Path, vocab) -> np.ndarray:
@@ -244,19 +283,18 @@ def _load_images(source: str, cfg) -> ImageDataset:
     if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     x = (x - x.mean()) / x.std().clamp_min(1e-8)
-    cfg.channels = cfg.channels or x.shape[1]
-    cfg.classes = cfg.classes or int(y.max()) + 1
-    if cfg.channels != x.shape[1]:
+    classes = cfg.classes or int(y.max()) + 1
+    if cfg.channels is not None and cfg.channels != x.shape[1]:
         raise DataError(f"--channels {cfg.channels} but the images have {x.shape[1]}; drop --channels")
-    if int(y.max()) >= cfg.classes or int(y.min()) < 0:
+    if int(y.max()) >= classes or int(y.min()) < 0:
         raise DataError(f"--data {source}: labels span {int(y.min())}..{int(y.max())}, but class ids "
-                        f"must lie in 0..{cfg.classes - 1} (--classes {cfg.classes}); fix the labels "
+                        f"must lie in 0..{classes - 1} (--classes {classes}); fix the labels "
                         f"or raise --classes")
     val = torch.arange(len(y)) % VAL_EVERY == 0
     if val.all():
         raise DataError(f"--data {source}: {len(y)} sample(s); every {VAL_EVERY}th goes to "
                         f"validation and none would be left to train on: give at least 2 samples")
-    return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed)
+    return ImageDataset(source, x[~val], y[~val], x[val], y[val], cfg.seed, classes)
 
 
 def _digits():
@@ -277,6 +315,7 @@ def _synthetic_images(classes: int, channels: int, size: int, n: int = 2048):
 def _npz(path: Path):
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
+    _regular_file_or_directory(path)
     layout = "arrays x (N, C, H, W) of numbers and y (N,) of integer class ids"
     if not zipfile.is_zipfile(path):
         raise DataError(f"--data {path}: not an .npz (zip) archive; save {layout} with np.savez")

@@ -17,8 +17,11 @@ the default group: NCCL, the caching allocator and torch.cuda.manual_seed act on
 device, so a stage whose current device is another GPU would run its communicators and seed its
 dropout there.
 """
+import ctypes
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,6 +62,24 @@ class Layout:
     @property
     def is_last(self) -> bool:
         return self.stage == self.n_stages - 1
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """A worker started by a launcher (torchrun sets LOCAL_RANK) gets SIGTERM from the kernel when
+    its launcher dies, even by kill -9: it then stops as on any SIGTERM (at the next step
+    boundary, saving a complete checkpoint with --ckpt-dir; else at once), instead of training on
+    with parent 1. A launcher already gone when this runs is caught by comparing the parent."""
+    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # (a kernel without it: the launcher's death then shows as a timeout)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_process_groups(n_stages: int, dp: int, timeout_s: float, device: str = "auto") -> Layout:

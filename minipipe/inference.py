@@ -23,14 +23,15 @@ from safetensors import safe_open
 
 from minipipe.build import build_run
 from minipipe.checkpoint.checkpointer import load_checkpoint
-from minipipe.checkpoint.directory import gathered
 from minipipe.checkpoint.files import LATEST, TRAINER_STATE, checkpoint_path, read_trainer_state
 from minipipe.checkpoint.hf_gpt2 import load_into_stage
 from minipipe.config import make_config
 from minipipe.data import DataCursor
 from minipipe.errors import CheckpointError, ConfigError, MinipipeError
 from minipipe.export import EXPORTED_CONFIG, EXPORTED_WEIGHTS
+from minipipe.models import registry
 from minipipe.pipeline import tied
+from minipipe.pipeline.collectives import raise_first
 
 # The source's layout and outputs give way to this world's, and nothing is saved or logged.
 FORWARD_ONLY = dict(stages=None, dp=1, balance=None, balance_by="params", schedule="gpipe",
@@ -75,7 +76,8 @@ def open_run(source, **overrides):
 
 def _load_exported_stage(run, file: Path) -> None:
     """This stage's tensors from an export's one file (a tied head reads the embedding's name)."""
-    wanted = {name: tied.stored_name(run.cfg, name) for name in run.stage.state_dict()}
+    tie = registry.tied_weight(run.cfg)
+    wanted = {name: tied.stored_name(tie, name) for name in run.stage.state_dict()}
     problem, tensors = None, {}
     try:
         with safe_open(file, framework="pt") as weights:
@@ -86,9 +88,7 @@ def _load_exported_stage(run, file: Path) -> None:
             tensors = {name: weights.get_tensor(stored) for name, stored in wanted.items()}
     except (CheckpointError, OSError) as err:
         problem = f"rank {run.layout.rank} (stage {run.layout.stage}): {err}"
-    first = next((p for p in gathered(run.layout, problem, f"read {file}") if p), None)
-    if first:
-        raise CheckpointError(first)
+    raise_first(run.layout, problem, f"read {file}", CheckpointError)
     run.stage.load_state_dict(tensors)
 
 

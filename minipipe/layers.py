@@ -10,7 +10,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from minipipe.models import registry
-from minipipe.pipeline import tied
 from minipipe.pipeline.values import map_tensors
 from minipipe.seeding import derive_seed
 
@@ -26,20 +25,23 @@ def build_layers(cfg, indices: Iterable[int], backend: str = "torch") -> dict[in
             torch.manual_seed(derive_seed(cfg.seed, "init", i))
             return factories[i]()
     layers = {i: build(i) for i in indices}
-    head = tied.head_index(cfg) if tied.is_tied(cfg) else None
-    if head in layers:
-        source = layers[0] if 0 in layers else build(0)
-        layers[head].proj.weight = source.tokens.weight if 0 in layers else nn.Parameter(
-            source.tokens.weight.detach().clone())
+    tie = registry.tied_weight(cfg)
+    if tie is not None and tie.copy_layer in layers:
+        shared = tie.source_layer in layers
+        weight = (layers[tie.source_layer] if shared else build(tie.source_layer)).get_parameter(tie.source_param)
+        owner, _, name = tie.copy_param.rpartition(".")
+        setattr(layers[tie.copy_layer].get_submodule(owner), name,
+                weight if shared else nn.Parameter(weight.detach().clone()))
     return layers
 
 
 def layer_param_numels(cfg) -> list[list[int]]:
     """Element count of every parameter tensor of the whole model, per layer, in the whole model's
     parameter order, built on the meta device (no memory). A tied weight counts once (in layer 0)."""
+    tie = registry.tied_weight(cfg)
     with torch.device("meta"):
         return [[p.numel() for name, p in make().named_parameters()
-                 if not (tied.is_tied(cfg) and i == tied.head_index(cfg) and name == tied.COPY_PARAM)]
+                 if not (tie is not None and i == tie.copy_layer and name == tie.copy_param)]
                 for i, make in enumerate(registry.layer_factories(cfg))]
 
 
@@ -49,9 +51,19 @@ def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
     not when one stage holds both (K = 1: one Parameter): see minipipe/pipeline/tied.py."""
     with torch.device("meta"):
         counts = [sum(p.numel() for p in make().parameters()) for make in registry.layer_factories(cfg)]
-    if n_stages == 1 and tied.is_tied(cfg):
-        counts[tied.head_index(cfg)] -= tied.copy_numel(cfg)
+    tie = registry.tied_weight(cfg)
+    if n_stages == 1 and tie is not None:
+        counts[tie.copy_layer] -= tied_numel(cfg)
     return counts
+
+
+def tied_numel(cfg) -> int:
+    """Elements of the model's tied weight (0 when it has none): what a second copy costs."""
+    tie = registry.tied_weight(cfg)
+    if tie is None:
+        return 0
+    with torch.device("meta"):
+        return registry.layer_factories(cfg)[tie.source_layer]().get_parameter(tie.source_param).numel()
 
 
 def chunk_inputs(cfg, chunks: list[list[int]], rows: int, dtype: torch.dtype, device,

@@ -41,15 +41,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from minipipe import partition
-from minipipe.build import AUTOCAST_DTYPES, PARAM_DTYPES
+from minipipe.build import STATE_COPIES
 from minipipe.config import Config, build_parser, parse_config
 from minipipe.errors import ConfigError
+from minipipe.layers import tied_numel
 from minipipe.models import registry
-from minipipe.pipeline import tied
+from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
 from minipipe.pipeline.values import as_tuple
-from minipipe.schedule.actions import Kind, bubble_fraction, check_schedule, train_actions
+from minipipe.schedule.actions import Kind, bubble_fraction, train_actions
 
-STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
 UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _TRACES: dict = {}  # (previous layer, layer, input) signature -> traced numbers; layers repeat
@@ -97,12 +97,13 @@ class StagePlan:
 @dataclass
 class Plan:
     cfg: Config
+    spec: PipelineSpec
     stages: list[StagePlan]
     flops_per_unit: float  # per token (Transformer) or sample (AmoebaNet), forward + backward
     unit: str
 
     def peak_bytes(self) -> int:
-        return max(stage.total_bytes(self.cfg.recompute) for stage in self.stages)
+        return max(stage.total_bytes(self.spec.recompute) for stage in self.stages)
 
 
 # ---- tracing layers on the meta device -------------------------------------------------------
@@ -176,7 +177,7 @@ class _Loss(nn.Module):
         return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long))
 
 
-def _as_the_run_computes(cfg):
+def _as_the_run_computes(spec: PipelineSpec):
     """The context to trace the meta-built layers in, with the activation dtypes of the run.
     Without autocast: the meta device. Under bf16/fp16 autocast (float32 weights) the layers move
     to fake CPU tensors (no memory; once, and only when a trace is not cached), because meta
@@ -184,7 +185,7 @@ def _as_the_run_computes(cfg):
     float32 as in the run. CPU autocast casts matmuls, convolutions and elementwise ops as CUDA's
     does. There SDPA saves what the CPU's flash kernel saves (no T x T scores, as on a GPU); on
     the meta device it takes the math path, which saves them."""
-    autocast, moved = AUTOCAST_DTYPES.get(cfg.dtype), set()
+    autocast, moved = spec.autocast_dtype, set()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
 
     @contextmanager
@@ -209,12 +210,11 @@ def resolve_data_fields(cfg) -> Config:
     return dataclasses.replace(cfg, **registry.family(cfg).planning_defaults(cfg))
 
 
-def profile_layers(cfg) -> list[LayerProfile]:
-    """One profile per global layer, plus the loss last, for one micro-batch of cfg."""
+def profile_layers(cfg, *, spec: PipelineSpec) -> list[LayerProfile]:
+    """One profile per global layer, plus the loss last, for one micro-batch of the run."""
     cfg = resolve_data_fields(cfg)
     family = registry.family(cfg)
-    micro = cfg.batch_size // cfg.dp // cfg.microbatches
-    dtype = PARAM_DTYPES[cfg.dtype]
+    micro, dtype = spec.microbatch_rows, spec.param_dtype
     built = {}  # one module per distinct factory: the Transformer's blocks share one
     with torch.device("meta"):
         layers = []
@@ -223,7 +223,7 @@ def profile_layers(cfg) -> list[LayerProfile]:
                 built[id(factory)] = factory().to(dtype)
             layers.append(built[id(factory)])
         layers.append(_Loss(cfg, family.targets_shape(cfg, micro)))
-    trace_as_the_run_computes = _as_the_run_computes(cfg)
+    trace_as_the_run_computes = _as_the_run_computes(spec)
     spec = (False, ((family.input_shape(cfg, micro), torch.long if family.reads_tokens else dtype),))
     profiles, previous, previous_spec = [], None, None
     signatures = {id(layer): _signature(layer) for layer in layers}
@@ -245,24 +245,23 @@ def profile_layers(cfg) -> list[LayerProfile]:
 
 
 # ---- plans --------------------------------------------------------------------------------
-def _balance(cfg, profiles: list[LayerProfile], n_chunks: int) -> list[int]:
+def _balance(cfg, profiles: list[LayerProfile], *, spec: PipelineSpec) -> list[int]:
     layers = profiles[:-1]
     if cfg.balance:
-        return partition.check_balance([int(x) for x in cfg.balance.split(",")], len(layers),
-                                       n_chunks // cfg.virtual_stages, cfg.virtual_stages)
+        return partition.check_balance(cfg.balance_counts, len(layers), spec.n_stages, spec.virtual_stages)
     # The planner profiles nothing: 'time' cuts by FLOPs, 'memory' by state + saved bytes.
     costs = {"params": [p.params for p in layers], "time": [p.flops for p in layers],
              "memory": [STATE_COPIES * p.params + p.chained_bytes for p in layers]}[cfg.balance_by]
-    return partition.balance_by_cost([float(c) for c in costs], n_chunks)
+    return partition.balance_by_cost([float(c) for c in costs], spec.n_chunks)
 
 
 def plan_run(cfg, n_stages: int) -> Plan:
     """Per stage: its chunks (chunk c of K*V on stage c mod K, as build_run cuts them), state
     bytes, and the activation peak of cfg's schedule."""
-    check_schedule(cfg.schedule, n_stages, cfg.microbatches, cfg.virtual_stages)
-    profiles = profile_layers(cfg)
+    spec = pipeline_spec(cfg, n_stages)
+    profiles = profile_layers(cfg, spec=spec)
     param_bytes = PARAM_BYTES.get(cfg.dtype, 4)
-    ranges = partition.stage_ranges(_balance(cfg, profiles, n_stages * cfg.virtual_stages))
+    ranges = partition.stage_ranges(_balance(cfg, profiles, spec=spec))
     last = len(ranges) - 1
     stages = []
     for s in range(n_stages):
@@ -271,24 +270,24 @@ def plan_run(cfg, n_stages: int) -> Plan:
                  for c, r in enumerate(chunks)]
         params = sum(p.params for own in owned for p in own)
         if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
-            params -= tied.copy_numel(cfg)
-        order = [(a.kind is Kind.FORWARD, a.v) for a in train_actions(
-            cfg.schedule, s, n_stages, cfg.microbatches, cfg.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
+            params -= tied_numel(cfg)
+        order = [(a.kind is Kind.FORWARD, a.chunk) for a in train_actions(
+            spec.schedule, s, n_stages, spec.n_microbatches, spec.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
                                 order))
-    return Plan(cfg, stages, _flops_per_unit(cfg, profiles), registry.family(cfg).unit)
+    return Plan(cfg, spec, stages, _flops_per_unit(cfg, profiles, spec=spec), registry.family(cfg).unit)
 
 
-def _flops_per_unit(cfg, profiles: list[LayerProfile]) -> float:
-    micro = cfg.batch_size // cfg.dp // cfg.microbatches
-    return sum(p.flops for p in profiles) / (micro * registry.family(cfg).units_per_sample(cfg))
+def _flops_per_unit(cfg, profiles: list[LayerProfile], *, spec: PipelineSpec) -> float:
+    units = spec.microbatch_rows * registry.family(cfg).units_per_sample(cfg)
+    return sum(p.flops for p in profiles) / units
 
 
-def model_flops_per_unit(cfg) -> float:
+def model_flops_per_unit(cfg, *, spec: PipelineSpec) -> float:
     """Training FLOPs (forward + backward, no recompute) per token or sample, as MFU counts them."""
-    return _flops_per_unit(cfg, profile_layers(cfg))
+    return _flops_per_unit(cfg, profile_layers(cfg, spec=spec), spec=spec)
 
 
 def largest_that_fits(cfg, n_stages: int, budget: int) -> Plan | None:
@@ -331,13 +330,12 @@ def _size(n_bytes: float) -> str:
 
 
 def format_plan(plan: Plan, budget: int | None) -> str:
-    cfg, k = plan.cfg, len(plan.stages)
+    cfg, spec, k = plan.cfg, plan.spec, len(plan.stages)
     shape = registry.family(cfg).describe(cfg)
-    micro = cfg.batch_size // cfg.dp // cfg.microbatches
     rows = [("stage", "layers", "params", "weights+grads+adam", "act. re-mat", "act. no re-mat",
-             f"total ({cfg.recompute})") + (("fits",) if budget else ())]
+             f"total ({spec.recompute})") + (("fits",) if budget else ())]
     for s, stage in enumerate(plan.stages):
-        total = stage.total_bytes(cfg.recompute)
+        total = stage.total_bytes(spec.recompute)
         layers = ",".join(f"{r.start}-{r.stop - 1}" for r in stage.chunks)
         rows.append((str(s), layers, f"{stage.params:,}",
                      _size(stage.state_bytes), _size(stage.activation_bytes(True)),
@@ -345,14 +343,14 @@ def format_plan(plan: Plan, budget: int | None) -> str:
                     + (("yes" if total <= budget else "NO",) if budget else ()))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-    params = sum(stage.params for stage in plan.stages) - (tied.copy_numel(cfg) if k > 1 else 0)
-    if tied.is_tied(cfg):
+    params = sum(stage.params for stage in plan.stages) - (tied_numel(cfg) if k > 1 else 0)
+    if registry.tied_weight(cfg) is not None:
         shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
                   else ", tied embedding")
-    v, m = cfg.virtual_stages, cfg.microbatches
+    v, m = spec.virtual_stages, spec.n_microbatches
     formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
-    lines = [f"{cfg.model}: {shape}; {params:,} parameters; {cfg.schedule}, K={k}, M={m}, V={v}, "
-             f"micro-batch {micro}, {cfg.dtype}", table,
+    lines = [f"{cfg.model}: {shape}; {params:,} parameters; {spec.schedule}, K={k}, M={m}, V={v}, "
+             f"micro-batch {spec.microbatch_rows}, {cfg.dtype}", table,
              f"bubble {formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}",
              f"model FLOPs per {plan.unit} (forward + backward): {plan.flops_per_unit / 1e9:.4g} GFLOP"]
     if budget:

@@ -22,11 +22,11 @@ MODEL_FAMILIES = tuple(PRESETS)
 PRESET_NAMES = tuple(dict.fromkeys(name for family in PRESETS.values() for name in family))
 
 
-def apply_preset(cfg) -> None:
-    """Fill every model field the user left unset from the preset (a --model/--preset pair that
+def preset_values(cfg) -> dict:
+    """The preset's value of every model field the user left unset (a --model/--preset pair that
     exists: the config has checked both choices)."""
-    for name, value in PRESETS[cfg.model][cfg.preset].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
+    values = {name: value for name, value in PRESETS[cfg.model][cfg.preset].items()
+              if getattr(cfg, name) is None}
     if cfg.model == "transformer" and cfg.seq_len is None:
-        cfg.seq_len = cfg.max_seq_len
+        values["seq_len"] = cfg.max_seq_len if cfg.max_seq_len is not None else values["max_seq_len"]
+    return values

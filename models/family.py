@@ -10,6 +10,32 @@ from typing import Callable
 
 
 @dataclass(frozen=True)
+class TiedWeight:
+    """One weight that two layers use, as GPT-2's output head uses the token embedding: layer
+    `source_layer`'s parameter `source_param` holds it, and layer `copy_layer`'s parameter
+    `copy_param` is the same weight. The trainer keeps the two one weight on any cut
+    (minipipe/pipeline/tied.py); the source must be the model's first layer and the copy its last."""
+    source_layer: int
+    source_param: str  # a parameter name inside the layer, e.g. "tokens.weight"
+    copy_layer: int
+    copy_param: str
+
+    @property
+    def source_name(self) -> str:
+        """The weight's one global name (in checkpoints and exports)."""
+        return f"layers.{self.source_layer}.{self.source_param}"
+
+    @property
+    def copy_name(self) -> str:
+        return f"layers.{self.copy_layer}.{self.copy_param}"
+
+
+def untied(cfg) -> None:
+    """The tied_weight of a family whose layers share no weight."""
+    return None
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     unit: str  # what the loss averages over and throughput counts: "token" or "sample"
@@ -26,6 +52,7 @@ class Family:
     targets_shape: Callable  # (cfg, rows) -> shape of their targets (int64)
     planning_defaults: Callable  # cfg -> {field: value} the default data would fill (vocab, ...)
     describe: Callable  # cfg -> the model's shape in a few words, for the planner's table
+    tied_weight: Callable = untied  # cfg -> the TiedWeight two of its layers share, or None
 
     @property
     def reads_tokens(self) -> bool:

@@ -11,7 +11,7 @@ from typing import Callable
 from torch import nn
 
 from minipipe.models import amoebanet, transformer
-from minipipe.models.family import Family
+from minipipe.models.family import Family, TiedWeight
 
 FAMILIES = {f.name: f for f in (transformer.FAMILY, amoebanet.FAMILY)}  # keys: minipipe.presets.MODEL_FAMILIES
 
@@ -28,6 +28,11 @@ def layer_factories(cfg, backend: str = "torch") -> list[Callable[[], nn.Module]
 def loss_fn(cfg, backend: str = "torch"):
     """(output of the last layer, targets) -> summed loss over the counted units."""
     return family(cfg).make_loss(backend)
+
+
+def tied_weight(cfg) -> TiedWeight | None:
+    """The weight two of the model's layers share (its family declares it), or None."""
+    return family(cfg).tied_weight(cfg)
 
 
 def count_loss_units(cfg, targets) -> int:

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from minipipe.kernels import ops
-from minipipe.models.family import Family
+from minipipe.models.family import Family, TiedWeight
 
 IGNORE_INDEX = -100
 
@@ -50,9 +50,8 @@ class LayerNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, d_model: int, max_seq_len: int, dropout: float, tied: bool = False):
+    def __init__(self, vocab: int, d_model: int, max_seq_len: int, dropout: float):
         super().__init__()
-        self.tied = tied
         self.tokens = nn.Embedding(vocab, d_model)
         self.positions = nn.Embedding(max_seq_len, d_model)
         self.dropout = nn.Dropout(dropout)
@@ -92,9 +91,8 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, d_model: int, vocab: int, backend: str, tied: bool = False):
+    def __init__(self, d_model: int, vocab: int, backend: str):
         super().__init__()
-        self.tied = tied  # proj.weight is the Embedding's tokens.weight (minipipe/layers.py builds them)
         self.ln = LayerNorm(d_model, backend)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         _init_linear(self.proj, 0.02)
@@ -108,9 +106,13 @@ class Head(nn.Module):
 
 def layer_factories(cfg, backend: str):
     blocks = [lambda: Block(cfg.d_model, cfg.heads, cfg.dropout, cfg.layers, backend)] * cfg.layers
-    tied = bool(cfg.tie_embeddings)
-    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.max_seq_len, cfg.dropout, tied)]
-            + blocks + [lambda: Head(cfg.d_model, cfg.vocab, backend, tied)])
+    return ([lambda: Embedding(cfg.vocab, cfg.d_model, cfg.max_seq_len, cfg.dropout)]
+            + blocks + [lambda: Head(cfg.d_model, cfg.vocab, backend)])
+
+
+def tied_weight(cfg) -> TiedWeight | None:
+    """--tie-embeddings: the Head's proj.weight is the Embedding's tokens.weight (GPT-2)."""
+    return TiedWeight(0, "tokens.weight", cfg.layers + 1, "proj.weight") if cfg.tie_embeddings else None
 
 
 def make_loss(backend: str):
@@ -150,4 +152,5 @@ FAMILY = Family(
     targets_shape=lambda cfg, rows: (rows, cfg.seq_len),
     planning_defaults=lambda cfg: {"vocab": cfg.vocab or 256},  # the byte-level default data
     describe=lambda cfg: (f"{cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads, "
-                          f"seq {cfg.seq_len}"))
+                          f"seq {cfg.seq_len}"),
+    tied_weight=tied_weight)

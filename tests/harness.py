@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from minipipe.build import build_run
 from minipipe.config import make_config
-from minipipe.data import load_dataset
+from minipipe.data import load_settled
 from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.pipeline.optim import lr_at
@@ -62,8 +62,7 @@ def reference_steps(n_steps: int = 1, **cfg_values) -> dict:
     forward (BatchNorm sees each micro-batch alone); the loss is still the mean over the batch.
     Dropout draws its masks under the documented key: the CPU generator seeded with
     derive_seed(seed, "dropout", step, layer, micro-batch) right before each layer with dropout."""
-    cfg = make_config(**cfg_values)
-    dataset = load_dataset(cfg)
+    cfg, dataset = load_settled(make_config(**cfg_values))
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     n_layers = len(registry.layer_factories(cfg))
     model = torch.nn.Sequential(*build_layers(cfg, range(n_layers)).values()).to(dtype)

@@ -241,3 +241,122 @@ def test_a_ckpt_dir_not_shared_by_every_rank_is_refused_before_training(tmp_path
         assert "cannot see the files that ranks [1] wrote" in outcome.message
         assert "filesystem every node shares" in outcome.message
     assert _tree(tmp_path) == {}  # no step saved, lock released, every probe removed
+
+
+# ---- an empty value is refused, never taken as "unset" or "here" -----------------------------
+@pytest.mark.parametrize("flag", ["--ckpt-dir", "--init-from", "--data", "--resume",
+                                  "--metrics-jsonl", "--trace", "--out-dir"])
+def test_an_empty_path_is_refused_by_name(cli, tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)  # where an empty path would have written
+    refused(cli(flag, ""), f"{flag} is empty", "give a path")
+    assert _tree(tmp_path) == {}
+
+
+def test_an_empty_minipipe_cache_is_refused_by_name(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINIPIPE_CACHE", "")
+    refused(cli("--data", "stdlib"), "MINIPIPE_CACHE is set but empty")
+    assert _tree(tmp_path) == {}
+
+
+# ---- data that would train wrong, or never end ---------------------------------------------------
+def test_a_truncated_corpus_cache_is_rebuilt_not_trained_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPIPE_CACHE", str(tmp_path))
+    train, val = (np.array(split) for split in data._stdlib_corpus())
+    cached = next(tmp_path.glob("stdlib-*.train.u8"))
+    with open(cached, "r+b") as fh:
+        fh.truncate(cached.stat().st_size // 2)
+    again, val_again = data._stdlib_corpus()
+    assert np.array_equal(again, train) and np.array_equal(val_again, val)
+
+
+def test_token_ids_beside_text_are_not_read_as_bytes(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("some text " * 100)
+    (np.arange(1000, dtype=np.uint16) % 256).tofile(corpus / "ids.bin")
+    refused(cli("--data", corpus), "holds token-id files (ids.bin)", "pass the .bin itself")
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "fifo.npz"])
+def test_a_device_or_a_fifo_is_refused_not_read_forever(cli, tmp_path, kind):
+    source = kind if kind.startswith("/") else tmp_path / kind
+    if not kind.startswith("/"):
+        os.mkfifo(source)
+    model = ["--model", "amoebanet", "--image-size", "8"] if kind.endswith(".npz") else []
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)  # a read that blocks fails the test instead of hanging the suite
+    try:
+        refused(cli(*model, "--data", source), "not a regular file or directory")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- flags and the launcher's environment --------------------------------------------------------
+@pytest.mark.parametrize("flags,needles", [
+    (["--timeout", "1e12"], ["--timeout must be between"]),
+    (["--timeout", "1e-9"], ["--timeout must be between"]),
+    (["--balance", "\u00b2,1", "--layers", "1"], ["--balance"]),  # superscript two: isdigit() says yes
+    (["--balance", "\uff12"], ["--balance"]),  # a full-width 2
+    (["--run-name", "a\0b"], ["--run-name holds a NUL character"]),
+])
+def test_extreme_and_exotic_flag_values(cli, flags, needles):
+    refused(cli(*flags), *needles)
+
+
+@pytest.mark.parametrize("content,needle", [(None, "is a directory"),
+                                            (b"steps = 2\n\xff\xfe\n", "not UTF-8"),
+                                            ("/dev/zero", "is not a regular file")])
+def test_a_config_that_is_a_directory_a_device_or_not_utf8(cli, tmp_path, content, needle):
+    path = tmp_path / "run.toml"
+    if content is None:
+        path.mkdir()
+    elif content == "/dev/zero":
+        path = content
+    else:
+        path.write_bytes(content)
+    refused(cli("--config", path), "--config", needle)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not an integer in 1.."),
+    ({"RANK": "-1"}, "RANK='-1' is not an integer"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not an integer in 1..65535"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 is not below WORLD_SIZE=2"),
+])
+def test_a_malformed_launcher_variable_is_refused_by_name(cli, monkeypatch, env, needle):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused(cli(), needle)
+
+
+def test_the_advice_never_asks_for_what_the_user_already_passed(cli, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli("--ckpt-dir", ckpt, "--steps", 1)[0] == 0
+    (ckpt / "latest").unlink()  # (a copy without it, or a save that died before naming it)
+    line = refused(cli("--ckpt-dir", ckpt, "--resume", "auto"), "holds checkpoints of another run",
+                   f"--resume auto found no `latest` there: pass --resume {ckpt / 'step-000001'}")
+    assert "pass --resume auto" not in line
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-seq-len", "1000000000", "--seq-len", "8"], "GiB, more than the"),
+    (["--d-model", "100000", "--heads", "2"], "GiB, more than the"),
+    (["--vocab", "4000000000000"], "GiB, more than the"),
+    (["--d-model", "2000000000", "--heads", "2"], "has a weight too large to size"),
+    (["--layers", "1000000000"], "--layers 1000000000 is over 100000"),
+])
+def test_a_size_no_machine_holds_is_refused_before_anything_is_allocated(cli, flags, needle):
+    refused(cli(*flags), needle, "smaller")
+
+
+def test_a_label_of_a_billion_is_refused_before_anything_is_allocated(cli, tmp_path):
+    images = np.zeros((40, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(40) % 3
+    labels[5] = 10**9
+    source = _npz(tmp_path / "images.npz", x=images, y=labels)
+    refused(cli("--model", "amoebanet", "--image-size", "8", "--data", source),
+            "--classes 1000000001", "GiB, more than the")

@@ -67,3 +67,21 @@ def test_the_config_is_a_leaf_without_side_effects():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_config_is_settled_once_and_frozen():
+    """make_config settles the preset and --dtype auto; the data's fields are filled once, by
+    load_settled, into a new Config: nothing changes a Config after it is made."""
+    import dataclasses
+
+    from minipipe.data import load_settled
+    cfg = make_config(layers=2, data="synthetic", balance="1,1,1,1", dtype="auto", device="cpu")
+    assert (cfg.d_model, cfg.seq_len, cfg.dtype, cfg.vocab) == (128, 128, "float32", None)
+    assert cfg.balance_counts == [1, 1, 1, 1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layers = 3
+    settled, data = load_settled(cfg)
+    assert settled.vocab == data.vocab == 256 and cfg.vocab is None
+    assert dataclasses.replace(settled, vocab=None) == cfg  # only the data's field was filled
+    with pytest.raises(ConfigError, match=r"--balance '2,x': give a layer count >= 1 per stage"):
+        make_config(balance="2,x")

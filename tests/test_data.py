@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minipipe.config import make_config
-from minipipe.data import DataCursor, load_dataset
+from minipipe.data import DataCursor, load_dataset, load_settled
 from minipipe.errors import DataError
 from tests.spawn import run_workers
 
@@ -88,12 +88,13 @@ def test_text_directory_and_bin_files(tmp_path):
 def test_digits_and_npz_images(tmp_path):
     cfg = make_config(model="amoebanet")
     data = load_dataset(cfg)
+    assert (cfg.classes, cfg.channels) == (None, None)  # a Config is frozen: the data never changes it
+    cfg, data = load_settled(cfg)
     assert (cfg.classes, cfg.channels) == (10, 1)
     assert data.batch(0, 5)[0].shape == (5, 1, 32, 32)
     np.savez(tmp_path / "set.npz", x=np.random.rand(40, 3, 16, 16).astype(np.float32),
              y=np.arange(40) % 4)
-    cfg = make_config(model="amoebanet", data=str(tmp_path / "set.npz"))
-    data = load_dataset(cfg)
+    cfg, data = load_settled(make_config(model="amoebanet", data=str(tmp_path / "set.npz")))
     assert cfg.classes == 4 and data.batch(0, 3)[0].shape == (3, 3, 32, 32)
 
 

@@ -95,5 +95,5 @@ def test_a_peer_dying_in_a_collective_is_a_pipeline_error_naming_it(where, colle
     assert outcomes[1].error == "Died"
     survivor = outcomes[0]
     assert survivor.error == "PipelineError", survivor
-    assert f"rank 0 (stage 0), step 0: the {collective} failed" in survivor.message, survivor.message
+    assert f"rank 0 (stage 0), step 0: waiting for the {collective} failed" in survivor.message, survivor.message
     assert "lost the connection (the peer process exited or crashed)" in survivor.message

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CASE = dict(layers=4, d_model=128, heads=4, max_seq_len=128, data="synthetic", batch_size=16,
             microbatches=4, dtype="bfloat16", device="cuda", eval_every=0, dropout=0.1)
 # the step's set-up (batch to the device through pinned memory) and every per-micro-batch action
-PER_MICROBATCH = ("_begin", "_forward", "_backward", "_recv_act", "_send_act", "_recv_grad", "_send_grad")
+PER_MICROBATCH = ("begin", "_forward", "_backward", "recv_act", "send_act", "_recv_grad", "_send_grad")
 
 
 def _step(run, step):

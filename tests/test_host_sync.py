@@ -17,8 +17,8 @@ TINY = dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic", batc
             dtype="float64", grad_clip=1.0, eval_every=0)
 # Every call that makes the host wait for a CUDA tensor's value (or copies it to the host).
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-PER_MICROBATCH = {Kind.FORWARD: "_forward", Kind.BACKWARD: "_backward", Kind.SEND_ACT: "_send_act",
-                  Kind.RECV_ACT: "_recv_act", Kind.SEND_GRAD: "_send_grad", Kind.RECV_GRAD: "_recv_grad"}
+PER_MICROBATCH = {Kind.FORWARD: "_forward", Kind.BACKWARD: "_backward", Kind.SEND_ACT: "send_act",
+                  Kind.RECV_ACT: "recv_act", Kind.SEND_GRAD: "_send_grad", Kind.RECV_GRAD: "_recv_grad"}
 
 
 def _count_host_reads(monkeypatch, engine) -> list:
@@ -150,8 +150,8 @@ def test_warm_up_inputs_have_the_shapes_and_dtypes_of_a_real_bf16_forward(model)
     (the Transformer's boundary stays float32, AmoebaNet's cells hand over bfloat16)."""
     case = (dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic") if model == "transformer"
             else dict(model="amoebanet", preset="tiny", data="synthetic", image_size=8))
-    cfg = make_config(**case, batch_size=4, microbatches=2, dtype="bfloat16")
-    run = build_run(cfg)
+    run = build_run(make_config(**case, batch_size=4, microbatches=2, dtype="bfloat16"))
+    cfg = run.cfg  # settled: the data's fields filled
     n_layers = len(run.stage.indices)
     chunks = [[0], [1, 2], list(range(3, n_layers))]
     traced = chunk_inputs(cfg, chunks, 2, torch.float32, "cpu", torch.bfloat16)

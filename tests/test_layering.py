@@ -109,6 +109,15 @@ def test_no_import_circle_in_the_package():
             visit(name)
 
 
+def test_the_tied_weight_is_named_by_its_family_only():
+    """Which layers and parameters share a weight is the family's TiedWeight: the code that builds,
+    counts, stores and trains it names no model's parameter, so a new tied family changes none of it."""
+    for path in [ROOT / "minipipe" / "layers.py", *sorted((ROOT / "minipipe" / "pipeline").glob("*.py"))]:
+        code = path.read_text()
+        for name in ("tokens.weight", "proj.weight", "cfg.layers", ".tokens", ".proj"):
+            assert name not in code, f"{path.relative_to(ROOT)} names {name!r}"
+
+
 def test_no_family_branches_outside_models():
     pattern = re.compile(r"cfg\.model\s*(==|!=|in\b)|model\s*==\s*[\"'](transformer|amoebanet)")
     for path in sorted([ROOT / "train.py", *(ROOT / "minipipe").rglob("*.py")]):

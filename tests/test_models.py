@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minipipe.config import make_config
-from minipipe.data import load_dataset
+from minipipe.data import load_settled
 from minipipe.layers import build_layers, count_layer_params
 from minipipe.models import registry
 
@@ -98,8 +98,7 @@ def test_no_parameter_is_shared_between_layers():
 
 
 def test_lm_loss_at_init_is_ln_vocab():
-    cfg = make_config(model="transformer", layers=2, d_model=64, heads=4, seq_len=64)
-    data = load_dataset(cfg)
+    cfg, data = load_settled(make_config(model="transformer", layers=2, d_model=64, heads=4, seq_len=64))
     layers = build_layers(cfg, range(4))
     inputs, targets = data.batch(0, 8)
     value = inputs

@@ -10,11 +10,12 @@ from torch import nn
 
 from minipipe import build
 from minipipe.config import make_config
-from minipipe.data import load_dataset
+from minipipe.data import load_settled
 from minipipe.errors import ConfigError
 from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.partition import balance_by_cost, check_balance, format_cut, profile_costs, stage_ranges
+from minipipe.pipeline.spec import pipeline_spec
 
 
 def max_stage_cost(costs, balance):
@@ -172,9 +173,8 @@ def _saved_bytes(layer, value, loss=None) -> int:
 
 
 def test_profiled_balance_builds_one_layer_at_a_time_and_costs_what_the_whole_model_costs(monkeypatch):
-    cfg = make_config(model="transformer", layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic",
-                      batch_size=8, microbatches=2, balance_by="memory")
-    data = load_dataset(cfg)
+    cfg, data = load_settled(make_config(model="transformer", layers=3, d_model=16, heads=2, max_seq_len=8,
+                                         data="synthetic", batch_size=8, microbatches=2, balance_by="memory"))
     n_layers = len(registry.layer_factories(cfg))
     real_build, live, seen = build_layers, weakref.WeakValueDictionary(), []
 
@@ -185,7 +185,7 @@ def test_profiled_balance_builds_one_layer_at_a_time_and_costs_what_the_whole_mo
         return layers
     monkeypatch.setattr(build, "build_layers", build_and_count)
     layout = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
-    balance, costs, kind = build._choose_balance(cfg, layout, data, "torch", n_layers, 2)
+    balance, costs, kind = build._choose_balance(cfg, pipeline_spec(cfg, 2), layout, data, "torch", n_layers)
     monkeypatch.undo()
     assert seen == [[i] for i in range(n_layers)]  # each layer freed before the next is built
     whole = build_layers(cfg, range(n_layers))  # the reference: every layer at once

@@ -10,6 +10,7 @@ from minipipe import plan
 from minipipe.build import build_run
 from minipipe.config import make_config
 from minipipe.pipeline.optim import lr_at
+from minipipe.pipeline.spec import pipeline_spec
 from tests.spawn import run_workers
 
 CASES = {
@@ -134,13 +135,14 @@ def test_memory_budget_parses_units(text, expected):
 def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
     """float32 weights under bf16 autocast: the Transformer's residual stream stays float32, an
     AmoebaNet cell's output is bfloat16. The planner must see what crosses each boundary."""
-    from minipipe.data import load_dataset
+    from minipipe.data import load_settled
     from minipipe.layers import build_layers
     from minipipe.models import registry
     from minipipe.pipeline.values import as_tuple
     cfg = make_config(**CASES[family], **COMMON, dtype="bfloat16")
     micro = cfg.batch_size // cfg.microbatches
-    value, _ = load_dataset(cfg).batch(0, micro)
+    cfg, data = load_settled(cfg)
+    value, _ = data.batch(0, micro)
     value = value.float() if value.is_floating_point() else value  # as build_run feeds stage 0
     layers = build_layers(cfg, range(len(registry.layer_factories(cfg))))
     real = []  # bytes each layer receives in a real forward
@@ -148,7 +150,7 @@ def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
         for i in range(len(layers)):
             real.append(sum(t.numel() * t.element_size() for t in as_tuple(value)))
             value = layers[i](value)
-    planned = [p.input_bytes for p in plan.profile_layers(cfg)[:-1]]
+    planned = [p.input_bytes for p in plan.profile_layers(cfg, spec=pipeline_spec(cfg, 1))[:-1]]
     assert planned == real
     if family == "transformer":  # a Block's input is float32: 4 bytes per element of (micro, T, D)
         assert real[1] == micro * cfg.seq_len * cfg.d_model * 4

@@ -43,9 +43,9 @@ def test_interleaved_places_chunk_c_on_rank_c_mod_k():
     rank0 = train_actions("interleaved", 0, 2, 4, 2)
     computes = [str(a) for a in rank0 if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
     assert computes[:4] == ["F0c0", "F1c0", "F0c1", "F1c1"]
-    assert Action(Kind.RECV_ACT, 0, 1) in rank0  # chunk 2's input comes from rank 1 (chunk 1)
-    assert Action(Kind.SEND_ACT, 0, 1) in rank0  # chunk 2 -> chunk 3 on rank 1
-    assert Action(Kind.SEND_ACT, 0, 1) not in train_actions("interleaved", 1, 2, 4, 2)  # chunk 3 is last
+    assert Action(Kind.RECV_ACT, 0, 1, 2) in rank0  # chunk 2's input comes from rank 1 (chunk 1)
+    assert Action(Kind.SEND_ACT, 0, 1, 2) in rank0  # chunk 2 -> chunk 3 on rank 1
+    assert Action(Kind.SEND_ACT, 0, 1, 2) not in train_actions("interleaved", 1, 2, 4, 2)  # chunk 3 is last
     k1 = train_actions("interleaved", 0, 1, 2, 2)  # one rank: chunk hand-offs are local, no messages
     assert {a.kind for a in k1} == {Kind.FORWARD, Kind.BACKWARD, Kind.ALLREDUCE, Kind.STEP}
 
@@ -95,9 +95,9 @@ def test_forward_only_lists_pair_up():
         for r in range(k):
             for a in lists[r]:
                 if a.kind is Kind.SEND_ACT:
-                    channels.setdefault((r, (r + 1) % k), []).append((a.microbatch, a.v + (r == k - 1)))
+                    channels.setdefault((r, (r + 1) % k), []).append((a.microbatch, a.chunk + (r == k - 1)))
         for r in range(k):
-            received = [(a.microbatch, a.v) for a in lists[r] if a.kind is Kind.RECV_ACT]
+            received = [(a.microbatch, a.chunk) for a in lists[r] if a.kind is Kind.RECV_ACT]
             assert received == channels.get(((r - 1) % k, r), []), (schedule, r)
 
 

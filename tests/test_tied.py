@@ -9,14 +9,14 @@ import train
 from minipipe import plan
 from minipipe.config import make_config
 from minipipe.layers import build_layers, layer_param_numels
-from minipipe.pipeline import tied
 from minipipe.tracking.metrics import MetricsLogger, config_record
 from tests.harness import assert_close_tensors, merge_stages, reference_steps, run_steps
 from tests.spawn import run_workers
 
 MODEL = dict(model="transformer", layers=4, d_model=16, heads=2, max_seq_len=8, data="synthetic",
              dtype="float64", batch_size=8, lr=1e-2, warmup=0, tie_embeddings=True)  # 6 layers
-HEAD = "layers.5.proj.weight"  # the head's copy of layers.0.tokens.weight
+SOURCE = "layers.0.tokens.weight"  # the tied weight's one stored name
+HEAD = "layers.5.proj.weight"  # the head's copy of it
 GRID = [(m, recompute, "gpipe", 1) for m in (1, 4) for recompute in ("always", "never")]
 GRID += [(4, "always", "1f1b", 1), (4, "never", "interleaved", 2)]  # the sum is after any drain
 STEPS = 3
@@ -29,7 +29,7 @@ def _cases(n_stages):
 
 def _grid(n_stages):
     balance = "1,3,2" if n_stages == 3 else None
-    return [run_steps(STEPS, watch=(tied.SOURCE_NAME, HEAD), **MODEL, microbatches=m,
+    return [run_steps(STEPS, watch=(SOURCE, HEAD), **MODEL, microbatches=m,
                       recompute=recompute, schedule=schedule, virtual_stages=v,
                       balance=balance if v == 1 else None)
             for m, recompute, schedule, v in _cases(n_stages)]
@@ -71,13 +71,13 @@ def test_tied_pipeline_equals_a_single_device_model_with_one_shared_weight(n_sta
         got = merge_stages(stages)
         head_grad = got["grads"].pop(HEAD, None)
         if n_stages > 1:  # two copies, each with the summed gradient
-            assert torch.equal(head_grad, got["grads"][tied.SOURCE_NAME]), what
+            assert torch.equal(head_grad, got["grads"][SOURCE]), what
         assert_close_tensors(got["grads"], reference["grads"], 1e-10, what + " first-step gradients")
         assert_close_tensors(got["weights"], reference["weights"], 1e-10, what + " weights")
         assert got["losses"] == pytest.approx(reference["losses"], rel=1e-10, abs=0), what
         for step in range(STEPS):
             copies = {n: t for s in stages for n, t in s["watched"][step].items()}
-            assert torch.equal(copies[tied.SOURCE_NAME], copies[HEAD]), f"{what}: step {step}"
+            assert torch.equal(copies[SOURCE], copies[HEAD]), f"{what}: step {step}"
 
 
 def _stored(directory):
@@ -91,8 +91,8 @@ def _stored(directory):
 def test_a_k2_checkpoint_stores_the_tied_weight_once_and_resumes_at_k1_and_k3(runs):
     root, losses = runs["root"], runs["losses"]
     k2 = _stored(root / "k2" / "step-000003")
-    assert tied.SOURCE_NAME in k2 and not any(n.startswith(HEAD) for n in k2)
-    assert f"{tied.SOURCE_NAME}.exp_avg" in k2
+    assert SOURCE in k2 and not any(n.startswith(HEAD) for n in k2)
+    assert f"{SOURCE}.exp_avg" in k2
     # K=3 sums the same two copies as K=2: bitwise. K=1 shares one Parameter, whose gradient
     # autograd accumulates in another order (head + embedding per micro-batch): to 1e-12.
     assert losses[3] == [losses[2][2]]

@@ -11,7 +11,8 @@
 Invariants:
 - Names are global (`layers.7.qkv.weight`), so a checkpoint of K stages x dp replicas loads into
   any K' x dp': each stage reads only its own tensors, finding their files through the index.
-  A tied embedding is stored once, as `layers.0.tokens.weight` (minipipe/pipeline/tied.py).
+  A tied weight is stored once, under its source's name (the Transformer's
+  `layers.0.tokens.weight`; minipipe/pipeline/tied.py).
 - A checkpoint is complete or invisible: it is written under `.tmp-step-N`, fsynced, renamed to
   `step-N`, and only then named by `latest` (itself replaced atomically).
 - Loading verifies everything this rank reads (config, names, shapes, sizes, sha256: see
@@ -22,7 +23,6 @@ import base64
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -37,11 +37,9 @@ from minipipe.checkpoint.directory import (
     DirectoryClaim,
     agreed_resume_path,
     claim_checkpoint_dir,
-    collective,
-    from_rank0,
-    gathered,
     holds_only_checkpoint_files,
     is_checkpoint,
+    remove_written,
 )
 from minipipe.checkpoint.files import (
     FORMAT_VERSION,
@@ -56,8 +54,10 @@ from minipipe.checkpoint.files import (
     read_tensors,
     read_trainer_state,
 )
-from minipipe.errors import CheckpointError, PipelineError, describe_comm_failure
+from minipipe.errors import CheckpointError
+from minipipe.models import registry
 from minipipe.pipeline import tied
+from minipipe.pipeline.collectives import collective, from_rank0, raise_first, to_rank0
 from minipipe.pipeline.optim import lr_at
 
 
@@ -124,13 +124,8 @@ class Checkpointer:
             return self.sigterm_received
         lay = self.run.layout
         flag = torch.tensor([float(self.sigterm_received)], device=lay.device)
-        try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        except RuntimeError as err:  # a peer died after the step: say so, not a raw gloo error
-            raise PipelineError(f"rank {lay.rank} (stage {lay.stage}): waiting for every rank to "
-                                f"agree whether to stop after this step failed: "
-                                f"{describe_comm_failure(err, self.cfg.timeout)}; the first error is in another "
-                                f"rank's log") from err
+        collective(lay, "every rank to agree whether to stop after this step",  # a peer may have died
+                   lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX), timeout_s=self.cfg.timeout)
         return bool(flag.item())
 
     def close(self) -> None:
@@ -151,25 +146,35 @@ def schedule_change(saved_steps: int, cfg, first_step: int) -> str:
             f"(it would have been {before:.3e})")
 
 
+# A rank that fails mid-save (disk full, killed) surfaces in the save's next collective.
+SAVING = dict(error=CheckpointError, consequence=", and the previous checkpoint is intact")
+
+
 def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     """Every rank calls this after step `step`; returns the path once the checkpoint is complete
     and `latest` names it (older ones beyond --keep are then pruned)."""
     lay, root = run.layout, Path(run.cfg.ckpt_dir)
     final = root / f"step-{step + 1:06d}"
     tmp = root / f".tmp-{final.name}"
+    problem = None
     if lay.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed at this step
-        tmp.mkdir(parents=True)
-    _barrier(lay, f"start checkpoint {final.name}")
+        try:
+            _start_directory(tmp)
+        except CheckpointError as err:
+            problem = str(err)
+    problem = from_rank0(lay, [problem], f"every rank to start checkpoint {final.name}", **SAVING)[0]
+    if problem:
+        raise CheckpointError(problem)
     report = {"rng": _rng_state(lay.device)}
     if lay.dp_rank == 0:  # replicas hold equal tensors: one copy per stage
-        shards = {"model": tied.drop_copy(run.cfg, run.stage.state_dict()),  # a tied weight once
-                  "optimizer": tied.drop_copy(run.cfg, optimizer_tensors(run.stage, run.optimizer))}
+        tie = registry.tied_weight(run.cfg)
+        shards = {"model": tied.drop_copy(tie, run.stage.state_dict()),  # a tied weight once
+                  "optimizer": tied.drop_copy(tie, optimizer_tensors(run.stage, run.optimizer))}
         for kind, tensors in shards.items():  # 1-based, as in model-00001-of-00004.safetensors
             file_name = f"{kind}-{lay.stage + 1:05d}-of-{lay.n_stages:05d}.safetensors"
             with _write_failure_reported(root, tmp / file_name, lay):
                 report[kind] = _write_shard(tmp, file_name, tensors)
-    reports = _gather_to_rank0(report, lay, f"write its shards of {final.name}")
+    reports = to_rank0(lay, report, f"every rank to write its shards of {final.name}", **SAVING)
     problem = None
     if lay.rank == 0:
         try:
@@ -180,7 +185,7 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
             _prune(root, run.cfg.keep)
         except CheckpointError as err:
             problem = str(err)
-    problem = from_rank0(lay, [problem], f"see {final.name} published")[0]
+    problem = from_rank0(lay, [problem], f"every rank to see {final.name} published", error=CheckpointError)[0]
     if problem:  # rank 0's verdict: every rank stops with the same message
         raise CheckpointError(problem)
     return final
@@ -257,21 +262,43 @@ def _write_failure_reported(root: Path, path: Path, lay):
                               f"disk space (or fix --ckpt-dir) and resume with --resume auto") from err
 
 
+def _start_directory(tmp: Path) -> None:
+    """An empty `.tmp-step-N`: what a save killed at this step left there is removed first."""
+    if not remove_written(tmp):
+        raise CheckpointError(f"cannot save into {tmp}: it holds files minipipe did not write; "
+                              f"move them out and resume with --resume auto")
+    tmp.mkdir(parents=True)
+
+
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    if final.exists() and not is_checkpoint(final):
-        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that is "
-                              f"not a checkpoint is in the way; move it and resume (the step is "
-                              f"saved under {tmp})")
+    """Rename the complete step into place, then point `latest` at it. A step saved before (a
+    resume from an earlier step) stays until the new one is in place, then only its own files go."""
+    if (final.exists() or final.is_symlink()) and not (is_checkpoint(final)
+                                                       and holds_only_checkpoint_files(final)):
+        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that "
+                              f"holds files minipipe did not write is in the way; move it and "
+                              f"resume (the step is saved under {tmp})")
+    stale = root / f".old-{final.name}"
     if final.exists():  # this step was saved by an earlier run in the same directory
-        stale = root / f".old-{final.name}"
-        shutil.rmtree(stale, ignore_errors=True)
+        if not remove_written(stale):
+            raise CheckpointError(f"cannot publish {final}: {stale} holds files minipipe did not "
+                                  f"write; move it and resume (the step is saved under {tmp})")
         final.rename(stale)
     tmp.rename(final)
     pointer = root / f"{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    _fsync(pointer)
-    os.replace(pointer, root / LATEST)
-    _fsync(root)
+    try:
+        pointer.write_text(final.name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        _fsync(root)
+    except OSError as err:  # disk or inodes full: `latest` still names the previous step
+        pointer.unlink(missing_ok=True)
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"saving {root / LATEST} failed ({err}); {final} is complete but `{LATEST}` still "
+            f"names {previous or 'no step'}; free disk space (or inodes) and resume with "
+            f"--resume {final}") from err
+    remove_written(stale)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -279,8 +306,7 @@ def _prune(root: Path, keep: int) -> None:
     of killed saves. Only checkpoints count (is_checkpoint): a user's `step-7/notes.txt` or a file
     named `step-1` is neither counted nor touched."""
     for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_written(leftover)
     if not keep:
         return
     latest = (root / LATEST).read_text().strip()
@@ -288,7 +314,7 @@ def _prune(root: Path, keep: int) -> None:
                     key=lambda p: int(STEP_DIR.match(p.name).group(1)))
     for old in others[:max(len(others) - (keep - 1), 0)]:
         if holds_only_checkpoint_files(old):
-            shutil.rmtree(old)
+            remove_written(old)
         else:
             print(f"note: --keep {keep} leaves {old} in place: it holds files that are not part of "
                   f"the checkpoint", file=sys.stderr, flush=True)
@@ -308,10 +334,7 @@ def load_checkpoint(run, cursor, path: Path) -> int:
         problem = None
     except CheckpointError as err:
         problem = f"rank {lay.rank} (stage {lay.stage}): {err}"
-    problems = gathered(lay, problem, f"verify {path}")
-    first = next((p for p in problems if p), None)
-    if first:
-        raise CheckpointError(first)
+    raise_first(lay, problem, f"every rank to verify {path}", CheckpointError)
     cursor.load_state_dict(state["data_cursor"])
     run.stage.load_state_dict(weights)
     _load_optimizer_tensors(run.stage, run.optimizer, optimizer_state)
@@ -324,17 +347,19 @@ def load_checkpoint(run, cursor, path: Path) -> int:
 def _read_stage_tensors(path: Path, state: dict, stage, cfg) -> tuple[dict, dict]:
     """This stage's weights and buffers, and the optimizer state of its parameters, under this
     stage's names (a tied head's copy is read from the tied weight's one stored name)."""
-    stored = {name: tied.stored_name(cfg, name) for name in stage.state_dict()}
+    tie = registry.tied_weight(cfg)
+    stored = {name: tied.stored_name(tie, name) for name in stage.state_dict()}
     shapes = {stored[name]: t.shape for name, t in stage.state_dict().items()}
     read = read_tensors(path, "model", read_index(path, "model", state), state, shapes)
     weights = {name: read[stored[name]] for name in stored}
     own = dict(stage.named_parameters())
-    param_of = {tied.stored_name(cfg, name): name for name in own}  # stored name -> this stage's
+    param_of = {tied.stored_name(tie, name): name for name in own}  # stored name -> this stage's
     optimizer_map = read_index(path, "optimizer", state)
     wanted = {}
     for name in optimizer_map:
-        param_name, key = name.rsplit(".", 1)
-        if param_name in param_of:  # AdamW: a scalar step, moments shaped like the parameter
+        param_name, _, key = name.rpartition(".")
+        # AdamW: a scalar step, moments shaped like the parameter; any other key is not read
+        if param_name in param_of and key in ("step", "exp_avg", "exp_avg_sq"):
             wanted[name] = () if key == "step" else own[param_of[param_name]].shape
     optimizer_state = {}
     for name, value in read_tensors(path, "optimizer", optimizer_map, state, wanted).items():
@@ -386,19 +411,3 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier(lay, what: str) -> None:
-    if lay.world_size > 1:
-        _agree(lay, what, dist.barrier)
-
-
-def _gather_to_rank0(report: dict, lay, what: str) -> list:
-    if lay.world_size == 1:
-        return [report]
-    reports = [None] * lay.world_size if lay.rank == 0 else None
-    _agree(lay, what, lambda: dist.gather_object(report, reports, dst=0))
-    return reports
-
-
-def _agree(lay, what: str, run) -> None:
-    """A collective of the save; a rank that failed (disk full, killed) surfaces here."""
-    collective(lay, what, run, consequence=", and the previous checkpoint is intact")

@@ -18,6 +18,10 @@ another step, or nothing, fails every rank with the same CheckpointError before 
 
 A checkpoint is recognised by its trainer_state.json (see `is_checkpoint`): pruning and the fresh
 run check never count, move or delete anything else, such as a user's `step-7/notes.txt`.
+Deleting is file by file (`remove_written`): only names a save writes, then the directory if that
+left it empty, so no path through a save, a publish or a prune can take a file minipipe did not
+write. A step directory this run would save again (resuming from an earlier step) that holds
+anything else is refused by name before training (`_check_resaved_steps`).
 """
 import json
 import os
@@ -26,14 +30,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from minipipe.checkpoint.files import LATEST, STEP_DIR, TRAINER_STATE, checkpoint_path, read_trainer_state
-from minipipe.errors import CheckpointError, describe_comm_failure
+from minipipe.checkpoint.files import (
+    LATEST,
+    STEP_DIR,
+    TRAINER_STATE,
+    WRITTEN_FILE,
+    checkpoint_path,
+    file_inside,
+    read_trainer_state,
+)
+from minipipe.errors import CheckpointError
+from minipipe.pipeline.collectives import from_rank0, gathered
 
 LOCK = "minipipe.lock"
 PROBE = ".probe-rank{}"
-CLAIM = "claim --ckpt-dir"
+CLAIM = "every rank to claim --ckpt-dir"  # what the claim's collectives wait for
+RESUME = "every rank to agree on the checkpoint to resume"
 SHARED_FS = ("a multi-node run needs --ckpt-dir (and any --resume PATH) on a filesystem every "
              "node shares")
 
@@ -47,10 +59,26 @@ def holds_only_checkpoint_files(path: Path) -> bool:
     """The step directory holds nothing but the files its trainer_state.json records: safe to
     delete whole. Anything else (a user's notes, an unreadable state) keeps it from pruning."""
     try:
-        recorded = set(json.loads((path / TRAINER_STATE).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = set(json.loads(file_inside(path, TRAINER_STATE).read_bytes())["files"])
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return False
     return all(p.is_file() and p.name in recorded | {TRAINER_STATE} for p in path.iterdir())
+
+
+def remove_written(path: Path) -> bool:
+    """Delete the files a save writes (by name) in `path`, then `path` if that emptied it; True
+    when it is gone. Anything else in it (a user's file, a symlink, a folder) stays, and so does
+    the directory."""
+    if not path.is_dir() or path.is_symlink():
+        return not path.exists() and not path.is_symlink()
+    for entry in path.iterdir():
+        if WRITTEN_FILE.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+    try:
+        path.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def checkpoints_in(root: Path) -> list[Path]:
@@ -87,10 +115,11 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
         try:
             _check_directory(root)
             _check_fresh_run(cfg, root, resume_from)
+            _check_resaved_steps(cfg, root, resume_from)
             claim = _lock(root)
         except CheckpointError as err:
             problem = str(err)
-    token, problem = from_rank0(layout, [claim.token, problem], CLAIM)
+    token, problem = from_rank0(layout, [claim.token, problem], CLAIM, error=CheckpointError)
     if problem:
         raise CheckpointError(problem)
     try:  # each rank says "I can write here"; rank 0 checks that it sees every rank's word
@@ -99,10 +128,10 @@ def claim_checkpoint_dir(cfg, layout, resume_from: Path | None) -> DirectoryClai
     except OSError as err:
         problem = (f"rank {layout.rank} cannot write in --ckpt-dir {root}, which rank 0 created "
                    f"({err.strerror}); {SHARED_FS}, writable by every rank")
-    problems = gathered(layout, problem, CLAIM)
+    problems = gathered(layout, problem, CLAIM, error=CheckpointError)
     if layout.rank == 0:
         problem = next((p for p in problems if p), None) or _check_probes(root, layout, token)
-    problem = from_rank0(layout, [problem], CLAIM)[0]
+    problem = from_rank0(layout, [problem], CLAIM, error=CheckpointError)[0]
     try:  # a probe rank 0 could not see (another node's filesystem) is its writer's to remove
         (root / PROBE.format(layout.rank)).unlink(missing_ok=True)
     except OSError:
@@ -136,11 +165,33 @@ def _check_fresh_run(cfg, root: Path, resume_from: Path | None) -> None:
         return
     names = ", ".join(p.name for p in existing[-3:]) + (" ..." if len(existing) > 3 else "")
     start = "starts fresh" if resume_from is None else f"resumes from {resume_from}"
+    if cfg.resume == "auto":  # (it was passed, or is the default: no `latest` names a step there)
+        how = f"--resume auto found no `{LATEST}` there: pass --resume {existing[-1]}"
+    else:
+        how = "pass --resume auto (or one of its step directories)"
     raise CheckpointError(
         f"--ckpt-dir {root} holds checkpoints of another run ({names}) and this run {start} "
-        f"(--resume {cfg.resume}); to continue that run pass --resume auto (or a step directory), "
-        f"or use another --ckpt-dir, or pass --overwrite-ckpt to start over there (--keep may "
-        f"then delete the old checkpoints)")
+        f"(--resume {cfg.resume}); to continue that run {how}, or use another --ckpt-dir, or "
+        f"pass --overwrite-ckpt to start over there (--keep may then delete the old checkpoints)")
+
+
+def _check_resaved_steps(cfg, root: Path, resume_from: Path | None) -> None:
+    """A step directory this run will save again must be one minipipe may replace: a checkpoint
+    holding only its own files. Refused before the first step, not after training up to it."""
+    start = 0
+    if resume_from is not None and resume_from.resolve().parent == root.resolve():
+        named = STEP_DIR.match(resume_from.name)  # (a step directory the user renamed: from 0)
+        start = int(named.group(1)) if named else 0
+    in_the_way = [p.name for p in sorted(root.iterdir())
+                  if STEP_DIR.match(p.name) and p.name == f"step-{int(p.name[5:]):06d}"
+                  and start < int(p.name[5:]) <= cfg.steps
+                  and not (is_checkpoint(p) and holds_only_checkpoint_files(p))]
+    if in_the_way:
+        raise CheckpointError(
+            f"--ckpt-dir {root}: this run would save {', '.join(in_the_way[:3])} again, and "
+            f"{'it holds' if len(in_the_way) == 1 else 'they hold'} files minipipe did not write "
+            f"(or {'is' if len(in_the_way) == 1 else 'are'} not a checkpoint); move those files "
+            f"out, or use another --ckpt-dir")
 
 
 def _lock(root: Path) -> DirectoryClaim:
@@ -234,7 +285,7 @@ def agreed_resume_path(cfg, layout) -> Path | None:
                         None if path is None else read_trainer_state(path)["step"], None]
         except CheckpointError as err:
             decision = [None, None, str(err)]
-    path, step, problem = from_rank0(layout, decision, "agree on the checkpoint to resume")
+    path, step, problem = from_rank0(layout, decision, RESUME, error=CheckpointError)
     if problem:
         raise CheckpointError(problem)
     if path is None:
@@ -243,7 +294,7 @@ def agreed_resume_path(cfg, layout) -> Path | None:
         seen = read_trainer_state(Path(path))["step"]
     except CheckpointError as err:
         seen = f"cannot read it ({err})"
-    problem = disagreement(path, step, gathered(layout, seen, "agree on the checkpoint to resume"))
+    problem = disagreement(path, step, gathered(layout, seen, RESUME, error=CheckpointError))
     if problem:
         raise CheckpointError(problem)
     return Path(path)
@@ -258,31 +309,3 @@ def disagreement(path: str, step: int, seen_by_rank: list) -> str | None:
     return (f"the ranks disagree on the checkpoint to resume: rank 0 resumes {path} at step {step}, "
             f"but {'; '.join(others)}; {SHARED_FS} (or the same checkpoint copied to that path on "
             f"every node), then run again")
-
-
-# ---- collectives of the claim and the resume -------------------------------------------------
-def from_rank0(layout, values: list, what: str) -> list:
-    """Rank 0's values, on every rank."""
-    if layout.world_size > 1:
-        collective(layout, what, lambda: dist.broadcast_object_list(values, src=0))
-    return values
-
-
-def gathered(layout, value, what: str) -> list:
-    """Every rank's value, by rank, on every rank."""
-    if layout.world_size == 1:
-        return [value]
-    values = [None] * layout.world_size
-    collective(layout, what, lambda: dist.all_gather_object(values, value))
-    return values
-
-
-def collective(layout, what: str, run, consequence: str = "") -> None:
-    """A rank that died (or failed before this point) surfaces here within --timeout, as an error
-    that says what this rank waited for."""
-    try:
-        run()
-    except RuntimeError as err:
-        raise CheckpointError(f"rank {layout.rank} (stage {layout.stage}): waiting for every rank to "
-                              f"{what} failed: {describe_comm_failure(err)}; the first error is in "
-                              f"another rank's log{consequence}") from err

@@ -9,7 +9,7 @@ gradients accumulated over micro-batches and summed over dp replicas equal the f
 gradient, uneven micro-batches and ignored tokens included. The order of the schedule changes
 which micro-batch is accumulated when, never what: every schedule computes the same gradients.
 
-Chunks: rank r runs chunk v of its stage as the model's chunk v*K + r (V = 1: one chunk). The
+Chunks: rank r runs its chunk c (Action.chunk) as the model's chunk c*K + r (V = 1: one chunk). The
 model's first chunk reads the batch, the last one computes the loss. A value passed between two
 chunks of the same rank (K = 1) is handed over in memory; every other one is a message.
 Dropout masks are keyed by (seed, step, layer, global micro-batch) in `Stage`, so every
@@ -22,13 +22,15 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from minipipe.errors import PipelineError, describe_comm_failure
+from minipipe.errors import PipelineError
 from minipipe.pipeline import optim, running_stats, values
+from minipipe.pipeline.collectives import collective
 from minipipe.pipeline.comm import ACTIVATION, GRADIENT, StageComm
 from minipipe.pipeline.evaluation import evaluate
 from minipipe.pipeline.generation import generate
 from minipipe.pipeline.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.pipeline.spans import SpanRecorder
+from minipipe.pipeline.spec import PipelineSpec
 from minipipe.pipeline.tied import TiedEmbedding
 from minipipe.schedule.actions import Action, Kind, train_actions
 
@@ -57,40 +59,46 @@ class StepState:
         self.loss_total = loss if self.loss_total is None else self.loss_total + loss
 
 
+def _named_chunk(action: Action) -> int | None:
+    """The chunk a span names: the rank's chunk under interleaving, None when it holds one."""
+    return action.chunk if action.rank_chunks > 1 else None
+
+
 BUCKET_BYTES = 25 * 2**20  # data-parallel gradient bucket (DDP's default size)
 
 
 class Engine:
-    def __init__(self, stage, layout, loss_sum, count_units, optimizer, n_microbatches: int,
-                 recompute: str = "always", timeout_s: float = 300.0, autocast_dtype=None,
-                 deferred_bn: bool = False, layer_param_counts: list[int] | None = None,
-                 input_dtype=None, schedule: str = "gpipe", virtual_stages: int = 1):
-        self.stage, self.layout, self.optimizer = stage, layout, optimizer
+    """One rank's runner of the schedule. What evaluation and generation use is public: `stage`,
+    `layout`, `spec`, `device`, `comm`, `act_src`/`act_dst` (the neighbours activations come from
+    and go to), `state`, `last_chunk`, and the steps of a forward: `begin`, `run`, `recv_act`,
+    `chunk_input`, `run_chunk`, `loss`, `send_act`, `model_chunk`, `autocast`."""
+
+    def __init__(self, stage, layout, *, spec: PipelineSpec, loss_sum, count_units, optimizer,
+                 layer_param_counts: list[int] | None = None, tied_weight=None):
+        self.stage, self.layout, self.spec, self.optimizer = stage, layout, spec, optimizer
         self.loss_sum, self.count_units = loss_sum, count_units
-        self.n_microbatches, self.recompute, self.deferred_bn = n_microbatches, recompute, deferred_bn
-        self.schedule, self.virtual_stages = schedule, virtual_stages
         # Slot of each of this stage's parameters in the whole model's parameter order
         # (layer_param_counts: parameter tensors per global layer; default: this stage is the model).
         counts = layer_param_counts or [len(list(layer.parameters())) for layer in stage.layers.values()]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.n_param_slots = sum(counts)
-        self.tied = TiedEmbedding(stage, layout, timeout_s)  # a tied head's copy has no slot
+        # tied_weight: the model family's TiedWeight (or None); its copy has no slot
+        self.tied = TiedEmbedding(stage, layout, tied_weight, spec.timeout_s)
         counted = [(starts[i] + j, p) for i, layer in zip(stage.indices, stage.layers.values())
                    for j, p in enumerate(self.tied.counted(i, layer)) if p.requires_grad]
         self.norm_params = [p for _, p in counted]  # what the global gradient norm counts
         self.param_slots = torch.tensor([slot for slot, _ in counted], dtype=torch.long, device=layout.device)
         self.device = layout.device
-        self.autocast_dtype, self.input_dtype = autocast_dtype, input_dtype
-        self.scale = optim.LossScale(2.0 ** 16, 0, True) if autocast_dtype == torch.float16 else optim.LossScale()
+        fp16 = spec.autocast_dtype == torch.float16
+        self.scale = optim.LossScale(2.0 ** 16, 0, True) if fp16 else optim.LossScale()
         k, lay = layout.n_stages, layout
-        self.last_chunk = k * virtual_stages - 1
+        self.last_chunk = spec.n_chunks - 1
         # Neighbours in this replica; under interleaving the last rank feeds rank 0 (chunk K -> K+1).
         base = lay.rank - lay.stage
         self.act_src, self.act_dst = base + (lay.stage - 1) % k, base + (lay.stage + 1) % k
         self.comm = StageComm(lay.rank, lay.prev_rank, lay.next_rank, lay.stage, lay.device,
-                              timeout_s, lay.p2p) if k > 1 else None
-        self.timeout_s = timeout_s
-        self.actions = train_actions(schedule, lay.stage, k, n_microbatches, virtual_stages)
+                              spec.timeout_s, lay.p2p) if k > 1 else None
+        self.actions = train_actions(spec.schedule, lay.stage, k, spec.n_microbatches, spec.virtual_stages)
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
         self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/pipeline/spans.py)
         self.timed = False  # set by the caller: record device-time spans of this step on CUDA
@@ -102,15 +110,15 @@ class Engine:
         """Forward and backward of every micro-batch, then the synchronous update.
         Returns {"loss", "grad_norm", "skipped"}, the same on every rank."""
         self.stage.train()
-        self._begin(inputs, targets, step)
-        handlers = {Kind.RECV_ACT: self._recv_act, Kind.FORWARD: self._forward, Kind.SEND_ACT: self._send_act,
+        self.begin(inputs, targets, step)
+        handlers = {Kind.RECV_ACT: self.recv_act, Kind.FORWARD: self._forward, Kind.SEND_ACT: self.send_act,
                     Kind.RECV_GRAD: self._recv_grad, Kind.BACKWARD: self._backward,
                     Kind.SEND_GRAD: self._send_grad, Kind.ALLREDUCE: self._allreduce,
                     Kind.STEP: lambda _: self._update(lr, grad_clip)}
-        self._run(self.actions, handlers)
+        self.run(self.actions, handlers)
         return self.result
 
-    def _run(self, actions, handlers):
+    def run(self, actions, handlers):
         """Execute the schedule verbatim, recording what ran and when. Before each receive's
         wait, the header of the next message on its channel is posted, if one will come."""
         self.executed = []
@@ -119,7 +127,7 @@ class Engine:
         for action in actions:
             start = self.clock.mark()
             handlers[action.kind](action)
-            self.clock.add(action.kind.value, action.microbatch, action.chunk, start, self.clock.mark())
+            self.clock.add(action.kind.value, action.microbatch, _named_chunk(action), start, self.clock.mark())
             self.executed.append(action)
 
     @property
@@ -132,7 +140,7 @@ class Engine:
         """Host time when this rank left the last step's grad-norm all-reduce."""
         return self.clock.sync_point
 
-    def _begin(self, inputs, targets, step):
+    def begin(self, inputs, targets, step):
         """Every rank holds the global batch; take this replica's rows, split into micro-batches."""
         lay = self.layout
         rows = values.batch_size(targets) // lay.dp
@@ -141,34 +149,34 @@ class Engine:
         first, last = lay.stage == 0, lay.stage == self.last_chunk % lay.n_stages
         self.state = StepState(
             units=self.count_units(targets),
-            batch_inputs=values.split(self._to_device(inputs, own), self.n_microbatches) if first else None,
-            targets=values.split(self._to_device(targets, own, cast=False), self.n_microbatches) if last else None,
-            sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.n_microbatches)])
+            batch_inputs=values.split(self._to_device(inputs, own), self.spec.n_microbatches) if first else None,
+            targets=values.split(self._to_device(targets, own, cast=False), self.spec.n_microbatches) if last else None,
+            sizes=[len(t) for t in torch.tensor_split(torch.empty(rows), self.spec.n_microbatches)])
 
-    def _chunk(self, action) -> int:
-        """The model's chunk index of an action of this rank."""
-        return action.v * self.layout.n_stages + self.layout.stage
+    def model_chunk(self, action) -> int:
+        """The model's chunk that an action of this rank runs (its own chunk `action.chunk`)."""
+        return action.chunk * self.layout.n_stages + self.layout.stage
 
     def _global_microbatch(self, m: int) -> int:
         """Micro-batch m of replica d holds the rows of micro-batch d*M + m of the global batch:
         that index keys its dropout masks, so dp=2 x M draws the masks of dp=1 x 2M."""
-        return self.layout.dp_rank * self.n_microbatches + m
+        return self.layout.dp_rank * self.spec.n_microbatches + m
 
     def _to_device(self, value, rows, cast: bool = True):
         """This replica's rows on the stage's device (floating inputs in the parameters' dtype with
         `cast`). To a GPU through pinned memory, without waiting: a pageable copy would wait for
         the device to finish the previous step's work."""
         def move(t):
-            t, dtype = t[rows], self.input_dtype if cast and t.is_floating_point() else None
+            t, dtype = t[rows], self.spec.param_dtype if cast and t.is_floating_point() else None
             if self.device.type != "cuda":
                 return t.to(self.device, dtype)
             return t.pin_memory().to(self.device, dtype, non_blocking=True)
         return values.map_tensors(move, value)
 
     def autocast(self):
-        if self.autocast_dtype is None:
+        if self.spec.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.spec.autocast_dtype)
 
     # ---- the forward half ---------------------------------------------------------------------
     def _receive(self, action, kind, src, tag, what, **expect):
@@ -181,27 +189,27 @@ class Engine:
     def _about(self, what, action, peer_stage):
         """`activation of micro-batch 3 from stage 0` (+ ` for chunk 2` when V > 1)."""
         text = f"{what} of micro-batch {action.microbatch} from stage {peer_stage}"
-        return text if action.chunk is None else f"{text} for chunk {self._chunk(action)}"
+        return text if action.rank_chunks == 1 else f"{text} for chunk {self.model_chunk(action)}"
 
-    def _recv_act(self, action):
+    def recv_act(self, action):
         k = self.layout.n_stages
-        self.state.act_from_prev[action.v, action.microbatch] = self._receive(
+        self.state.act_from_prev[action.chunk, action.microbatch] = self._receive(
             action, Kind.RECV_ACT, self.act_src, ACTIVATION,
             self._about("activation", action, (self.layout.stage - 1) % k),
             expect_batch=self.state.sizes[action.microbatch])
 
-    def _chunk_input(self, action):
-        if self._chunk(action) == 0:
+    def chunk_input(self, action):
+        if self.model_chunk(action) == 0:
             return self.state.batch_inputs[action.microbatch]
-        return self.state.act_from_prev.pop((action.v, action.microbatch))
+        return self.state.act_from_prev.pop((action.chunk, action.microbatch))
 
-    def _run_chunk(self, value, action):
+    def run_chunk(self, value, action):
         m = action.microbatch
         try:
             with self.autocast():
-                return self.stage(value, self.step_index, self._global_microbatch(m), action.v)
+                return self.stage(value, self.step_index, self._global_microbatch(m), action.chunk)
         except RuntimeError as err:
-            if self._chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
+            if self.model_chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
                 raise
             lay = self.layout
             received = [(tuple(t.shape), str(t.dtype)) for t in values.as_tuple(value)]
@@ -211,34 +219,34 @@ class Engine:
                                 f"shape or dtype error, the stages disagree on the boundary value: "
                                 f"check that every rank runs the same model flags.") from err
 
-    def _loss(self, output, m):
+    def loss(self, output, m):
         with self.autocast():
             return self.loss_sum(output, self.state.targets[m]) / self.state.units
 
     def _forward(self, action):
-        st, m, c = self.state, action.microbatch, self._chunk(action)
-        value = self._chunk_input(action)
-        if recomputes(self.recompute, m, self.n_microbatches):
+        st, m, c = self.state, action.microbatch, self.model_chunk(action)
+        value = self.chunk_input(action)
+        if recomputes(self.spec.recompute, m, self.spec.n_microbatches):
             with torch.no_grad():
-                output = self._run_chunk(value, action)
+                output = self.run_chunk(value, action)
                 if c == self.last_chunk:
-                    st.add_loss(self._loss(output, m))
-            st.stashed_inputs[action.v, m] = value
+                    st.add_loss(self.loss(output, m))
+            st.stashed_inputs[action.chunk, m] = value
         else:
             leaf = grad_leaf(value) if c > 0 else value
-            output = self._run_chunk(leaf, action)
+            output = self.run_chunk(leaf, action)
             if c == self.last_chunk:
-                output = self._loss(output, m)
+                output = self.loss(output, m)
                 st.add_loss(output)
-            st.graphs[action.v, m] = (leaf, output)
+            st.graphs[action.chunk, m] = (leaf, output)
         if c < self.last_chunk:
             if self.layout.n_stages == 1:  # the next chunk is on this rank: hand over in memory
-                st.act_from_prev[action.v + 1, m] = values.detached(output)
+                st.act_from_prev[action.chunk + 1, m] = values.detached(output)
             else:
-                st.act_to_next[action.v, m] = values.detached(output)
+                st.act_to_next[action.chunk, m] = values.detached(output)
 
-    def _send_act(self, action):
-        key = (action.v, action.microbatch)
+    def send_act(self, action):
+        key = (action.chunk, action.microbatch)
         value = self.state.act_to_next.pop(key)
         self.state.sent_like[key] = values.grad_spec(value)
         self.comm.send(value, self.act_dst, what=f"activation of micro-batch {action.microbatch}",
@@ -246,22 +254,22 @@ class Engine:
 
     # ---- the backward half --------------------------------------------------------------------
     def _recv_grad(self, action):
-        key, k = (action.v, action.microbatch), self.layout.n_stages
+        key, k = (action.chunk, action.microbatch), self.layout.n_stages
         self.state.grad_from_next[key] = self._receive(
             action, Kind.RECV_GRAD, self.act_dst, GRADIENT,
             self._about("gradient", action, (self.layout.stage + 1) % k),
             expect_like=self.state.sent_like.pop(key))
 
     def _backward(self, action):
-        st, m, c, key = self.state, action.microbatch, self._chunk(action), (action.v, action.microbatch)
+        st, m, c, key = self.state, action.microbatch, self.model_chunk(action), (action.chunk, action.microbatch)
         if key in st.stashed_inputs:
             start = self.clock.mark()
             with self.autocast():
                 leaf, output = recompute_forward(self.stage, st.stashed_inputs.pop(key), self.step_index,
-                                                 self._global_microbatch(m), input_grad=c > 0, chunk=action.v)
+                                                 self._global_microbatch(m), input_grad=c > 0, chunk=action.chunk)
             if c == self.last_chunk:
-                output = self._loss(output, m)
-            self.clock.add("recompute", m, action.chunk, start, self.clock.mark())  # nested in backward
+                output = self.loss(output, m)
+            self.clock.add("recompute", m, _named_chunk(action), start, self.clock.mark())  # nested in backward
         else:
             leaf, output = st.graphs.pop(key)
         if c == self.last_chunk:
@@ -272,28 +280,23 @@ class Engine:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if c > 0:
             if self.layout.n_stages == 1:  # the previous chunk is on this rank
-                st.grad_from_next[action.v - 1, m] = values.input_grads(leaf)
+                st.grad_from_next[action.chunk - 1, m] = values.input_grads(leaf)
             else:
                 st.grad_to_prev[key] = values.input_grads(leaf)
 
     def _send_grad(self, action):
-        self.comm.send(self.state.grad_to_prev.pop((action.v, action.microbatch)), self.act_src,
+        self.comm.send(self.state.grad_to_prev.pop((action.chunk, action.microbatch)), self.act_src,
                        what=f"gradient of micro-batch {action.microbatch}", tag=GRADIENT)
 
     # ---- after the drain ----------------------------------------------------------------------
     def _params(self):
         return [p for p in self.stage.parameters() if p.requires_grad]
 
-    def _collective(self, name: str, fn, *args, **kwargs):
-        """A collective whose peer died or timed out becomes a PipelineError naming it."""
-        try:
-            return fn(*args, **kwargs)
-        except RuntimeError as err:
-            lay = self.layout
-            raise PipelineError(f"rank {lay.rank} (stage {lay.stage}), step {self.step_index}: the {name} "
-                                f"failed: {describe_comm_failure(err, self.timeout_s)}. Another rank "
-                                f"probably failed or is stuck: check its log for the first error; if "
-                                f"it is only slow, raise --timeout") from err
+    def _collective(self, what: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a collective of this step: a peer that died or timed out there
+        becomes a PipelineError naming `what`, this rank and the step."""
+        return collective(self.layout, what, partial(fn, *args, **kwargs), step=self.step_index,
+                          timeout_s=self.spec.timeout_s)
 
     def _allreduce(self, _):
         """Sum gradients over the dp replicas of this stage (their losses were already divided by
@@ -305,15 +308,15 @@ class Engine:
         if self.comm is not None:
             self.comm.wait_sends()
         for work, flat, grads in buckets:
-            self._collective("data-parallel gradient all-reduce", work.wait)
+            self._collective("the data-parallel gradient all-reduce", work.wait)
             for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(synced)
         # the tied embedding's two copies get their summed gradient
-        self._collective("tied-embedding gradient all-reduce", self.tied.sum_copies)
+        self.tied.sum_copies(partial(self._collective, "the tied-embedding gradient all-reduce", dist.all_reduce))
         if self.stats_layers:  # BatchNorm: one flat collective over this stage's replicas
-            all_reduce = partial(self._collective, "BatchNorm statistics all-reduce", dist.all_reduce,
+            all_reduce = partial(self._collective, "the BatchNorm statistics all-reduce", dist.all_reduce,
                                  group=lay.stage_group)
-            if self.deferred_bn:
+            if self.spec.deferred_bn:
                 running_stats.commit_deferred(self.stats_layers, all_reduce if lay.dp > 1 else None)
             elif lay.dp > 1:  # per-micro-batch statistics differ per replica: keep replicas equal
                 running_stats.average_buffers(self.stage, all_reduce, lay.dp)
@@ -337,7 +340,7 @@ class Engine:
         started = []
         for grads in buckets:
             flat = torch._utils._flatten_dense_tensors(grads)
-            work = self._collective("data-parallel gradient all-reduce", dist.all_reduce, flat,
+            work = self._collective("the data-parallel gradient all-reduce", dist.all_reduce, flat,
                                     group=self.layout.stage_group, async_op=True)
             started.append((work, flat, grads))
         return started
@@ -356,7 +359,7 @@ class Engine:
             packed[-1] = self.state.loss_total
         start = self.clock.mark()
         if self.layout.world_size > 1:
-            self._collective("gradient-norm all-reduce", dist.all_reduce, packed)
+            self._collective("the gradient-norm all-reduce", dist.all_reduce, packed)
         end = self.clock.mark()
         packed = packed.cpu()  # the step's one wait for the device: the norms and the loss
         # Every rank leaves this all-reduce at (nearly) the same instant: the timeline's common clock.
@@ -371,8 +374,8 @@ class Engine:
     def generate(self, prompt, n_new: int, max_context: int, temperature: float = 0.8, top_k: int = 40,
                  seed: int = 0):
         """Sampling through the pipeline: see minipipe.pipeline.generation."""
-        return generate(self, prompt, n_new, max_context, temperature, top_k, seed)
+        return generate(self, prompt, n_new, max_context, temperature, top_k, seed, spec=self.spec)
 
     def evaluate(self, batches) -> float:
         """Mean loss over `batches` (global (inputs, targets)), on every rank: see minipipe.pipeline.evaluation."""
-        return evaluate(self, batches)
+        return evaluate(self, batches, spec=self.spec)

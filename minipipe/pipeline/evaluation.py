@@ -1,6 +1,6 @@
 """Validation loss through the pipeline, forward only.
 
-    loss = evaluate(engine, batches)   # on every rank; batches: global (inputs, targets)
+    loss = evaluate(engine, batches, spec=spec)   # on every rank; batches: global (inputs, targets)
 
 The schedule's forward actions (schedule.forward_actions) run on every batch with the engine's
 receives and sends; the last chunk adds each micro-batch's summed loss to a device scalar, so
@@ -10,35 +10,37 @@ over every counted unit (token or sample) of all batches, as training's loss is 
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective
+from minipipe.pipeline.spec import PipelineSpec
 from minipipe.schedule.actions import Kind, forward_actions
 
 
 @torch.no_grad()
-def evaluate(engine, batches) -> float:
+def evaluate(engine, batches, *, spec: PipelineSpec) -> float:
     engine.stage.eval()
     lay = engine.layout
-    actions = forward_actions(engine.schedule, lay.stage, lay.n_stages, engine.n_microbatches,
-                              engine.virtual_stages)
+    actions = forward_actions(spec.schedule, lay.stage, spec.n_stages, spec.n_microbatches, spec.virtual_stages)
 
     def forward(action):
         st, m = engine.state, action.microbatch
-        output = engine._run_chunk(engine._chunk_input(action), action)
-        if engine._chunk(action) == engine.last_chunk:
-            st.add_loss(engine._loss(output, m))
+        output = engine.run_chunk(engine.chunk_input(action), action)
+        if engine.model_chunk(action) == engine.last_chunk:
+            st.add_loss(engine.loss(output, m))
         elif lay.n_stages == 1:  # the next chunk is on this rank: hand over in memory
-            st.act_from_prev[action.v + 1, m] = output
+            st.act_from_prev[action.chunk + 1, m] = output
         else:
-            st.act_to_next[action.v, m] = output
-    handlers = {Kind.RECV_ACT: engine._recv_act, Kind.FORWARD: forward, Kind.SEND_ACT: engine._send_act}
+            st.act_to_next[action.chunk, m] = output
+    handlers = {Kind.RECV_ACT: engine.recv_act, Kind.FORWARD: forward, Kind.SEND_ACT: engine.send_act}
     total, units = torch.zeros(1, dtype=torch.float64, device=engine.device), 0
     for inputs, targets in batches:
-        engine._begin(inputs, targets, step=0)
-        engine._run(actions, handlers)
+        engine.begin(inputs, targets, step=0)
+        engine.run(actions, handlers)
         if engine.state.loss_total is not None:
             total += engine.state.loss_total * engine.state.units
         units += engine.state.units
     if engine.comm is not None:
         engine.comm.wait_sends()
     if lay.world_size > 1:
-        engine._collective("evaluation loss all-reduce", dist.all_reduce, total)
+        collective(lay, "the evaluation loss all-reduce", lambda: dist.all_reduce(total),
+                   timeout_s=spec.timeout_s)
     return float(total) / units

@@ -1,6 +1,6 @@
 """Autoregressive sampling through the pipeline (Transformer), forward only, one token at a time.
 
-    tokens = generate(engine, prompt, n_new, max_context, temperature, top_k, seed)  # on every rank
+    tokens = generate(engine, prompt, n_new, max_context, temperature, top_k, seed, spec=spec)  # every rank
 
 Each new token runs the context through the model's chunks in order (chunk c on rank c mod K;
 a hand-off between two chunks of one rank stays in memory). The rank of the last chunk samples
@@ -10,23 +10,25 @@ returns the same tokens. Messages use the engine's activation channel.
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective
 from minipipe.pipeline.comm import ACTIVATION
+from minipipe.pipeline.spec import PipelineSpec
 
 
 @torch.no_grad()
 def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0) -> torch.Tensor:
+             top_k: int = 40, seed: int = 0, *, spec: PipelineSpec) -> torch.Tensor:
     """prompt: (1, T) ids. Returns the n_new sampled ids (on the CPU)."""
     stage, lay = engine.stage, engine.layout
     stage.eval()
     tokens = prompt.to(engine.device)
     generator = torch.Generator(device=engine.device).manual_seed(seed)
-    k = lay.n_stages
-    samples = lay.stage == engine.last_chunk % k  # this rank runs the model's last chunk
-    last_rank = lay.rank - lay.stage + engine.last_chunk % k
+    k, last_chunk = spec.n_stages, spec.n_chunks - 1
+    samples = lay.stage == last_chunk % k  # this rank runs the model's last chunk
+    last_rank = lay.rank - lay.stage + last_chunk % k
     for _ in range(n_new):
         value = tokens[:, -max_context:]
-        for c in range(engine.last_chunk + 1):
+        for c in range(last_chunk + 1):
             if c % k != lay.stage:
                 continue
             if c > 0 and k > 1:
@@ -34,7 +36,7 @@ def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, tempera
                                          what="generation activation", tag=ACTIVATION)
             with engine.autocast():
                 value = stage(value, 0, 0, c // k)
-            if c < engine.last_chunk and k > 1:
+            if c < last_chunk and k > 1:
                 engine.comm.send(value, engine.act_dst, what="generation activation", tag=ACTIVATION)
                 engine.comm.wait_sends()
         if samples:
@@ -45,6 +47,8 @@ def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, tempera
         else:
             token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
         if k > 1:
-            dist.broadcast(token, src=last_rank, group=lay.pipeline_group)
+            collective(lay, "the sampled token's broadcast from the last stage",
+                       lambda: dist.broadcast(token, src=last_rank, group=lay.pipeline_group),
+                       timeout_s=spec.timeout_s)
         tokens = torch.cat([tokens, token], dim=1)
     return tokens[0, prompt.shape[1]:].cpu()

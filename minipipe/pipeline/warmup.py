@@ -14,10 +14,11 @@ import torch
 
 from minipipe.pipeline import running_stats
 from minipipe.pipeline.recompute import grad_leaf
+from minipipe.pipeline.spec import PipelineSpec
 from minipipe.pipeline.values import as_tuple
 
 
-def warm_up(engine, chunk_inputs: list, targets: torch.Tensor) -> float:
+def warm_up(engine, chunk_inputs: list, targets: torch.Tensor, *, spec: PipelineSpec) -> float:
     """Seconds spent; `chunk_inputs[v]` is a value shaped like chunk v's micro-batch input,
     `targets` one micro-batch's targets (for the loss on the model's last chunk)."""
     start = time.perf_counter()
@@ -29,7 +30,7 @@ def warm_up(engine, chunk_inputs: list, targets: torch.Tensor) -> float:
             leaf = grad_leaf(value)
             with engine.autocast():
                 output = stage(leaf, 0, 0, v)
-                if v * engine.layout.n_stages + engine.layout.stage == engine.last_chunk:
+                if v * spec.n_stages + engine.layout.stage == spec.n_chunks - 1:
                     output = engine.loss_sum(output, targets)
             outputs = [o for o in as_tuple(output) if o.requires_grad]
             if outputs:

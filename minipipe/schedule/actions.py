@@ -14,7 +14,8 @@ Three schedules, each a compute order per rank; the messages follow from it (`_w
 Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe and 1f1b run
 one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of K).
 
-An action names the rank's local chunk v (0..V-1) when V > 1. `recv_act`/`send_act` carry
+An action's `chunk` is the rank's own chunk 0..V-1 (the model's chunk chunk*K + rank; always 0
+when V = 1, and then left out of its name: `F3`, not `F3c0`). `recv_act`/`send_act` carry
 activations from chunk c to c+1 (rank r -> r+1 mod K, so the last rank sends to rank 0 under
 interleaving), `recv_grad`/`send_grad` carry gradients back. With K = 1 every hand-off between
 chunks is local: no message is listed and the engine passes the value in memory.
@@ -54,23 +55,19 @@ _SHORT = {Kind.FORWARD: "F", Kind.BACKWARD: "B"}
 class Action:
     kind: Kind
     microbatch: int | None = None  # None for allreduce and step
-    chunk: int | None = None  # this rank's model chunk 0..V-1; None when V = 1
+    chunk: int = 0  # the rank's own chunk 0..V-1 (model chunk chunk*K + rank)
+    rank_chunks: int = 1  # V, the chunks the rank holds: the chunk is named when V > 1
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))  # also accepts the kind's name string
         if (self.microbatch is None) != (self.kind in (Kind.ALLREDUCE, Kind.STEP)):
             raise ValueError(f"action {self.kind.value!r} got microbatch={self.microbatch!r}")
 
-    @property
-    def v(self) -> int:
-        """The local chunk index, 0 when the schedule has one chunk per rank."""
-        return self.chunk or 0
-
     def __str__(self):
         if self.microbatch is None:
             return self.kind.value
         text = f"{_SHORT.get(self.kind, self.kind.value)}{self.microbatch}"
-        return text if self.chunk is None else f"{text}c{self.chunk}"
+        return text if self.rank_chunks == 1 else f"{text}c{self.chunk}"
 
 
 def check_schedule(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> None:
@@ -120,22 +117,21 @@ def _interleaved_order(rank, k, m, v):
 _ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _interleaved_order}
 
 
-def _with_messages(order, rank, k, v, chunk_named):
+def _with_messages(order, rank, k, v):
     """Receive right before the compute that needs the value; send right after it is made."""
     last_chunk = k * v - 1
     actions = []
     for kind, chunk, m in order:
-        c = chunk * k + rank  # global chunk
-        named = chunk if chunk_named else None
+        c = chunk * k + rank  # the model's chunk
         if kind is Kind.FORWARD:
             needs, gives = (Kind.RECV_ACT if c > 0 else None), (Kind.SEND_ACT if c < last_chunk else None)
         else:
             needs, gives = (Kind.RECV_GRAD if c < last_chunk else None), (Kind.SEND_GRAD if c > 0 else None)
         if needs and k > 1:
-            actions.append(Action(needs, m, named))
-        actions.append(Action(kind, m, named))
+            actions.append(Action(needs, m, chunk, v))
+        actions.append(Action(kind, m, chunk, v))
         if gives and k > 1:
-            actions.append(Action(gives, m, named))
+            actions.append(Action(gives, m, chunk, v))
     return actions
 
 
@@ -147,7 +143,7 @@ def train_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
     if not 0 <= rank < n_stages:
         raise ScheduleError(f"rank {rank} is outside 0..{n_stages - 1}")
     order = _ORDERS[schedule](rank, n_stages, n_microbatches, virtual_stages)
-    return _with_messages(order, rank, n_stages, virtual_stages, virtual_stages > 1) + [
+    return _with_messages(order, rank, n_stages, virtual_stages) + [
         Action(Kind.ALLREDUCE), Action(Kind.STEP)]
 
 

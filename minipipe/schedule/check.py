@@ -50,14 +50,15 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
 
     def step(rank, action) -> bool:
         """Run one action of `rank`; False if it must wait for a message."""
-        c, m = action.v * k + rank, action.microbatch
-        if m is not None and (action.chunk is None) != (v == 1) or action.chunk is not None and not 0 <= action.chunk < v:
-            fail(rank, action, f"names chunk {action.chunk}; with V={v} name a chunk 0..{v - 1} only when V > 1")
+        c, m = action.chunk * k + rank, action.microbatch
+        if m is not None and (action.rank_chunks != v or not 0 <= action.chunk < v):
+            fail(rank, action, f"names chunk {action.chunk} of {action.rank_chunks}; with V={v} name a "
+                               f"chunk 0..{v - 1} of {v}")
         if m is not None and not 0 <= m < n_microbatches:
             fail(rank, action, f"micro-batch {m} is outside 0..{n_microbatches - 1}")
         if action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
             forward = action.kind is Kind.SEND_ACT
-            made = (Kind.FORWARD if forward else Kind.BACKWARD, action.v, m)
+            made = (Kind.FORWARD if forward else Kind.BACKWARD, action.chunk, m)
             if made not in done[rank] or (c == last_chunk if forward else c == 0):
                 fail(rank, action, "sends a value this rank has not computed, or that has no receiver")
             dst = (rank + (1 if forward else -1)) % k
@@ -77,10 +78,10 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
             ready[rank][("act" if forward else "grad", c, m)] = sent_at
         elif action.kind in _COMPUTE:
             forward = action.kind is Kind.FORWARD
-            key = (action.kind, action.v, m)
+            key = (action.kind, action.chunk, m)
             if key in done[rank]:
                 fail(rank, action, "runs twice")
-            if not forward and (Kind.FORWARD, action.v, m) not in done[rank]:
+            if not forward and (Kind.FORWARD, action.chunk, m) not in done[rank]:
                 fail(rank, action, "backward before its forward")
             needs = _input(forward, c, m, last_chunk, k, ready[rank], done[rank], rank)
             if needs is None:

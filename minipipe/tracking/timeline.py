@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minipipe.pipeline.collectives import collective, to_rank0
+from minipipe.pipeline.spec import PipelineSpec
 from minipipe.schedule.actions import bubble_fraction
 
 COMPUTE_KINDS = ("forward", "backward")
@@ -81,7 +83,7 @@ def measured_bubble(extents) -> float:
     return sum(1.0 - busy / window for _, _, busy in extents) / len(extents)
 
 
-def pipeline_stats(engine, layout) -> dict:
+def pipeline_stats(engine, layout, *, spec: PipelineSpec) -> dict:
     """Measured bubble of the last step and each stage's peak memory, on rank 0 (every rank must
     call: one all-gather of 4 numbers per rank). Keys: bubble_measured, bubble_theory,
     peak_mem_gib/stage{s} (the max over dp replicas)."""
@@ -89,12 +91,13 @@ def pipeline_stats(engine, layout) -> dict:
     local = torch.tensor(own, dtype=torch.float64, device=layout.device)
     if layout.world_size > 1:
         gathered = [torch.empty_like(local) for _ in range(layout.world_size)]
-        dist.all_gather(gathered, local)
+        collective(layout, "every stage's bubble and peak memory",
+                   lambda: dist.all_gather(gathered, local))
     else:
         gathered = [local]
     rows = [row.tolist() for row in gathered]  # by rank = dp_rank * n_stages + stage
     stats = {"bubble_measured": measured_bubble([row[:3] for row in rows]),
-             "bubble_theory": bubble_fraction(layout.n_stages, engine.n_microbatches, engine.virtual_stages)}
+             "bubble_theory": bubble_fraction(spec.n_stages, spec.n_microbatches, spec.virtual_stages)}
     for stage in range(layout.n_stages):
         peak = max(rows[rank][3] for rank in range(stage, layout.world_size, layout.n_stages))
         stats[f"peak_mem_gib/stage{stage}"] = peak / 2**30
@@ -104,12 +107,7 @@ def pipeline_stats(engine, layout) -> dict:
 # ---- traced steps: every rank's spans to rank 0, written as Chrome trace JSON and a PNG -------
 def gather_timeline(engine, layout) -> list[list[tuple]] | None:
     """Every rank's aligned spans of the last step, by rank, on rank 0 (None elsewhere)."""
-    spans = aligned_spans(engine)
-    if layout.world_size == 1:
-        return [spans]
-    gathered = [None] * layout.world_size if layout.rank == 0 else None
-    dist.gather_object(spans, gathered, dst=0)
-    return gathered
+    return to_rank0(layout, aligned_spans(engine), "every rank's spans of the traced step")
 
 
 def trace_paths(path: str, step: int, several: bool) -> tuple[Path, Path]:
@@ -183,7 +181,7 @@ def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Pa
     plt.close(fig)
 
 
-def write_trace(engine, layout, path: str, step: int, several: bool) -> Path | None:
+def write_trace(engine, layout, path: str, step: int, several: bool, *, spec: PipelineSpec) -> Path | None:
     """Collective: gather the last step's spans; rank 0 writes the JSON and PNG and prints the
     bubble. Returns the JSON path on rank 0."""
     timeline = gather_timeline(engine, layout)
@@ -194,10 +192,10 @@ def write_trace(engine, layout, path: str, step: int, several: bool) -> Path | N
     tmp = json_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(chrome_trace(timeline, layout.n_stages, step)))
     os.replace(tmp, json_path)
-    v = engine.virtual_stages
-    draw_gantt(timeline, layout.n_stages, engine.n_microbatches, step, png_path, engine.schedule, v)
+    v = spec.virtual_stages
+    draw_gantt(timeline, spec.n_stages, spec.n_microbatches, step, png_path, spec.schedule, v)
     bubble = measured_bubble([_compute_extent(spans) for spans in timeline])
     print(f"trace of step {step}: {json_path} (ui.perfetto.dev), {png_path}; bubble measured "
-          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(layout.n_stages, engine.n_microbatches, v):.3f}",
+          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(spec.n_stages, spec.n_microbatches, v):.3f}",
           flush=True)
     return json_path
