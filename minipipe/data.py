@@ -148,11 +148,17 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
     elif source in ("digits",):
         raise DataError(f"--data {source} is image data; use it with --model amoebanet")
     else:
-        train, val, vocab = _token_files(Path(source), cfg.vocab)
+        train, val, vocab = _token_files(Path(source), cfg.vocab, _vocab_named(cfg))
     if cfg.vocab is not None and cfg.vocab < vocab and not source.endswith(".bin"):
-        raise DataError(f"--vocab {cfg.vocab} is smaller than the data's {vocab} byte values; "
-                        f"raise --vocab to at least {vocab}")
+        raise DataError(f"{_vocab_named(cfg)} {cfg.vocab} is smaller than the data's {vocab} byte "
+                        f"values; " + ("the model cannot read this data as bytes" if cfg.init_from
+                                       else f"raise --vocab to at least {vocab}"))
     return TokenDataset(source, train, val, cfg.vocab or vocab, cfg.seq_len, cfg.seed)
+
+
+def _vocab_named(cfg) -> str:
+    """What set the vocabulary, for messages: a flag the user did not pass is never named."""
+    return "--init-from's vocab_size" if cfg.init_from else "--vocab"
 
 
 def cache_dir() -> Path:
@@ -209,7 +215,7 @@ def _synthetic_tokens():
     return tokens[:split], tokens[split:]
 
 
-def _token_files(path: Path, vocab):
+def _token_files(path: Path, vocab, vocab_named: str):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
@@ -221,9 +227,9 @@ def _token_files(path: Path, vocab):
             raise DataError(f"--data {path}: holds nanoGPT token files but not {absent[0]}; add "
                             f"it, or pass the one .bin file itself (its last 1/{VAL_EVERY} "
                             f"becomes validation)")
-        return (*(_read_bin(splits[s], vocab) for s in ("train", "val")), vocab)
+        return (*(_read_bin(splits[s], vocab, vocab_named) for s in ("train", "val")), vocab)
     if path.suffix == ".bin":
-        tokens = _read_bin(path, vocab)
+        tokens = _read_bin(path, vocab, vocab_named)
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
         return tokens[:split], tokens[split:], vocab
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -251,7 +257,7 @@ def _regular_file_or_directory(path: Path) -> None:
                         f"socket is never read); pass a file or directory")
 
 
-def _read_bin(path: Path, vocab) -> np.ndarray:
+def _read_bin(path: Path, vocab, vocab_named: str) -> np.ndarray:
     if vocab is None:
         raise DataError(f"--data {path}: token-id files need --vocab (the tokenizer's vocabulary size)")
     size = path.stat().st_size
@@ -263,8 +269,9 @@ def _read_bin(path: Path, vocab) -> np.ndarray:
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     top = int(tokens.max())
     if top >= vocab:
-        raise DataError(f"--data {path}: holds token id {top}, which is >= --vocab {vocab}; "
-                        f"pass the tokenizer's vocabulary size (at least {top + 1})")
+        fix = (f"pass the tokenizer's vocabulary size (at least {top + 1})" if vocab_named == "--vocab"
+               else "use data made with that model's tokenizer")
+        raise DataError(f"--data {path}: holds token id {top}, which is >= {vocab_named} {vocab}; {fix}")
     return tokens
 
 
