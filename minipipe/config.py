@@ -107,7 +107,7 @@ class Config:
     run_name: Optional[str] = _f(None, "wandb run name (default: wandb picks one)")
     trace: Optional[str] = _f(None, "write the pipeline timeline of --trace-steps here: "
                                     "Chrome-trace JSON (Perfetto) and a PNG Gantt chart beside it")
-    trace_steps: str = _f("1", "0-based steps to trace, comma-separated (default: the 2nd, after warm-up)")
+    trace_steps: str = _f("2", "steps to trace (counting from 1), comma-separated (default: the 2nd, after warm-up)")
     # checkpoints
     ckpt_dir: Optional[str] = _f(None, "save sharded safetensors checkpoints here (default: none, no saving)")
     ckpt_every: int = _f(0, "also save every N steps (0 = only at the end and on SIGTERM)")
@@ -339,8 +339,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--timeout must be between {low:g} and {high:g} seconds (a week); got "
                           f"{cfg.timeout:g}")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
-        raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be below "
-                          f"--steps {cfg.steps} (steps count from 0)")
+        raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be at most "
+                          f"--steps {cfg.steps} (steps count from 1)")
     if cfg.model == "transformer":
         if cfg.d_model % cfg.heads:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
@@ -355,13 +355,13 @@ def validate(cfg: Config) -> None:
 
 
 def traced_steps(cfg: Config) -> set[int]:
-    """The 0-based steps --trace records (none without --trace)."""
+    """The loop indices (step - 1) of the steps --trace records (none without --trace)."""
     if not cfg.trace:
         return set()
     try:
         steps = {int(part) for part in cfg.trace_steps.split(",")}
     except ValueError:
-        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: give step numbers, e.g. 1 or 1,5")
-    if min(steps) < 0:
-        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: steps count from 0")
-    return steps
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: give step numbers, e.g. 2 or 2,5")
+    if min(steps) < 1:
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: steps count from 1")
+    return {step - 1 for step in steps}

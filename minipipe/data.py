@@ -184,6 +184,9 @@ def _stdlib_corpus():
     # A cache file of another size (truncated by a full disk, or edited) is rebuilt, not read.
     if not all(p.is_file() and p.stat().st_size == sum(sizes[f] for f in chosen_by_split[s])
                for s, p in paths.items()):
+        if os.environ.get("RANK", "0") == "0":  # a first run's pause, explained once
+            print(f"caching the stdlib corpus (once): {len(files)} .py files of {root}, "
+                  f"{sum(sizes.values()) / 1e6:.0f} MB, into {cache_dir()}", flush=True)
         for split, chosen in chosen_by_split.items():
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
             try:

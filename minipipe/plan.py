@@ -385,6 +385,18 @@ def format_plan(plan: Plan, budget: int | None) -> str:
     return "\n".join(lines)
 
 
+def planned_config(argv: list) -> tuple[Config, str]:
+    """The config of the run being planned, and a line saying which dtype the plan assumes.
+    `--dtype auto` resolves where the run happens, not here: a plan made on a laptop for a GPU
+    budget is for the GPU's bfloat16, unless --dtype or --device cpu says otherwise."""
+    cfg = parse_config(argv)
+    if cfg.device == "auto" and cfg.dtype != parse_config([*argv, "--device", "cuda"]).dtype:
+        cfg = dataclasses.replace(cfg, dtype=parse_config([*argv, "--device", "cuda"]).dtype)
+        return cfg, (f"dtype {cfg.dtype}: --dtype auto on a GPU (say --dtype float32, or --device "
+                     f"cpu for a CPU run, to plan another)")
+    return cfg, f"dtype {cfg.dtype}: as --dtype and --device say"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -397,7 +409,8 @@ def main(argv=None) -> int:
     parser.parse_args(argv)  # --help, and every flag checked against the full list
     args, rest = own.parse_known_args(argv)
     try:
-        cfg = parse_config(rest)
+        cfg, dtype_note = planned_config(rest)
+        print(dtype_note)
         n_stages = cfg.stages or 1
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
         if args.largest:

@@ -125,6 +125,19 @@ def test_planner_cli_prints_every_stage_and_whether_it_fits(capsys):
     assert sum(line.strip().endswith("yes") for line in out.splitlines()) == 3
 
 
+def test_the_planner_plans_auto_dtype_for_a_gpu_unless_told_the_run_is_on_cpu(capsys):
+    shape = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32"]
+    outputs = {}
+    for name, extra in (("auto", []), ("bf16", ["--dtype", "bfloat16"]), ("cpu", ["--device", "cpu"]),
+                        ("fp32", ["--dtype", "float32"])):
+        assert plan.main([*shape, *extra]) == 0
+        outputs[name] = capsys.readouterr().out.splitlines()
+    assert outputs["auto"][0].startswith("dtype bfloat16: --dtype auto on a GPU")
+    assert outputs["auto"][1:] == outputs["bf16"][1:]  # the same plan as an explicit --dtype bfloat16
+    assert outputs["cpu"][1:] == outputs["fp32"][1:] and "float32" in outputs["cpu"][1]
+    assert outputs["cpu"][1:] != outputs["auto"][1:]
+
+
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("16GB", 16e9), ("512 MiB", 2**29),
                                             ("1e9", 1e9)])
 def test_memory_budget_parses_units(text, expected):

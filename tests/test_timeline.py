@@ -37,7 +37,7 @@ def test_two_stage_trace_is_valid_and_follows_the_schedule(tmp_path):
     rows = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert rows == {0: "stage 0 (rank 0)", 1: "stage 1 (rank 1)"}  # one row per stage
     spans = [e for e in events if e["ph"] == "X"]
-    assert all(e["dur"] >= 0 and e["args"]["step"] == 1 for e in spans)  # closed; --trace-steps 1
+    assert all(e["dur"] >= 0 and e["args"]["step"] == 2 for e in spans)  # closed; --trace-steps 2
     for stage in range(K):
         own = [e for e in spans if e["tid"] == stage]
         actions = [e for e in own if e["cat"] in ACTION_KINDS]
@@ -63,7 +63,7 @@ def test_two_stage_trace_is_valid_and_follows_the_schedule(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(STEPS))  # one line per step
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one line per step, from 1
     for row in rows:
         assert all(isinstance(row[k], float) for k in ("loss", "lr", "grad_norm", "step_time_s",
                                                        "tokens_per_s"))

@@ -34,10 +34,12 @@ COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight")
 LABELS = {"forward": "forward", "recompute": "recompute", "backward": "backward",
           "backward_input": "input grad (I)", "backward_weight": "weight grad (W)",
           "send_act": "send", "send_grad": "send", "recv_act": "recv", "recv_grad": "recv",
-          "allreduce": "all-reduce (dp)", "norm_allreduce": "all-reduce (norm)", "step": "optimizer"}
+          # the step's end waits for this rank's last sends, then any gradient all-reduce (dp,
+          # tied embedding, BatchNorm statistics): with dp=1 mostly the sends
+          "allreduce": "sends + grad sync", "norm_allreduce": "all-reduce (norm)", "step": "optimizer"}
 COLOURS = {"forward": "#4c72b0", "recompute": "#ccb974", "backward": "#dd8452",
            "input grad (I)": "#e8a06a", "weight grad (W)": "#8c564b", "send": "#55a868",
-           "recv": "#8172b2", "all-reduce (dp)": "#c44e52", "all-reduce (norm)": "#da8bc3",
+           "recv": "#8172b2", "sends + grad sync": "#c44e52", "all-reduce (norm)": "#da8bc3",
            "optimizer": "#937860"}
 NESTED_KINDS = ("recompute", "norm_allreduce")  # drawn on top of the action that contains them
 
