@@ -21,6 +21,7 @@ from minipipe.config import Config, parse_config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.dist import stop_with_launcher
 from minipipe.errors import ConfigError, MinipipeError
+from minipipe.inference import decode
 from minipipe.models import registry
 from minipipe.pipeline.optim import lr_at
 from minipipe.plan import model_flops_per_unit
@@ -33,6 +34,8 @@ from minipipe.tracking.metrics import (
     flops_utilisation,
     make_logger,
 )
+
+STEP_LIMIT_ENV = "MINIPIPE_STEP_LIMIT"
 
 
 def validation_loss(run) -> float:
@@ -62,10 +65,10 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     checkpoints = Checkpointer(run, cursor)  # saves on schedule, at the end, on SIGTERM/SIGINT
     try:
         first_step = checkpoints.resume()  # claims --ckpt-dir first
-        if cfg.sample and first_step >= cfg.steps:
-            raise ConfigError(f"--sample generates after training, but the checkpoint already "
-                              f"holds all --steps {cfg.steps}: nothing is trained here; raise "
-                              f"--steps, or drop --sample")
+        last = last_step_of_run(cfg, first_step)
+        if first_step >= cfg.steps and rank == 0:
+            print(f"nothing to train: the checkpoint already holds step {first_step} of --steps "
+                  f"{cfg.steps} (raise --steps to train on)", flush=True)
         traced, on_cuda = traced_steps(cfg), run.layout.device.type == "cuda"
         if first_step == 0 and cfg.init_from:  # a checkpoint to resume wins: a restarted fine-tune goes on
             load_into_stage(run)
@@ -80,7 +83,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
         flops_per_unit = model_flops_per_unit(cfg, spec=run.spec) if rank == 0 else 0.0
         device_name = torch.cuda.get_device_name(run.layout.device) if on_cuda else "cpu"
         precision = compute_precision(cfg.dtype, tf32=on_cuda)  # build_run allows TF32 on CUDA
-        for step in range(first_step, cfg.steps):
+        for step in range(first_step, last):
             inputs, targets = cursor.next_batch()
             log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
             run.engine.timed = log_step or step in traced  # CUDA: spans from device events
@@ -100,14 +103,14 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
                 values.update(flops_utilisation(rate, flops_per_unit, run.layout.world_size, device_name,
                                                 precision))
             if step in traced:
-                timeline.write_trace(run.engine, run.layout, cfg.trace, step, several=len(traced) > 1,
+                timeline.write_trace(run.engine, run.layout, cfg.trace, step + 1, several=len(traced) > 1,
                                      spec=run.spec)
-            last_step = step + 1 == cfg.steps
+            last_step = step + 1 == last
             if last_step or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 values["val_loss"] = validation_loss(run)
                 history["val_losses"].append((step, values["val_loss"]))
-            logger.log(step, values)  # one record per step
-            if checkpoints.after_step(step, lr):  # a SIGTERM: saved at this step boundary, stop
+            logger.log(step + 1, values)  # one record per step; users count steps from 1
+            if checkpoints.after_step(step, lr, last_step):  # a SIGTERM: saved at this step boundary, stop
                 break
         if cfg.sample and not checkpoints.stopped:  # the config allows --sample for a language model only
             history["sample"] = sample_text(run)
@@ -119,15 +122,24 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
     return history
 
 
+def last_step_of_run(cfg: Config, first_step: int) -> int:
+    """Where this run stops: --steps, or sooner when $MINIPIPE_STEP_LIMIT caps the steps one run
+    trains (a quick check of a long command as written: the run validates, saves and samples at
+    its last step as at --steps, and the learning-rate schedule is still that of --steps)."""
+    limit = os.environ.get(STEP_LIMIT_ENV)
+    if not limit:
+        return cfg.steps
+    if not limit.isdigit() or int(limit) < 1:
+        raise ConfigError(f"{STEP_LIMIT_ENV}={limit!r}: give a number of steps >= 1, or unset it")
+    return min(cfg.steps, first_step + int(limit))
+
+
 def sample_text(run) -> str:
     cfg = run.cfg
     prompt, _ = run.dataset.batch(0, 1, split="val")
     prompt = prompt[:, : min(32, cfg.seq_len // 2)]
     new = run.engine.generate(prompt, cfg.sample, cfg.max_seq_len, seed=cfg.seed)
-    ids = torch.cat([prompt[0], new]).tolist()
-    if cfg.vocab <= 256:
-        return bytes(ids).decode("utf-8", errors="replace")
-    return " ".join(map(str, ids))
+    return decode(torch.cat([prompt[0], new]).tolist(), cfg.vocab)
 
 
 def main(argv=None) -> int:

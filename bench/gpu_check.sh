@@ -15,6 +15,8 @@
 #      group, dropout seeding the value's GPU,
 # then appends a dated section with the device name to BENCHMARKS.md.
 #
+# Needs the test environment (pip install -e ".[dev]": pytest) and torchrun; it checks first.
+#
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere
 #   bash bench/gpu_check.sh --dry-run    # on a CPU machine: every part, tiny, against the CPU;
 #                                        # the section goes to $OUT/BENCHMARKS.dry-run.md
@@ -31,6 +33,16 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   DRY_RUN=1
 elif [[ $# -gt 0 ]]; then
   echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2
+  exit 2
+fi
+# What the parts run, checked before any of them: python with torch, torchrun, and pytest (the
+# test environment: the README's second set-up command).
+missing=()
+for module in torch pytest; do python -c "import $module" 2> /dev/null || missing+=("$module"); done
+command -v torchrun > /dev/null || missing+=(torchrun)
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "bench/gpu_check.sh needs python with torch, torchrun and pytest; missing: ${missing[*]}." >&2
+  echo "Install the test environment first: pip install -e \".[dev]\" (after the torch build you want)." >&2
   exit 2
 fi
 OUT=${GPU_CHECK_OUT:-out/gpu_check}

@@ -4,8 +4,8 @@
     python bench/pipeline.py --stages 2 --microbatches 8 --layers 8 --d-model 256 --seq-len 128
     python bench/pipeline.py --schedule 1f1b,interleaved --virtual-stages 2
 
-minipipe gpipe | 1f1b | interleaved (V chunks per rank) against ScheduleGPipe | Schedule1F1B |
-ScheduleInterleaved1F1B. Each (K, M) is one torchrun job of K processes (one thread each on CPU).
+minipipe gpipe | 1f1b | interleaved (V chunks per rank) | zb-h1 against ScheduleGPipe | Schedule1F1B |
+ScheduleInterleaved1F1B | ScheduleInterleavedZeroBubble (here with one stage per rank). Each (K, M) is one torchrun job of K processes (one thread each on CPU).
 Every rank builds minipipe's stage for each schedule, and the torch schedule runs deep copies of
 the very same chunk modules (same weights, same batches) with AdamW; all contenders run step i
 back to back before any runs step i+1, so a change in machine load hits all alike. With
@@ -32,8 +32,13 @@ import weakref
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-COMPUTE = {"forward", "backward"}
-TORCH_NAMES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
+COMPUTE = {"forward", "backward", "backward_input", "backward_weight"}
+# zb-h1 runs beside torch's Schedule1F1B: torch's split-backward schedules (InterleavedZeroBubble,
+# ZBVZeroBubble, DualPipeV) fail on these chunks in torch 2.13, stage_backward_weight raising a
+# KeyError on the weight Parameter that minipipe's training Head hands to the loss
+TORCH_NAMES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B",
+               "zb-h1": "Schedule1F1B"}
+MULTI_STAGE = {"interleaved"}  # torch classes that take a list of this rank's stages
 
 
 def _time_interleaved(step_fns, n_warmup: int, n_steps: int) -> list[list[float]]:
@@ -64,7 +69,9 @@ def _peak_saved_bytes(step, params) -> int:
             live[0] -= size
 
     def pack(tensor):
-        holder, ptr = Holder(tensor), tensor.untyped_storage().data_ptr()
+        # detached: a saved output held with its grad_fn would keep a retained graph (zb-h1's I
+        # to W) alive through a cycle autograd cannot see; the storage is the same
+        holder, ptr = Holder(tensor.detach()), tensor.untyped_storage().data_ptr()
         if ptr not in excluded:
             size = tensor.untyped_storage().nbytes()
             if not refs.get(ptr):
@@ -107,7 +114,7 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
         return loss_sum(output, y) / y.numel()
 
     cls = getattr(pipelining, TORCH_NAMES[schedule])
-    sched = cls(stages if schedule == "interleaved" else stages[0], m, loss_fn=loss_fn)
+    sched = cls(stages if schedule in MULTI_STAGE else stages[0], m, loss_fn=loss_fn)
     params = [p for chunk in chunks for p in chunk.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.cfg.lr)
     last = run.engine.last_chunk % k == lay.stage
@@ -126,7 +133,8 @@ def worker(args) -> None:
     from minipipe.build import build_run
     from minipipe.config import make_config
     from minipipe.errors import ConfigError
-    from minipipe.schedule.actions import bubble_fraction, check_schedule
+    from minipipe.schedule.actions import check_schedule
+    from minipipe.schedule.check import theory_bubble
 
     model = dict(model="transformer", layers=args.layers, d_model=args.d_model, heads=args.heads,
                  max_seq_len=args.seq_len, data="stdlib", batch_size=args.batch_size, grad_clip=0.0,
@@ -172,7 +180,7 @@ def worker(args) -> None:
             dist.all_gather(rows, local)
         ours, theirs = result["rows"][f"minipipe {schedule}"], result["rows"][TORCH_NAMES[schedule]]
         ours["bubble"] = sum(float(r[0]) for r in rows) / len(rows)
-        ours["bubble_theory"] = bubble_fraction(run.layout.n_stages, args.m, run.cfg.virtual_stages)
+        ours["bubble_theory"] = theory_bubble(schedule, run.layout.n_stages, args.m, run.cfg.virtual_stages)
         ours["peak_mib"] = [float(r[1]) / 2**20 for r in rows]
         theirs["peak_mib"] = [float(r[2]) / 2**20 for r in rows]
     if dist.get_rank() == 0:

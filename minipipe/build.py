@@ -155,7 +155,7 @@ def _choose_balance(cfg, spec, layout, dataset, backend, n_layers) -> tuple[list
 
 def plan_table(run: Run) -> str:
     params = count_layer_params(run.cfg, run.layout.n_stages)
-    return partition.format_cut(run.balance, run.costs, params, run.cost_kind)
+    return partition.format_cut(run.balance, run.costs, params, run.cost_kind, run.layout.n_stages)
 
 
 def warm_up_run(run) -> float:

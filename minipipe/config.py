@@ -104,7 +104,8 @@ class Config:
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
     # pipeline schedules: see minipipe/schedule/actions.py
     schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
-                                "interleaved (Megatron, needs --virtual-stages >= 2)",
+                                "interleaved (Megatron, needs --virtual-stages >= 2), "
+                                "zb-h1 (zero bubble at 1F1B's memory: backward split into I and W)",
                        SCHEDULES)
     virtual_stages: int = _f(1, "model chunks per stage V (interleaved); --balance then lists K*V chunks")
     # tracking
@@ -115,7 +116,7 @@ class Config:
     run_name: Optional[str] = _f(None, "wandb run name (default: wandb picks one)")
     trace: Optional[str] = _f(None, "write the pipeline timeline of --trace-steps here: "
                                     "Chrome-trace JSON (Perfetto) and a PNG Gantt chart beside it")
-    trace_steps: str = _f("1", "0-based steps to trace, comma-separated (default: the 2nd, after warm-up)")
+    trace_steps: str = _f("2", "steps to trace (counting from 1), comma-separated (default: the 2nd, after warm-up)")
     # checkpoints
     ckpt_dir: Optional[str] = _f(None, "save sharded safetensors checkpoints here (default: none, no saving)")
     ckpt_every: int = _f(0, "also save every N steps (0 = only at the end and on SIGTERM)")
@@ -350,20 +351,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--timeout must be between {low:g} and {high:g} seconds (a week); got "
                           f"{cfg.timeout:g}")
     if cfg.trace and any(step >= cfg.steps for step in traced_steps(cfg)):
-        raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be below "
-                          f"--steps {cfg.steps} (steps count from 0)")
+        raise ConfigError(f"--trace-steps {cfg.trace_steps}: every traced step must be at most "
+                          f"--steps {cfg.steps} (steps count from 1)")
     _validate_llama_fields(cfg)
     if cfg.model in LANGUAGE_MODELS:
         if cfg.d_model % cfg.heads:
             raise ConfigError(f"--d-model {cfg.d_model} is not divisible by --heads {cfg.heads}")
         if cfg.seq_len > cfg.max_seq_len:
             raise ConfigError(f"--seq-len {cfg.seq_len} is over the model's maximum {cfg.max_seq_len}; "
-                              f"lower --seq-len" + (" (the maximum is --init-from's n_positions)"
+                              f"lower --seq-len" + (f" (the maximum is --init-from's {_max_positions_key(cfg)})"
                                                     if cfg.init_from else " or raise --max-seq-len"))
         if cfg.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1 (got {cfg.seq_len})")
     if cfg.dtype == "float64" and cfg.device == "cuda":
         raise ConfigError("--dtype float64 is for exactness tests on CPU; use --device cpu")
+
+
+def _max_positions_key(cfg: Config) -> str:
+    """The config.json key an --init-from directory sets max_seq_len by (for messages)."""
+    return "n_positions" if cfg.model == "transformer" else "max_position_embeddings"
 
 
 LLAMA_FIELDS = ("kv_heads", "ffn_dim", "rope_theta", "norm_eps", "attention_bias")
@@ -388,13 +394,13 @@ def _validate_llama_fields(cfg: Config) -> None:
 
 
 def traced_steps(cfg: Config) -> set[int]:
-    """The 0-based steps --trace records (none without --trace)."""
+    """The loop indices (step - 1) of the steps --trace records (none without --trace)."""
     if not cfg.trace:
         return set()
     try:
         steps = {int(part) for part in cfg.trace_steps.split(",")}
     except ValueError:
-        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: give step numbers, e.g. 1 or 1,5")
-    if min(steps) < 0:
-        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: steps count from 0")
-    return steps
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: give step numbers, e.g. 2 or 2,5")
+    if min(steps) < 1:
+        raise ConfigError(f"--trace-steps {cfg.trace_steps!r}: steps count from 1")
+    return {step - 1 for step in steps}

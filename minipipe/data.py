@@ -149,11 +149,17 @@ def _load_tokens(source: str, cfg) -> TokenDataset:
     elif source in ("digits",):
         raise DataError(f"--data {source} is image data; use it with --model amoebanet")
     else:
-        train, val, vocab = _token_files(Path(source), cfg.vocab, cfg.token_dtype)
+        train, val, vocab = _token_files(Path(source), cfg.vocab, cfg.token_dtype, _vocab_named(cfg))
     if cfg.vocab is not None and cfg.vocab < vocab and not source.endswith(".bin"):
-        raise DataError(f"--vocab {cfg.vocab} is smaller than the data's {vocab} byte values; "
-                        f"raise --vocab to at least {vocab}")
+        raise DataError(f"{_vocab_named(cfg)} {cfg.vocab} is smaller than the data's {vocab} byte "
+                        f"values; " + ("the model cannot read this data as bytes" if cfg.init_from
+                                       else f"raise --vocab to at least {vocab}"))
     return TokenDataset(source, train, val, cfg.vocab or vocab, cfg.seq_len, cfg.seed)
+
+
+def _vocab_named(cfg) -> str:
+    """What set the vocabulary, for messages: a flag the user did not pass is never named."""
+    return "--init-from's vocab_size" if cfg.init_from else "--vocab"
 
 
 def cache_dir() -> Path:
@@ -179,6 +185,9 @@ def _stdlib_corpus():
     # A cache file of another size (truncated by a full disk, or edited) is rebuilt, not read.
     if not all(p.is_file() and p.stat().st_size == sum(sizes[f] for f in chosen_by_split[s])
                for s, p in paths.items()):
+        if os.environ.get("RANK", "0") == "0":  # a first run's pause, explained once
+            print(f"caching the stdlib corpus (once): {len(files)} .py files of {root}, "
+                  f"{sum(sizes.values()) / 1e6:.0f} MB, into {cache_dir()}", flush=True)
         for split, chosen in chosen_by_split.items():
             tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
             try:
@@ -207,7 +216,7 @@ def _synthetic_tokens():
     return tokens[:split], tokens[split:]
 
 
-def _token_files(path: Path, vocab, token_dtype: str):
+def _token_files(path: Path, vocab, token_dtype: str, vocab_named: str):
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory; pass stdlib, synthetic, "
                         f"a text file, a directory of text files, or a .bin of uint16 token ids")
@@ -219,9 +228,9 @@ def _token_files(path: Path, vocab, token_dtype: str):
             raise DataError(f"--data {path}: holds nanoGPT token files but not {absent[0]}; add "
                             f"it, or pass the one .bin file itself (its last 1/{VAL_EVERY} "
                             f"becomes validation)")
-        return (*(_read_bin(splits[s], vocab, token_dtype) for s in ("train", "val")), vocab)
+        return (*(_read_bin(splits[s], vocab, token_dtype, vocab_named) for s in ("train", "val")), vocab)
     if path.suffix == ".bin":
-        tokens = _read_bin(path, vocab, token_dtype)
+        tokens = _read_bin(path, vocab, token_dtype, vocab_named)
         split = len(tokens) * (VAL_EVERY - 1) // VAL_EVERY
         return tokens[:split], tokens[split:], vocab
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -249,7 +258,7 @@ def _regular_file_or_directory(path: Path) -> None:
                         f"socket is never read); pass a file or directory")
 
 
-def _read_bin(path: Path, vocab, token_dtype: str) -> np.ndarray:
+def _read_bin(path: Path, vocab, token_dtype: str, vocab_named: str) -> np.ndarray:
     """The ids of a .bin file of the declared element type (--token-dtype): a uint32 file read as
     uint16 would be twice as many wrong ids, so the type is never inferred."""
     if vocab is None:
@@ -262,15 +271,16 @@ def _read_bin(path: Path, vocab, token_dtype: str) -> np.ndarray:
         raise DataError(f"--data {path}: {size} bytes is not a whole number of {token_dtype} token "
                         f"ids; the file is truncated, or its ids are of another type (--token-dtype)")
     if vocab > np.iinfo(dtype).max + 1:
-        raise DataError(f"--vocab {vocab} has ids that do not fit {token_dtype} (at most "
+        raise DataError(f"{vocab_named} {vocab} has ids that do not fit {token_dtype} (at most "
                         f"{np.iinfo(dtype).max + 1:,} ids); write the ids as uint32 and pass "
                         f"--token-dtype uint32")
     tokens = np.memmap(path, dtype=dtype, mode="r")
     top = int(tokens.max())
     if top >= vocab:
-        raise DataError(f"--data {path}: holds token id {top}, which is >= --vocab {vocab}; "
-                        f"pass the tokenizer's vocabulary size (at least {top + 1}), or the "
-                        f"--token-dtype the file was written with")
+        fix = (f"pass the tokenizer's vocabulary size (at least {top + 1}), or the --token-dtype "
+               f"the file was written with" if vocab_named == "--vocab"
+               else "use data made with that model's tokenizer, of the --token-dtype it was written with")
+        raise DataError(f"--data {path}: holds token id {top}, which is >= {vocab_named} {vocab}; {fix}")
     return tokens
 
 

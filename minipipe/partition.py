@@ -177,13 +177,17 @@ def _memory_layer(layer: nn.Module, value, finish) -> float:
 
 
 def format_cut(balance: Sequence[int], costs: Sequence[float], params_per_layer: Sequence[float],
-                by: str) -> str:
-    """A table of the cut: stage, its global layers, parameters, cost and share of the total cost."""
+                by: str, n_stages: int | None = None) -> str:
+    """A table of the cut: stage, its global layers, parameters, cost and share of the total cost;
+    with more chunks than stages (interleaved), one row per chunk and the stage that runs it."""
     total = sum(costs) or 1.0
-    rows = [("stage", "layers", "params", f"cost ({by})", "share")]
+    k = n_stages or len(balance)
+    chunks = k != len(balance)
+    label = (lambda c: f"{c} (stage {c % k})") if chunks else str
+    rows = [("chunk" if chunks else "stage", "layers", "params", f"cost ({by})", "share")]
     for s, layer_range in enumerate(stage_ranges(balance)):
         stage_cost = sum(costs[i] for i in layer_range)
-        rows.append((str(s), f"{layer_range.start}-{layer_range.stop - 1}",
+        rows.append((label(s), f"{layer_range.start}-{layer_range.stop - 1}",
                      f"{int(sum(params_per_layer[i] for i in layer_range)):,}",
                      f"{stage_cost:.4g}", f"{100 * stage_cost / total:.1f}%"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]

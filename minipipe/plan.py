@@ -47,8 +47,12 @@ from minipipe.errors import ConfigError
 from minipipe.layers import tied_numel
 from minipipe.models import registry
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
+from minipipe.pipeline.split_backward import weight_grad_bytes
 from minipipe.pipeline.values import as_tuple
-from minipipe.schedule.actions import Kind, bubble_fraction, train_actions
+from minipipe.schedule.actions import Kind, train_actions
+from minipipe.schedule.check import ideal_bubble
+
+COMPUTE_KINDS = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
 
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
 UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -62,6 +66,7 @@ class LayerProfile:
     alone_bytes: int  # saved for backward when the layer starts a stage (its input excluded)
     chained_bytes: int  # saved for backward and not already saved by the previous layer
     flops: float  # forward + backward, one micro-batch
+    weight_grad_bytes: int  # split backward: gradients kept from I to W (the last layer's with the loss)
 
 
 @dataclass
@@ -71,23 +76,32 @@ class StagePlan:
     state_bytes: int
     boundary_bytes: list[int]  # per chunk, one micro-batch
     intermediate_bytes: list[int]  # per chunk, one micro-batch
-    order: list[tuple[bool, int]]  # the schedule's (is forward, chunk) sequence on this stage
+    order: list[tuple[Kind, int]]  # the schedule's (compute kind, chunk) sequence on this stage
+    weight_grad_bytes: list[int]  # per chunk, one micro-batch: what W keeps beyond the graph
 
     @property
     def layers(self) -> list[int]:
         return [i for chunk in self.chunks for i in chunk]
 
     def activation_bytes(self, remat: bool) -> int:
-        """Replay the schedule's forwards and backwards and keep the peak held bytes."""
+        """Replay the schedule's forwards and backwards and keep the peak held bytes. A split
+        backward's I keeps the graph (rebuilt, under re-materialisation) and the captured
+        gradients until its W (minipipe/pipeline/split_backward.py)."""
         held = peak = 0
-        for forward, v in self.order:
+        for kind, v in self.order:
             kept = self.boundary_bytes[v] + (0 if remat else self.intermediate_bytes[v])
-            if forward:
+            rebuilt = self.intermediate_bytes[v] if remat else 0
+            if kind is Kind.FORWARD:
                 held += kept
                 peak = max(peak, held)
-            else:  # re-materialised: the chunk's intermediates live while its backward runs
-                peak = max(peak, held + (self.intermediate_bytes[v] if remat else 0))
+            elif kind is Kind.BACKWARD:  # re-materialised: the intermediates live while it runs
+                peak = max(peak, held + rebuilt)
                 held -= kept
+            elif kind is Kind.BACKWARD_INPUT:
+                held += rebuilt + self.weight_grad_bytes[v]
+                peak = max(peak, held)
+            else:
+                held -= kept + rebuilt + self.weight_grad_bytes[v]
         return peak
 
     def total_bytes(self, recompute: str) -> int:
@@ -154,6 +168,13 @@ def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool
     alone = sum(b for s, b in layer_saved.items() if s not in inputs)
     chained = sum(b for s, b in layer_saved.items() if s not in saved["previous"])
     return alone, chained, _spec(output)
+
+
+def _weight_grad_bytes(layers: list[nn.Module], spec) -> int:
+    """Split backward: gradients kept from I to W (the first chunk's W keeps only its output's
+    gradient, plan_run counts that)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return weight_grad_bytes(nn.Sequential(*layers), _fresh(spec, requires_grad=True))
 
 
 def _flops(layer: nn.Module, spec, model_input: bool) -> float:
@@ -232,11 +253,13 @@ def profile_layers(cfg, *, spec: PipelineSpec) -> list[LayerProfile]:
             with trace_as_the_run_computes(previous, layer):
                 alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
                                                   model_input=first)
-                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first)
-        alone, chained, out_spec, flops = _TRACES[key]
+                weight_grads = 0 if first or i == len(layers) - 1 else _weight_grad_bytes(
+                    [layer] + layers[i + 1:] if i == len(layers) - 2 else [layer], spec)
+                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first), weight_grads
+        alone, chained, out_spec, flops, weight_grads = _TRACES[key]
         input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])
         params = sum(p.numel() for p in layer.parameters())
-        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops))
+        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops, weight_grads))
         previous, previous_spec, spec = layer, spec, out_spec
     return profiles
 
@@ -268,12 +291,16 @@ def plan_run(cfg, n_stages: int) -> Plan:
         params = sum(p.params for own in owned for p in own)
         if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
             params -= tied_numel(cfg)
-        order = [(a.kind is Kind.FORWARD, a.chunk) for a in train_actions(
-            spec.schedule, s, n_stages, spec.n_microbatches, spec.virtual_stages) if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
+        order = [(a.kind, a.chunk) for a in train_actions(spec.schedule, s, n_stages, spec.n_microbatches,
+                                                          spec.virtual_stages) if a.kind in COMPUTE_KINDS]
+        # the first chunk's inputs have no gradient: its W keeps only its output's gradient
+        weight_grads = [sum(p.weight_grad_bytes for p in own) if r.start > 0 else
+                        profiles[r.stop].input_bytes if r.stop < len(profiles) - 1 else 0
+                        for r, own in zip(chunks, owned)]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
-                                order))
+                                order, weight_grads))
     return Plan(cfg, spec, stages, _flops_per_unit(cfg, profiles, spec=spec), registry.family(cfg).unit)
 
 
@@ -345,15 +372,26 @@ def format_plan(plan: Plan, budget: int | None) -> str:
         shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
                   else ", tied embedding")
     v, m = spec.virtual_stages, spec.n_microbatches
-    formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
     lines = [f"{cfg.model}: {shape}; {params:,} parameters; {spec.schedule}, K={k}, M={m}, V={v}, "
              f"micro-batch {spec.microbatch_rows}, {cfg.dtype}", table,
-             f"bubble {formula} = {k - 1}/{v * m + k - 1} = {bubble_fraction(k, m, v):.3f}",
+             f"bubble {ideal_bubble(spec.schedule, k, m, v)}",
              f"model FLOPs per {plan.unit} (forward + backward): {plan.flops_per_unit / 1e9:.4g} GFLOP"]
     if budget:
         verdict = "fits" if plan.peak_bytes() <= budget else "does NOT fit"
         lines.append(f"largest stage needs {_size(plan.peak_bytes())}: {verdict} in {_size(budget)}")
     return "\n".join(lines)
+
+
+def planned_config(argv: list) -> tuple[Config, str]:
+    """The config of the run being planned, and a line saying which dtype the plan assumes.
+    `--dtype auto` resolves where the run happens, not here: a plan made on a laptop for a GPU
+    budget is for the GPU's bfloat16, unless --dtype or --device cpu says otherwise."""
+    cfg = parse_config(argv)
+    if cfg.device == "auto" and cfg.dtype != parse_config([*argv, "--device", "cuda"]).dtype:
+        cfg = dataclasses.replace(cfg, dtype=parse_config([*argv, "--device", "cuda"]).dtype)
+        return cfg, (f"dtype {cfg.dtype}: --dtype auto on a GPU (say --dtype float32, or --device "
+                     f"cpu for a CPU run, to plan another)")
+    return cfg, f"dtype {cfg.dtype}: as --dtype and --device say"
 
 
 def main(argv=None) -> int:
@@ -368,7 +406,8 @@ def main(argv=None) -> int:
     parser.parse_args(argv)  # --help, and every flag checked against the full list
     args, rest = own.parse_known_args(argv)
     try:
-        cfg = parse_config(rest)
+        cfg, dtype_note = planned_config(rest)
+        print(dtype_note)
         n_stages = cfg.stages or 1
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
         if args.largest:

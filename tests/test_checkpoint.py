@@ -138,9 +138,10 @@ def test_resharding_continues_with_the_uninterrupted_losses(straight, tmp_path, 
         _assert_equal_tensors(_shards(tmp_path / "step-000006", kind), _shards(ckpt / "step-000006", kind))
 
 
-@pytest.mark.parametrize("loaded_k,schedule,v", [(1, "interleaved", 2), (2, "1f1b", 1)])
+@pytest.mark.parametrize("loaded_k,schedule,v", [(1, "interleaved", 2), (2, "1f1b", 1), (2, "zb-h1", 1)])
 def test_a_checkpoint_resumes_under_another_schedule_exactly(straight, tmp_path, loaded_k, schedule, v):
-    """Saved under gpipe (V=1), resumed under 1f1b or interleaved chunks: with M=2 every schedule
+    """Saved under gpipe (V=1), resumed under 1f1b, zb-h1 (split backwards) or interleaved
+    chunks: with M=2 every schedule
     adds the same two micro-batch gradients (a + b == b + a), so the losses and every tensor
     after the resume are bitwise those of the uninterrupted gpipe run."""
     ckpt, history = straight[1]

@@ -137,7 +137,7 @@ def completes_on_nccl_streams(lists, k, lane, stream_per_peer=True) -> bool:
     for rank, actions in lists.items():
         computes, n_received = [], 0
         for action in actions:
-            if action.kind in (Kind.FORWARD, Kind.BACKWARD):
+            if action.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT):
                 computes.append(n_received)
             elif action.kind in _MESSAGES:
                 channel, sends = _MESSAGES[action.kind]

@@ -142,3 +142,14 @@ def test_bad_uint32_files_are_refused_by_name(tmp_path, ids, vocab, needle):
     ids.tofile(tmp_path / "t.bin")
     with pytest.raises(DataError, match=needle):
         load_dataset(lm(data=str(tmp_path / "t.bin"), vocab=vocab, token_dtype="uint32"))
+
+
+def test_the_first_corpus_build_says_what_it_builds_and_a_cached_one_is_silent(tmp_path, monkeypatch, capsys):
+    from minipipe import data
+    monkeypatch.setenv("MINIPIPE_CACHE", str(tmp_path))
+    train_bytes, val_bytes = data._stdlib_corpus()
+    out = capsys.readouterr().out
+    assert out.startswith("caching the stdlib corpus (once): ") and str(tmp_path) in out
+    assert f"{(len(train_bytes) + len(val_bytes)) / 1e6:.0f} MB" in out  # the size it wrote
+    data._stdlib_corpus()
+    assert capsys.readouterr().out == ""

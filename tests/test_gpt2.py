@@ -154,7 +154,7 @@ def test_bad_gpt2_directories_and_flags_are_refused_by_name_before_training(gpt2
         _train(init_from=wrong, data=tokens, steps=1)
     too_big = tmp_path / "ids.bin"
     np.array([1, 2, 400, 3] * 64, dtype=np.uint16).tofile(too_big)
-    with pytest.raises(DataError, match="token id 400"):
+    with pytest.raises(DataError, match="token id 400, which is >= --init-from's vocab_size 300; use data"):
         _train(init_from=str(tied), data=str(too_big), steps=1)
     assert issubclass(HFModelError, MinipipeError)
 

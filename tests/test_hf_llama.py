@@ -239,3 +239,16 @@ def test_nan_in_llama_weights_is_refused_as_corrupt(models, tmp_path):
     shapes = {f"layers.2.{n}": p.shape for n, p in layers[2].named_parameters()}
     with pytest.raises(HFModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN or infinite"):
         read_stage_weights(directory, cfg, shapes)
+
+
+@pytest.mark.parametrize("source", ["tied", "qwen2"])
+def test_generate_and_evaluate_open_a_llama_directory(models, source):
+    """minipipe.inference opens a Llama or Qwen2 directory as it opens GPT-2's: the family from
+    its model_type, the weights through --init-from's reader."""
+    from minipipe.inference import open_run, source_kind
+    directory = models[source]
+    assert source_kind(directory) == "hf"
+    run = open_run(directory, seq_len=8, batch_size=2, microbatches=1)
+    assert run.cfg.model == "llama" and run.cfg.attention_bias == (source == "qwen2")
+    hf = _hf_tensors(directory)
+    assert torch.equal(run.stage.state_dict()["layers.1.q_proj.weight"], hf["model.layers.0.self_attn.q_proj.weight"])

@@ -18,7 +18,8 @@ TINY = dict(layers=3, d_model=16, heads=2, max_seq_len=8, data="synthetic", batc
 # Every call that makes the host wait for a CUDA tensor's value (or copies it to the host).
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 PER_MICROBATCH = {Kind.FORWARD: "_forward", Kind.BACKWARD: "_backward", Kind.SEND_ACT: "send_act",
-                  Kind.RECV_ACT: "recv_act", Kind.SEND_GRAD: "_send_grad", Kind.RECV_GRAD: "_recv_grad"}
+                  Kind.RECV_ACT: "recv_act", Kind.SEND_GRAD: "_send_grad", Kind.RECV_GRAD: "_recv_grad",
+                  Kind.BACKWARD_INPUT: "_backward_input", Kind.BACKWARD_WEIGHT: "_backward_weight"}
 
 
 def _count_host_reads(monkeypatch, engine) -> list:
@@ -50,7 +51,8 @@ def _count_host_reads(monkeypatch, engine) -> list:
 
 @pytest.mark.parametrize("case", [dict(recompute="always", dropout=0.1),
                                   dict(recompute="never", schedule="interleaved", virtual_stages=2,
-                                       microbatches=2)])
+                                       microbatches=2),
+                                  dict(recompute="always", schedule="zb-h1", dropout=0.1)])
 def test_no_host_read_between_the_actions_of_a_step(monkeypatch, case):
     """One process (K = 1; V = 2 hands chunks over in memory): forwards, backwards and the loss
     run without reading a tensor on the host; the step reads the loss and norms once, after."""

@@ -28,10 +28,10 @@ class SavedBytes:
                 self.sizes[ptr] = tensor.untyped_storage().nbytes()
                 self.live += self.sizes[ptr]
             self.refs[ptr] = self.refs.get(ptr, 0) + 1
-            holder = _Holder(tensor)
-            weakref.finalize(holder, self._release, ptr)
+            holder = _Holder(tensor.detach())  # a saved output kept with its grad_fn would keep a
+            weakref.finalize(holder, self._release, ptr)  # retained graph alive (split backward)
             return holder
-        return _Holder(tensor)
+        return _Holder(tensor.detach())
 
     def _release(self, ptr):
         self.refs[ptr] -= 1
@@ -99,7 +99,8 @@ def _kept_bytes(recompute: str, schedule: str = "gpipe", virtual_stages: int = 1
 
 def _memory_worker(rank, world_size):
     kept = {mode: _kept_bytes(mode) for mode in ("always", "never")}
-    kept.update({schedule: _kept_bytes("always", schedule, v) for schedule, v in (("1f1b", 1), ("interleaved", 2))})
+    kept.update({schedule: _kept_bytes("always", schedule, v)
+                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))})
     return kept
 
 
@@ -125,3 +126,11 @@ def test_1f1b_stashes_at_most_k_minus_stage_inputs_where_gpipe_stashes_m(kept_by
     assert stage1["1f1b"]["peak"] < stage1["always"]["peak"]  # and the bytes follow (stage 0 stashes ids)
     # interleaved (V=2, so 16 chunk inputs in a step): Megatron's warm-up (K-1-r)*2 + (V-1)*K, + 1
     assert stage0["interleaved"]["peak_stashed"] == 5 and stage1["interleaved"]["peak_stashed"] == 3
+
+
+def test_zb_h1_stashes_what_1f1b_stashes(kept_by_rank):
+    """The split backward recomputes at I: zb-h1's stage inputs wait stashed exactly as 1f1b's
+    (K - stage at K=2, M=8); what W keeps after I is the planner's to count (tests/test_plan.py)."""
+    stage0, stage1 = kept_by_rank
+    assert stage0["zb-h1"]["peak_stashed"] == stage0["1f1b"]["peak_stashed"] == 2
+    assert stage1["zb-h1"]["peak_stashed"] == stage1["1f1b"]["peak_stashed"] == 1

@@ -207,3 +207,10 @@ def test_format_cut_lists_each_stage():
     plan = format_cut([2, 1], [1.0, 1.0, 2.0], [10, 20, 30], by="time")
     lines = plan.splitlines()
     assert len(lines) == 3 and "0-1" in lines[1] and "30" in lines[1] and "50.0%" in lines[2]
+
+
+def test_format_cut_labels_interleaved_chunks_with_their_stage():
+    table = format_cut([1, 1, 1, 1], [1.0] * 4, [10] * 4, by="params", n_stages=2).splitlines()
+    assert table[0].split()[0] == "chunk"
+    assert [" ".join(row.split()[:3]) for row in table[1:]] == [
+        "0 (stage 0)", "1 (stage 1)", "2 (stage 0)", "3 (stage 1)"]  # chunk c runs on stage c mod K

@@ -35,7 +35,7 @@ def _grid(n_stages):
     """(family, schedule, V, M, recompute) of every valid case at this K."""
     cases = []
     for family in MODELS:
-        for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
             if schedule == "interleaved" and N_LAYERS[family] < 2 * n_stages:
                 continue
             for m in MICROBATCHES[family]:

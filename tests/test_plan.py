@@ -30,7 +30,9 @@ class HeldActivations:
         self.params = {p.untyped_storage().data_ptr() for p in engine.stage.parameters()}
 
     def pack(self, tensor):
-        holder = _Holder(tensor)
+        # detached: a saved output held with its grad_fn would keep a retained graph (split
+        # backward) alive through a cycle autograd cannot see; the storage is the same
+        holder = _Holder(tensor.detach())
         ptr = tensor.untyped_storage().data_ptr()
         if ptr not in self.params:
             self.refs[ptr] = self.refs.get(ptr, 0) + 1
@@ -44,7 +46,11 @@ class HeldActivations:
 
     def sample(self):
         held = {ptr: self.sizes[ptr] for ptr, count in self.refs.items() if count}
-        inputs = list(self.engine.state.stashed_inputs.values()) + [leaf for leaf, _ in self.engine.state.graphs.values()]
+        state = self.engine.state
+        inputs = list(state.stashed_inputs.values()) + [leaf for leaf, _ in state.graphs.values()]
+        for pending in state.weight_grads_pending.values():  # split backward: what W keeps
+            inputs += [g for _, grads, _ in pending.reentries for g in grads if g is not None]
+            inputs += [g for _, g in pending.ready]
         for value in inputs:
             for t in (value if isinstance(value, tuple) else (value,)):
                 held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -68,7 +74,13 @@ def _measured_and_planned(family: str, recompute: str, schedule: str = "gpipe", 
         real_forward(action)
         held.sample()
 
+    def backward_input_and_sample(action):
+        real_backward_input(action)
+        held.sample()
+
+    real_backward_input = run.engine._backward_input
     run.engine._forward = forward_and_sample
+    run.engine._backward_input = backward_input_and_sample
     inputs, targets = run.dataset.batch(0, cfg.batch_size)
     with torch.autograd.graph.saved_tensors_hooks(held.pack, lambda holder: holder.tensor):
         run.engine.train_step(inputs, targets, 0, lr_at(0, cfg), cfg.grad_clip)
@@ -82,7 +94,8 @@ def _plan_worker(rank, world_size):
     held = {(family, mode): _measured_and_planned(family, mode)
             for family in CASES for mode in ("always", "never")}
     held.update({("transformer", mode, schedule): _measured_and_planned("transformer", mode, schedule, v)
-                 for mode in ("always", "never") for schedule, v in (("1f1b", 1), ("interleaved", 2))})
+                 for mode in ("always", "never")
+                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))})
     held.update({(family, "always", "bfloat16"): _measured_and_planned(family, "always", dtype="bfloat16")
                  for family in CASES})  # CPU autocast, float32 weights: boundaries of both dtypes
     return held
@@ -111,6 +124,19 @@ def test_planner_cli_prints_every_stage_and_whether_it_fits(capsys):
     out = capsys.readouterr().out
     assert "bubble (K-1)/(M+K-1) = 2/6" in out and "FLOPs per token" in out
     assert sum(line.strip().endswith("yes") for line in out.splitlines()) == 3
+
+
+def test_the_planner_plans_auto_dtype_for_a_gpu_unless_told_the_run_is_on_cpu(capsys):
+    shape = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "32"]
+    outputs = {}
+    for name, extra in (("auto", []), ("bf16", ["--dtype", "bfloat16"]), ("cpu", ["--device", "cpu"]),
+                        ("fp32", ["--dtype", "float32"])):
+        assert plan.main([*shape, *extra]) == 0
+        outputs[name] = capsys.readouterr().out.splitlines()
+    assert outputs["auto"][0].startswith("dtype bfloat16: --dtype auto on a GPU")
+    assert outputs["auto"][1:] == outputs["bf16"][1:]  # the same plan as an explicit --dtype bfloat16
+    assert outputs["cpu"][1:] == outputs["fp32"][1:] and "float32" in outputs["cpu"][1]
+    assert outputs["cpu"][1:] != outputs["auto"][1:]
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("16GB", 16e9), ("512 MiB", 2**29),

@@ -36,9 +36,9 @@ def test_config_plan_and_every_value_reach_every_backend(tmp_path):
     config = first.configs[0]
     assert set(Config.__dataclass_fields__) <= set(config)
     assert config["plan"]["balance"] == [4] and config["plan"]["stage_params"][0] > 0
-    assert [step for step, _ in first.records] == [0, 1, 2, 3]  # one record per step
+    assert [step for step, _ in first.records] == [1, 2, 3, 4]  # one record per step, from 1
     for step, values in first.records:
-        expected = {**STEP_FIELDS, **(INTERVAL_FIELDS if step in (1, 3) else {})}
+        expected = {**STEP_FIELDS, **(INTERVAL_FIELDS if step in (2, 4) else {})}
         for key, kind in expected.items():
             assert isinstance(values[key], kind), (step, key, values)
     assert isinstance(first.records[-1][1]["val_loss"], float)  # validation at the end

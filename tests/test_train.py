@@ -48,7 +48,7 @@ def test_cli_writes_metrics_jsonl_and_sample(tmp_path):
     assert "sample" in done.stdout
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [0, 1, 2]
+    assert [r["step"] for r in steps] == [1, 2, 3]  # steps count from 1
     for row in steps:
         for key, kind in (("loss", float), ("lr", float), ("grad_norm", float),
                           ("step_time_s", float), ("tokens_per_s", float)):

@@ -20,6 +20,7 @@ Invariants:
   model. Only safetensors and JSON are read: nothing is unpickled.
 """
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ from minipipe.errors import CheckpointError
 from minipipe.models import registry
 from minipipe.pipeline import tied
 from minipipe.pipeline.collectives import collective, from_rank0, raise_first, to_rank0
+from minipipe.pipeline.optim import lr_at
 
 
 # ---- the training loop's view ----------------------------------------------------------------
@@ -95,18 +97,22 @@ class Checkpointer:
         if path is None:
             return 0
         if self.run.layout.rank == 0:
-            print(f"resumed from {path} after step {step}", flush=True)
+            print(f"resumed from {path} (the state after step {step + 1})", flush=True)
+            saved_steps = read_trainer_state(path)["config"]["steps"]
+            if saved_steps != self.cfg.steps and step + 1 < self.cfg.steps:
+                print(schedule_change(saved_steps, self.cfg, step + 1), flush=True)
         return step + 1
 
-    def after_step(self, step: int, lr: float) -> bool:
-        """Save if due; True when the run must stop here (a SIGTERM reached any rank)."""
+    def after_step(self, step: int, lr: float, last: bool) -> bool:
+        """Save if due (always at the run's last step); True when the run must stop here (a
+        SIGTERM reached any rank)."""
         if not self.enabled:
             return False
         if not self.claimed:  # the claim proved every rank writes where rank 0 reads
             raise RuntimeError("a checkpoint save before resume() claimed --ckpt-dir")
         self.stopped = self._any_rank_stopping()
         done, every = step + 1, self.cfg.ckpt_every
-        if self.stopped or done == self.cfg.steps or (every and done % every == 0):
+        if self.stopped or last or (every and done % every == 0):
             path = save_checkpoint(self.run, self.cursor, step, lr)
             if self.run.layout.rank == 0:
                 print(f"saved checkpoint {path}", flush=True)
@@ -130,6 +136,16 @@ class Checkpointer:
 
 
 # ---- save ---------------------------------------------------------------------------------------
+def schedule_change(saved_steps: int, cfg, first_step: int) -> str:
+    """The learning-rate schedule spans --steps, so resuming under another --steps re-plans the
+    cosine from here on: say where it now ends and what the next step's rate becomes."""
+    before = lr_at(first_step, dataclasses.replace(cfg, steps=saved_steps))
+    return (f"note: the checkpoint's run had --steps {saved_steps}, this one --steps {cfg.steps}: the "
+            f"cosine learning-rate schedule now reaches --min-lr {cfg.min_lr:g} at step {cfg.steps} "
+            f"instead of {saved_steps}, so step {first_step + 1} trains at lr {lr_at(first_step, cfg):.3e} "
+            f"(it would have been {before:.3e})")
+
+
 # A rank that fails mid-save (disk full, killed) surfaces in the save's next collective.
 SAVING = dict(error=CheckpointError, consequence=", and the previous checkpoint is intact")
 

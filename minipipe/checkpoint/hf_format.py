@@ -47,8 +47,13 @@ CONVERTERS = {"transformer": hf_gpt2, "llama": hf_llama}  # family -> its conver
 # and Python ints that large would reach torch as overflows, not as a message.
 MAX_SHAPE = 1 << 24
 
-__all__ = ["HFModelError", "CONVERTERS", "config_values", "read_stage_weights", "load_into_stage",
+__all__ = ["HFModelError", "CONVERTERS", "family_of", "config_values", "read_stage_weights", "load_into_stage",
            "write_hf", "export_tensors"]
+
+
+def family_of(model_type) -> str | None:
+    """The --model whose converter reads config.json's model_type, or None."""
+    return next((family for family, convert in CONVERTERS.items() if model_type in convert.MODEL_TYPES), None)
 
 
 def converter(cfg, what: str):
@@ -131,7 +136,7 @@ def config_values(cfg) -> dict:
     directory = Path(cfg.init_from)
     config = read_json_config(directory)
     model_type = config.get("model_type")
-    owner = next((family for family, other in CONVERTERS.items() if model_type in other.MODEL_TYPES), None)
+    owner = family_of(model_type)
     if owner not in (None, cfg.model):
         raise HFModelError(f"--init-from {cfg.init_from}: {HF_CONFIG} has model_type = {model_type!r}, "
                            f"a --model {owner} model; --model is {cfg.model!r}: pass --model {owner}")

@@ -69,6 +69,9 @@ def size_claims(config: dict) -> dict:
             "transformer.wpe.weight": ("n_positions x n_embd", [config["n_positions"], config["n_embd"]])}
 
 
+GPT2_EOT = 50256  # GPT-2's <|endoftext|>, its bos and eos
+
+
 def export_config(cfg) -> dict:
     """config.json of GPT2LMHeadModel for a minipipe Transformer config."""
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -78,6 +81,9 @@ def export_config(cfg) -> dict:
             "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout,
             "attn_pdrop": 0.0,  # minipipe has no dropout on attention probabilities
             "tie_word_embeddings": bool(cfg.tie_embeddings),
+            # GPT2Config's defaults name GPT-2's <|endoftext|> (50256); a smaller vocabulary
+            # (bytes) has no such token, and an id past the vocabulary is invalid
+            **dict.fromkeys(("bos_token_id", "eos_token_id"), GPT2_EOT if cfg.vocab > GPT2_EOT else None),
             "dtype": "float64" if cfg.dtype == "float64" else "float32"}
 
 

@@ -31,6 +31,7 @@ from minipipe.pipeline.generation import generate
 from minipipe.pipeline.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.pipeline.spans import SpanRecorder
 from minipipe.pipeline.spec import PipelineSpec
+from minipipe.pipeline.split_backward import backward_input, backward_weight
 from minipipe.pipeline.tied import TiedEmbedding
 from minipipe.schedule.actions import Action, Kind, train_actions
 
@@ -50,6 +51,7 @@ class StepState:
     graphs: dict = field(default_factory=dict)  # no recompute: (input leaf, output) with autograd graph
     grad_from_next: dict = field(default_factory=dict)  # received gradients of chunk outputs
     grad_to_prev: dict = field(default_factory=dict)  # gradients of chunk inputs awaiting send_grad
+    weight_grads_pending: dict = field(default_factory=dict)  # split backward: what W needs from I
     # sum of this rank's micro-batch losses (last chunk only), float64 on the device: read once per
     # step, after the grad-norm all-reduce that carries it (no host wait per micro-batch)
     loss_total: torch.Tensor | None = None
@@ -113,6 +115,7 @@ class Engine:
         self.begin(inputs, targets, step)
         handlers = {Kind.RECV_ACT: self.recv_act, Kind.FORWARD: self._forward, Kind.SEND_ACT: self.send_act,
                     Kind.RECV_GRAD: self._recv_grad, Kind.BACKWARD: self._backward,
+                    Kind.BACKWARD_INPUT: self._backward_input, Kind.BACKWARD_WEIGHT: self._backward_weight,
                     Kind.SEND_GRAD: self._send_grad, Kind.ALLREDUCE: self._allreduce,
                     Kind.STEP: lambda _: self._update(lr, grad_clip)}
         self.run(self.actions, handlers)
@@ -260,7 +263,9 @@ class Engine:
             self._about("gradient", action, (self.layout.stage + 1) % k),
             expect_like=self.state.sent_like.pop(key))
 
-    def _backward(self, action):
+    def _backward_graph(self, action):
+        """(input leaf, outputs, their gradients) of a backward: the graph kept since the forward,
+        or rebuilt by the recompute; on the last chunk the output is the scaled loss."""
         st, m, c, key = self.state, action.microbatch, self.model_chunk(action), (action.chunk, action.microbatch)
         if key in st.stashed_inputs:
             start = self.clock.mark()
@@ -273,16 +278,35 @@ class Engine:
         else:
             leaf, output = st.graphs.pop(key)
         if c == self.last_chunk:
-            torch.autograd.backward(output * self.scale.scale)
-        else:
-            outs = [o for o in values.as_tuple(output) if o.is_floating_point()]
-            pairs = [(o, g) for o, g in zip(outs, values.as_tuple(st.grad_from_next.pop(key))) if o.requires_grad]
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            loss = output * self.scale.scale
+            return leaf, [loss], [torch.ones_like(loss)]
+        outs = [o for o in values.as_tuple(output) if o.is_floating_point()]
+        pairs = [(o, g) for o, g in zip(outs, values.as_tuple(st.grad_from_next.pop(key))) if o.requires_grad]
+        return leaf, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _backward(self, action):
+        leaf, outputs, grads = self._backward_graph(action)
+        torch.autograd.backward(outputs, grads)
+        self._input_grad_made(action, leaf)
+
+    def _backward_input(self, action):
+        """I: the input gradient only; the graph stays alive for this unit's W."""
+        leaf, outputs, grads = self._backward_graph(action)
+        inputs = [t for t in values.as_tuple(leaf) if t.requires_grad]
+        self.state.weight_grads_pending[action.chunk, action.microbatch] = backward_input(outputs, grads, inputs)
+        self._input_grad_made(action, leaf)
+
+    def _backward_weight(self, action):
+        """W: the weight gradients its I left (minipipe/pipeline/split_backward.py)."""
+        backward_weight(self.state.weight_grads_pending.pop((action.chunk, action.microbatch)))
+
+    def _input_grad_made(self, action, leaf):
+        st, m, c = self.state, action.microbatch, self.model_chunk(action)
         if c > 0:
             if self.layout.n_stages == 1:  # the previous chunk is on this rank
                 st.grad_from_next[action.chunk - 1, m] = values.input_grads(leaf)
             else:
-                st.grad_to_prev[key] = values.input_grads(leaf)
+                st.grad_to_prev[action.chunk, m] = values.input_grads(leaf)
 
     def _send_grad(self, action):
         self.comm.send(self.state.grad_to_prev.pop((action.chunk, action.microbatch)), self.act_src,

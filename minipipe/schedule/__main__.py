@@ -3,19 +3,33 @@ import argparse
 import sys
 
 from minipipe.schedule.actions import SCHEDULES, ScheduleError
-from minipipe.schedule.check import render_grid
+from minipipe.schedule.check import render_grid, schedule_lists
+from minipipe.schedule.csv_format import csv_rows, write_csv
+
+
+def _schedule(text: str) -> str:
+    if text in SCHEDULES or text.endswith(".csv"):
+        return text
+    raise argparse.ArgumentTypeError(f"choose one of {', '.join(SCHEDULES)}, or a .csv file of actions")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minipipe.schedule",
                                      description="Print a pipeline schedule as a rank x time grid.")
-    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
+    parser.add_argument("--schedule", default="gpipe", type=_schedule,
+                        help=f"{', '.join(SCHEDULES)}, or a CSV file in torch.distributed.pipelining's "
+                             "compute-only form (one row per rank: 0F0,0I0,0W0,...), checked before it is shown")
     parser.add_argument("--stages", type=int, default=4, help="pipeline stages K")
     parser.add_argument("--microbatches", type=int, default=8, help="micro-batches M")
     parser.add_argument("--virtual-stages", type=int, default=1, help="chunks per stage V (interleaved)")
+    parser.add_argument("--csv", metavar="PATH", help="also write the schedule's compute actions as that CSV file")
     args = parser.parse_args(argv)
     try:
         print(render_grid(args.schedule, args.stages, args.microbatches, args.virtual_stages))
+        if args.csv:
+            lists, _ = schedule_lists(args.schedule, args.stages, args.microbatches, args.virtual_stages)
+            write_csv(args.csv, csv_rows(lists))
+            print(f"wrote {args.csv}")
     except ScheduleError as err:
         parser.error(str(err))
 

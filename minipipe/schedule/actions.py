@@ -1,18 +1,21 @@
 """PURE: (schedule, rank, K, M, V) -> the ordered actions of one training step on that rank.
 
-Three schedules, each a compute order per rank; the messages follow from it (`_with_messages`):
+Three schedules, each a compute order per rank; the messages follow from it (`with_messages`):
 
     gpipe        fill-drain (Huang et al. 2019, Fig. 2): F0..F(M-1), then B(M-1)..B0.
     1f1b         PipeDream-flush (Narayanan et al. 2021): K-1-r warm-up forwards on rank r, then
                  one forward one backward, then the cool-down backwards; the same synchronous
                  update. At most K-r micro-batches are in flight on rank r, instead of M.
+    zb-h1        zero bubble at 1F1B's memory (Qi et al. 2024; minipipe.schedule.zero_bubble): each
+                 backward runs as I (input gradient, sent upstream at once) and W (weight
+                 gradients, deferred into the bubble).
     interleaved  Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): the model is
                  cut into K*V chunks and chunk c runs on rank c mod K, so rank r holds its chunks
                  v = 0..V-1 (global chunk v*K + r). Forwards go in groups of K micro-batches,
                  chunk by chunk; (K-1-r)*2 + (V-1)*K warm-up forwards, then 1F1B.
 
-Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe and 1f1b run
-one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of K).
+Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe, 1f1b and
+zb-h1 run one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of K).
 
 An action's `chunk` is the rank's own chunk 0..V-1 (the model's chunk chunk*K + rank; always 0
 when V = 1, and then left out of its name: `F3`, not `F3c0`). `recv_act`/`send_act` carry
@@ -22,15 +25,17 @@ chunks is local: no message is listed and the engine passes the value in memory.
 
 Invariant the engine relies on, and `minipipe.schedule.check` proves for any list: on every
 channel (src, dst, activation|gradient) the k-th send and the k-th receive name the same
-(chunk, micro-batch). `backward` includes the re-materialising recompute of its forward.
+(chunk, micro-batch). `backward` (or `backward_input`, when the backward is split) includes the
+re-materialising recompute of its forward; `backward_weight` runs after it, on its graph.
 No torch in here.
 """
 import enum
 from dataclasses import dataclass
 
 from minipipe.errors import ConfigError
+from minipipe.schedule.zero_bubble import zb_h1_order
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 class ScheduleError(ConfigError):
@@ -43,12 +48,16 @@ class Kind(enum.Enum):
     SEND_ACT = "send_act"
     RECV_GRAD = "recv_grad"
     BACKWARD = "backward"
+    BACKWARD_INPUT = "backward_input"  # the input-gradient half of a split backward
+    BACKWARD_WEIGHT = "backward_weight"  # the weight-gradient half, later, on the same graph
     SEND_GRAD = "send_grad"
     ALLREDUCE = "allreduce"
     STEP = "step"
 
 
-_SHORT = {Kind.FORWARD: "F", Kind.BACKWARD: "B"}
+# torch.distributed.pipelining's letters (its CSV format): I and W are the halves of a split B
+_SHORT = {Kind.FORWARD: "F", Kind.BACKWARD: "B", Kind.BACKWARD_INPUT: "I", Kind.BACKWARD_WEIGHT: "W"}
+BACKWARDS = (Kind.BACKWARD, Kind.BACKWARD_INPUT)  # a backward that gives the input's gradient
 
 
 @dataclass(frozen=True)
@@ -114,10 +123,18 @@ def _interleaved_order(rank, k, m, v):
     return order + [unit(j, False) for j in range(total - warmup, total)]
 
 
-_ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _interleaved_order}
+_LETTERS = {"F": Kind.FORWARD, "I": Kind.BACKWARD_INPUT, "W": Kind.BACKWARD_WEIGHT}
 
 
-def _with_messages(order, rank, k, v):
+def _from_letters(order_fn):
+    return lambda *args: [(_LETTERS[letter], chunk, m) for letter, chunk, m in order_fn(*args)]
+
+
+_ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _interleaved_order,
+           "zb-h1": _from_letters(zb_h1_order)}
+
+
+def with_messages(order, rank, k, v):
     """Receive right before the compute that needs the value; send right after it is made."""
     last_chunk = k * v - 1
     actions = []
@@ -125,6 +142,8 @@ def _with_messages(order, rank, k, v):
         c = chunk * k + rank  # the model's chunk
         if kind is Kind.FORWARD:
             needs, gives = (Kind.RECV_ACT if c > 0 else None), (Kind.SEND_ACT if c < last_chunk else None)
+        elif kind is Kind.BACKWARD_WEIGHT:  # nothing to receive or send
+            needs = gives = None
         else:
             needs, gives = (Kind.RECV_GRAD if c < last_chunk else None), (Kind.SEND_GRAD if c > 0 else None)
         if needs and k > 1:
@@ -137,13 +156,13 @@ def _with_messages(order, rank, k, v):
 
 def train_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
                   virtual_stages: int = 1) -> list[Action]:
-    """One training step of `rank`: every micro-batch forward and backward on each of its
-    chunks, in the schedule's order, then the dp all-reduce and the optimizer step."""
+    """One training step of `rank`: every micro-batch forward and backward (fused, or I then W)
+    on each of its chunks, in the schedule's order, then the dp all-reduce and the optimizer step."""
     check_schedule(schedule, n_stages, n_microbatches, virtual_stages)
     if not 0 <= rank < n_stages:
         raise ScheduleError(f"rank {rank} is outside 0..{n_stages - 1}")
     order = _ORDERS[schedule](rank, n_stages, n_microbatches, virtual_stages)
-    return _with_messages(order, rank, n_stages, virtual_stages) + [
+    return with_messages(order, rank, n_stages, virtual_stages) + [
         Action(Kind.ALLREDUCE), Action(Kind.STEP)]
 
 

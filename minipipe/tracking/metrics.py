@@ -18,7 +18,7 @@ from minipipe.config import WANDB_MODES
 from minipipe.errors import ConfigError
 from minipipe.layers import count_layer_params
 from minipipe.partition import stage_ranges
-from minipipe.schedule.actions import bubble_fraction
+from minipipe.schedule.check import theory_bubble
 
 WANDB_INIT_TIMEOUT_S = 20  # wandb's default waits 90 s for an unreachable server
 # Dense peak TFLOP/s per device and compute precision: bf16 (= fp16) and tf32 on tensor cores, fp32
@@ -71,22 +71,22 @@ class ConsoleBackend:
     def config(self, values: dict) -> None:
         pass
 
-    def log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict) -> None:  # step counts from 1, as everywhere
         if "val_loss" in values:
-            print(f"step {step + 1}/{self.total} | val loss {values['val_loss']:.4f}", flush=True)
+            print(f"step {step}/{self.total} | val loss {values['val_loss']:.4f}", flush=True)
         if "loss" not in values:
             return
         if self.first_step is None:
             self.first_step, self.started = step, time.perf_counter()
-        if (step + 1) % self.every and step + 1 != self.total:
+        if step % self.every and step != self.total:
             return
         done = step - self.first_step + 1
-        eta = (time.perf_counter() - self.started) / done * (self.total - step - 1)
+        eta = (time.perf_counter() - self.started) / done * (self.total - step)
         speed = (f"{values['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in values
                  else f"{values['samples_per_s']:,.1f} samples/s")
         extra = "".join(f" | {label} {values[key]:{fmt}}" for key, label, fmt in
                         (("bubble_measured", "bubble", ".2f"), ("mfu", "mfu", ".1%")) if key in values)
-        print(f"step {step + 1}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+        print(f"step {step}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
               f"grad norm {values['grad_norm']:.3f} | {speed}{extra} | eta {_duration(eta)}", flush=True)
 
     def close(self) -> None:
@@ -212,8 +212,8 @@ def config_record(cfg, balance: list[int]) -> dict:
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],
-            "bubble_theory": bubble_fraction(len(balance) // cfg.virtual_stages, cfg.microbatches,
-                                             cfg.virtual_stages)}  # balance: K*V chunks
+            "bubble_theory": theory_bubble(cfg.schedule, len(balance) // cfg.virtual_stages, cfg.microbatches,
+                                           cfg.virtual_stages)}  # balance: K*V chunks
     return {**cfg.to_dict(), "plan": plan}
 
 

@@ -2,7 +2,8 @@
 
 Source: `Engine.spans`, one (kind, micro-batch, chunk, start, end) per executed schedule action
 (chunk: the rank's model chunk under interleaving, else None), plus two nested kinds: `recompute`
-(inside `backward`) and `norm_allreduce` (inside `step`). Any schedule draws the same way.
+(inside `backward`, or `backward_input` when the backward is split into I and W) and
+`norm_allreduce` (inside `step`). Any schedule draws the same way.
 
 Common clock. Each process has its own clock, but every rank leaves the step's gradient-norm
 all-reduce at (nearly) the same instant (`Engine.sync_point`), so each rank's spans are taken
@@ -11,10 +12,11 @@ millisecond on one host). No extra barrier is needed.
 
 Measured bubble (the definition behind GPipe's (K-1)/(M+K-1)): the compute window of a step runs
 from the first forward on any stage to the end of the last backward on any stage; a stage's
-bubble is the share of that window in which it is not computing (forward or backward, recompute
-included). Waiting on communication counts as bubble. The reported value is the mean over stages;
-for equal forward and backward ticks it equals the schedule's formula exactly ((K-1)/(M+K-1) for
-gpipe and 1f1b, (K-1)/(V*M+K-1) interleaved: minipipe.schedule.actions.bubble_fraction).
+bubble is the share of that window in which it is not computing (forward, backward, I or W,
+recompute included). Waiting on communication counts as bubble. The reported value is the mean
+over stages; for equal forward and backward ticks it equals the schedule's formula exactly
+((K-1)/(M+K-1) for gpipe and 1f1b, (K-1)/(V*M+K-1) interleaved; the zero-bubble schedules' at
+F = I = W: minipipe.schedule.check.theory_bubble).
 """
 import json
 import os
@@ -26,14 +28,18 @@ import torch.distributed as dist
 
 from minipipe.pipeline.collectives import collective, to_rank0
 from minipipe.pipeline.spec import PipelineSpec
-from minipipe.schedule.actions import bubble_fraction
+from minipipe.schedule.check import ideal_bubble, theory_bubble
 
-COMPUTE_KINDS = ("forward", "backward")
+COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight")
 LABELS = {"forward": "forward", "recompute": "recompute", "backward": "backward",
+          "backward_input": "input grad (I)", "backward_weight": "weight grad (W)",
           "send_act": "send", "send_grad": "send", "recv_act": "recv", "recv_grad": "recv",
-          "allreduce": "all-reduce (dp)", "norm_allreduce": "all-reduce (norm)", "step": "optimizer"}
-COLOURS = {"forward": "#4c72b0", "recompute": "#ccb974", "backward": "#dd8452", "send": "#55a868",
-           "recv": "#8172b2", "all-reduce (dp)": "#c44e52", "all-reduce (norm)": "#da8bc3",
+          # the step's end waits for this rank's last sends, then any gradient all-reduce (dp,
+          # tied embedding, BatchNorm statistics): with dp=1 mostly the sends
+          "allreduce": "sends + grad sync", "norm_allreduce": "all-reduce (norm)", "step": "optimizer"}
+COLOURS = {"forward": "#4c72b0", "recompute": "#ccb974", "backward": "#dd8452",
+           "input grad (I)": "#e8a06a", "weight grad (W)": "#8c564b", "send": "#55a868",
+           "recv": "#8172b2", "sends + grad sync": "#c44e52", "all-reduce (norm)": "#da8bc3",
            "optimizer": "#937860"}
 NESTED_KINDS = ("recompute", "norm_allreduce")  # drawn on top of the action that contains them
 
@@ -42,10 +48,6 @@ def aligned_spans(engine) -> list[tuple]:
     """This rank's spans of the last step, in seconds since the common clock point."""
     return [(kind, m, chunk, start - engine.sync_point, end - engine.sync_point)
             for kind, m, chunk, start, end in engine.spans]
-
-
-def _formula(virtual_stages: int) -> str:
-    return "(K-1)/(M+K-1)" if virtual_stages == 1 else "(K-1)/(V*M+K-1)"
 
 
 def _name(label: str, m, chunk) -> str:
@@ -95,7 +97,8 @@ def pipeline_stats(engine, layout, *, spec: PipelineSpec) -> dict:
         gathered = [local]
     rows = [row.tolist() for row in gathered]  # by rank = dp_rank * n_stages + stage
     stats = {"bubble_measured": measured_bubble([row[:3] for row in rows]),
-             "bubble_theory": bubble_fraction(spec.n_stages, spec.n_microbatches, spec.virtual_stages)}
+             "bubble_theory": theory_bubble(spec.schedule, spec.n_stages, spec.n_microbatches,
+                                            spec.virtual_stages)}
     for stage in range(layout.n_stages):
         peak = max(rows[rank][3] for rank in range(stage, layout.world_size, layout.n_stages))
         stats[f"peak_mem_gib/stage{stage}"] = peak / 2**30
@@ -169,8 +172,7 @@ def draw_gantt(timeline, n_stages: int, n_microbatches: int, step: int, path: Pa
     ax.set_xlim(0, span_s * 1e3 * 1.01)
     ax.set_xlabel("time in the step (ms)")
     ax.set_title(f"step {step}: {schedule}, K={n_stages}, M={n_microbatches}, V={virtual_stages}; bubble "
-                 f"measured {bubble:.3f}, theory {_formula(virtual_stages)} = "
-                 f"{bubble_fraction(n_stages, n_microbatches, virtual_stages):.3f}")
+                 f"measured {bubble:.3f}, theory {ideal_bubble(schedule, n_stages, n_microbatches, virtual_stages)}")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
     fig.legend(handles, COLOURS.keys(), loc="lower center", ncol=len(COLOURS), fontsize=7,
                frameon=False)
@@ -194,6 +196,6 @@ def write_trace(engine, layout, path: str, step: int, several: bool, *, spec: Pi
     draw_gantt(timeline, spec.n_stages, spec.n_microbatches, step, png_path, spec.schedule, v)
     bubble = measured_bubble([_compute_extent(spans) for spans in timeline])
     print(f"trace of step {step}: {json_path} (ui.perfetto.dev), {png_path}; bubble measured "
-          f"{bubble:.3f} vs {_formula(v)} = {bubble_fraction(spec.n_stages, spec.n_microbatches, v):.3f}",
+          f"{bubble:.3f} vs {ideal_bubble(spec.schedule, spec.n_stages, spec.n_microbatches, v)}",
           flush=True)
     return json_path

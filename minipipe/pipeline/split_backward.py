@@ -1,0 +1,154 @@
+"""A chunk's backward in two halves (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"):
+I, the input gradient (the paper's B), and W, the weight gradients:
+
+    pending = backward_input(outputs, grads, inputs)   # I: input gradients only, into inputs' .grad
+    ...                                                # (send them upstream, run other work)
+    backward_weight(pending)                           # W: weight gradients, into the parameters' .grad
+
+Together they add exactly what `torch.autograd.backward(outputs, grads)` adds, bitwise, and no
+gradient op runs twice. It works on the autograd graph, so every layer of every family and
+every kernel backend is split the same way, with no change to the models:
+
+- The graph's nodes that lead to a chunk input are the *input side*: I runs only those
+  (`torch.autograd.grad` with the inputs as targets). Autograd's own pruning then skips, inside
+  each node, the outputs that lead only to weights: a linear's backward node computes
+  grad_output @ W for the input and leaves grad_output^T @ x (the weight GEMM) undone.
+- Every edge from an input-side node into the weight side is a *cut edge*. A prehook on the
+  node captures the gradient that reached it during I; W re-enters that node alone and asks it
+  for its cut edges only (the weight GEMM), then runs the weight side from all cut edges at once.
+- A custom autograd Function (the Triton kernels) computes all its outputs in one call whatever
+  is asked, and some update saved tensors in place, so it is never re-entered: I collects the
+  gradients it already produced on its cut edges and W starts from them.
+- A chunk whose inputs carry no gradient (the first chunk: token ids) has no input side: I does
+  nothing and W is the whole backward. An input handed on unchanged as an output (AmoebaNet's
+  cells) gets that output's gradient in I.
+
+What W keeps alive between I and W (the planner counts it, minipipe/plan.py): the chunk's
+autograd graph with every saved tensor (the activations, as without recompute: with recompute
+the graph rebuilt at I lives until W) and one captured output gradient per cut node (a linear's
+output size, per linear of the chunk).
+
+Re-entering a node alone is exact only if each weight-side node reached from a cut has that cut
+node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the chunk
+is not split: I runs the whole backward and W has nothing to do.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from minipipe.pipeline import values
+
+
+@dataclass
+class PendingWeightGrad:
+    """What W needs from I: the cut nodes to re-enter with the gradient captured at each, and
+    the weight-side edges whose gradients I already has (custom Functions, outputs)."""
+    reentries: list = field(default_factory=list)  # (node, captured grad_outputs, its cut edges)
+    ready: list = field(default_factory=list)  # (GradientEdge into the weight side, its gradient)
+
+    def empty(self) -> bool:
+        return not self.reentries and not self.ready
+
+    def held_bytes(self) -> int:
+        """The captured gradients W needs beyond the graph (each storage once)."""
+        grads = [g for _, grad_outputs, _ in self.reentries for g in grad_outputs if g is not None]
+        grads += [g for _, g in self.ready]
+        return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
+
+
+def _graph(roots):
+    """Every node reachable from `roots`, children before parents, and each node's parents."""
+    order, parents, seen = [], {}, set()
+    stack = [(node, False) for node in roots]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents.setdefault(child, set()).add(node)
+                stack.append((child, False))
+    return order, parents
+
+
+def _is_custom_function(node) -> bool:
+    return isinstance(node, torch.autograd.function.BackwardCFunction)
+
+
+def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
+    """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
+    `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
+    inputs = [t for t in inputs if t.requires_grad]
+    roots = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    order, parents = _graph(roots)
+    input_nodes = {get_gradient_edge(t).node for t in inputs}
+    input_side = set()
+    for node in order:  # children first, so a node's children are already classified
+        if node in input_nodes or any(c in input_side for c, _ in node.next_functions if c is not None):
+            input_side.add(node)
+    pending = PendingWeightGrad()
+    # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
+    # path: I adds it; an output made without the inputs (the first chunk) starts the weight side
+    passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
+    made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
+    pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
+    cuts = {node: [GradientEdge(c, nr) for c, nr in node.next_functions if c is not None and c not in input_side]
+            for node in input_side if node not in input_nodes}
+    cuts = {node: edges for node, edges in cuts.items() if edges}
+    if any(parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
+        torch.autograd.backward(outputs, grads)  # see the module docstring: not split
+        return PendingWeightGrad()
+    if not inputs:
+        return pending
+    collected = [e for node, edges in cuts.items() if _is_custom_function(node) for e in edges]
+    captured, hooks = {}, []
+    for node in cuts:
+        if not _is_custom_function(node):
+            hooks.append(node.register_prehook(lambda grad_outputs, node=node: captured.__setitem__(node, grad_outputs)))
+    split = [(o, g) for o, g in made if o.grad_fn in input_side]
+    try:
+        got = torch.autograd.grad([o for o, _ in split], inputs + collected, [g for _, g in split],
+                                  retain_graph=True, allow_unused=True) if split else [None] * (len(inputs) + len(collected))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for t, g in [*zip(inputs, got), *passed_on]:
+        t.grad = g if t.grad is None or g is None else t.grad + g
+    pending.ready += [(e, g) for e, g in zip(collected, got[len(inputs):]) if g is not None]
+    pending.reentries = [(node, grad_outputs, cuts[node]) for node, grad_outputs in captured.items()]
+    return pending
+
+
+def weight_grad_bytes(module, value) -> int:
+    """What a split backward of module(value) keeps from I to W beyond its graph (the planner
+    traces this on the meta device; `value`'s floating tensors require grad)."""
+    outputs = [t for t in values.as_tuple(module(value)) if t.requires_grad]
+    pending = backward_input(outputs, [torch.empty_like(t) for t in outputs],
+                             [t for t in values.as_tuple(value) if t.requires_grad])
+    return pending.held_bytes()
+
+
+def backward_weight(pending: PendingWeightGrad) -> None:
+    """W: the weight gradients I left, accumulated into each parameter's .grad."""
+    edges, grads = [], []
+    for edge, grad in pending.ready:
+        edges.append(edge)
+        grads.append(grad)
+    for node, grad_outputs, cut_edges in pending.reentries:
+        given = [(GradientEdge(node, nr), g) for nr, g in enumerate(grad_outputs) if g is not None]
+        got = torch.autograd.grad([e for e, _ in given], cut_edges, [g for _, g in given],
+                                  retain_graph=True, allow_unused=True)
+        for edge, grad in zip(cut_edges, got):
+            if grad is not None:
+                edges.append(edge)
+                grads.append(grad)
+    if edges:
+        torch.autograd.backward(edges, grads)
+    pending.reentries.clear()
+    pending.ready.clear()

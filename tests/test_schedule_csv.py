@@ -1,0 +1,72 @@
+"""Schedules as files in torch.distributed.pipelining's compute-only CSV form: minipipe writes
+what torch's own reader loads and validates, reads back what torch writes, and proves a
+hand-written file (or names why it cannot run) before anything runs."""
+import subprocess
+import sys
+
+import pytest
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    _PipelineScheduleRuntime,
+)
+
+from minipipe.schedule.actions import ScheduleError, train_actions
+from minipipe.schedule.check import check, schedule_lists
+from minipipe.schedule.csv_format import csv_rows, read_csv, write_csv
+from tests.spawn import REPO_ROOT
+
+
+def _torch_reader(k: int, m: int):
+    """torch's schedule runtime with only what its CSV reader and validator use (no stages)."""
+    runtime = object.__new__(_PipelineScheduleRuntime)
+    runtime.pipeline_order, runtime._stages, runtime._defer_pp_recv = {}, [], False
+    runtime.pp_group_size, runtime._num_stages, runtime._n_microbatches = k, k, m
+    return runtime
+
+
+@pytest.mark.parametrize("schedule, k, m", [("zb-h1", 2, 4), ("zb-h1", 4, 8), ("1f1b", 3, 5), ("gpipe", 2, 3)])
+def test_round_trip_through_torchs_own_csv_reader_and_writer(tmp_path, schedule, k, m):
+    ours = tmp_path / "ours.csv"
+    lists, _ = schedule_lists(schedule, k, m)
+    write_csv(ours, csv_rows(lists))
+    runtime = _torch_reader(k, m)
+    runtime._load_csv(str(ours))  # torch validates it and lowers it with its messages
+    assert {r: [str(a) for a in actions] for r, actions in runtime.pipeline_order.items()} == dict(
+        enumerate(csv_rows(lists)))
+    theirs = tmp_path / "theirs.csv"
+    PipelineScheduleMulti._dump_csv(runtime, str(theirs))  # torch's compute-only writer
+    back, v = read_csv(theirs, k, m)
+    assert v == 1 and back == {r: train_actions(schedule, r, k, m) for r in range(k)}
+
+
+def test_a_hand_written_file_is_proven_or_refused_by_name(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("0F0,0F1,0I0,0W0,0I1,0W1\n1F0,1I0,1F1,1I1,1W1,1W0\n")
+    report = check(str(good), 2, 2)
+    assert report.peak_in_flight == [2, 2] and report.span == 7
+    deadlock = tmp_path / "deadlock.csv"
+    deadlock.write_text("0F0,0I0,0W0,0F1,0I1,0W1\n1F1,1I1,1W1,1F0,1I0,1W0\n")
+    with pytest.raises(ScheduleError, match="the activation of chunk 1 micro-batch 0 first"):
+        check(str(deadlock), 2, 2)
+    for text, why in (("0F0,0SEND_F0\n1F0\n", "not a compute action"), ("1F0\n0F0\n", "chunk 1 runs on rank 1"),
+                      ("0F0,0B0\n", "1 rows, one per rank")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(ScheduleError, match=why):
+            read_csv(bad, 2, 1)
+
+
+def test_cli_writes_a_named_schedule_and_checks_a_file(tmp_path):
+    out = tmp_path / "zb.csv"
+    run = [sys.executable, "-m", "minipipe.schedule", "--stages", "2", "--microbatches", "4"]
+    wrote = subprocess.run([*run, "--schedule", "zb-h1", "--csv", str(out)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert wrote.returncode == 0, wrote.stderr
+    assert out.read_text().splitlines()[1] == "1F0,1I0,1F1,1I1,1W0,1F2,1I2,1W1,1F3,1I3,1W2,1W3"
+    shown = subprocess.run([*run, "--schedule", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and shown.stdout.splitlines()[:4] == wrote.stdout.splitlines()[:4]
+    out.write_text("0F0,0I0,0W0\n1I0,1F0,1W0\n")
+    refused = subprocess.run([*run, "--microbatches", "1", "--schedule", str(out)], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "backward before its forward" in refused.stderr
