@@ -57,7 +57,7 @@ def test_a_hand_written_file_is_proven_or_refused_by_name(tmp_path):
 
 
 def test_cli_writes_a_named_schedule_and_checks_a_file(tmp_path):
-    out = tmp_path / "zb.csv"
+    out = tmp_path / "new-folder" / "zb.csv"  # made as --trace makes its folder
     run = [sys.executable, "-m", "minipipe.schedule", "--stages", "2", "--microbatches", "4"]
     wrote = subprocess.run([*run, "--schedule", "zb-h1", "--csv", str(out)], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=60)

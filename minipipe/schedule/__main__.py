@@ -32,6 +32,8 @@ def main(argv=None) -> None:
             print(f"wrote {args.csv}")
     except ScheduleError as err:
         parser.error(str(err))
+    except OSError as err:
+        parser.error(f"--csv {args.csv}: cannot write it: {err.strerror or err}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ torch's `_PipelineScheduleRuntime._load_csv` / `_dump_csv` read and write the sa
 """
 import csv
 import re
+from pathlib import Path
 
 from minipipe.schedule.actions import Action, Kind, ScheduleError, with_messages
 
@@ -30,6 +31,8 @@ def csv_rows(lists: dict[int, list[Action]]) -> list[list[str]]:
 
 
 def write_csv(path, rows: list[list[str]]) -> None:
+    """Writes the file, making its folder as other outputs do (--trace, --metrics-jsonl)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
