@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         text = "\n".join(block["lines"])
         dev = '".[dev]"' in text or (block["lines"] and block["lines"][0].strip() == TEST_ENV_MARK)
         venv = (args.dev if dev else args.bare).resolve()
-        if "hf/gpt2" in text and not made_fixtures:
+        if "hf/" in text and not made_fixtures:
             subprocess.run([str(args.dev.resolve() / "bin" / "python"), str(repo / ".ci" / "readme_fixtures.py"),
                             str(work)], check=True)
             made_fixtures = True
