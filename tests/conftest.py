@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 # The README check caps every run's steps; a test's runs train what the test says.
 os.environ.pop("MINIPIPE_STEP_LIMIT", None)
+# Runs in this process are compared bitwise with worker processes, which run one thread each: a
+# CPU reduction's order (an embedding's backward, say) depends on the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 import pytest  # noqa: E402

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,15 +36,15 @@ from minipipe.checkpoint.directory import (
     DirectoryClaim,
     agreed_resume_path,
     claim_checkpoint_dir,
-    holds_only_checkpoint_files,
-    is_checkpoint,
-    remove_written,
+    fsync,
+    prune,
+    publish,
+    start_step_directory,
 )
 from minipipe.checkpoint.files import (
     FORMAT_VERSION,
     INDEX_FILES,
     LATEST,
-    STEP_DIR,
     TRAINER_STATE,
     check_data_order,
     check_model_shape,
@@ -159,7 +158,7 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
     problem = None
     if lay.rank == 0:
         try:
-            _start_directory(tmp)
+            start_step_directory(tmp)
         except CheckpointError as err:
             problem = str(err)
     problem = from_rank0(lay, [problem], f"every rank to start checkpoint {final.name}", **SAVING)[0]
@@ -181,8 +180,8 @@ def save_checkpoint(run, cursor, step: int, lr: float) -> Path:
             _check_shards_visible(tmp, reports)
             with _write_failure_reported(root, tmp / TRAINER_STATE, lay):
                 _write_trainer_state(run, cursor, step, lr, tmp, reports)
-            _publish(root, tmp, final)
-            _prune(root, run.cfg.keep)
+            publish(root, tmp, final)
+            prune(root, run.cfg.keep)
         except CheckpointError as err:
             problem = str(err)
     problem = from_rank0(lay, [problem], f"every rank to see {final.name} published", error=CheckpointError)[0]
@@ -216,7 +215,7 @@ def _write_shard(directory: Path, file_name: str, tensors: dict) -> dict:
     path = directory / file_name
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(tensors, path, metadata={"format": "pt"})
-    _fsync(path)  # save_file renames into place but does not fsync
+    fsync(path)  # save_file renames into place but does not fsync
     return {"file": file_name, "names": sorted(tensors), **digest(path),
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
@@ -243,7 +242,7 @@ def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) 
         "rng": [r["rng"] for r in reports],  # by rank
         "files": dict(sorted(files.items())),
     })
-    _fsync(directory)
+    fsync(directory)
 
 
 @contextmanager
@@ -260,64 +259,6 @@ def _write_failure_reported(root: Path, path: Path, lay):
                     "no earlier checkpoint of this run exists")
         raise CheckpointError(f"rank {lay.rank}: saving {path} failed ({err}); {previous}; free "
                               f"disk space (or fix --ckpt-dir) and resume with --resume auto") from err
-
-
-def _start_directory(tmp: Path) -> None:
-    """An empty `.tmp-step-N`: what a save killed at this step left there is removed first."""
-    if not remove_written(tmp):
-        raise CheckpointError(f"cannot save into {tmp}: it holds files minipipe did not write; "
-                              f"move them out and resume with --resume auto")
-    tmp.mkdir(parents=True)
-
-
-def _publish(root: Path, tmp: Path, final: Path) -> None:
-    """Rename the complete step into place, then point `latest` at it. A step saved before (a
-    resume from an earlier step) stays until the new one is in place, then only its own files go."""
-    if (final.exists() or final.is_symlink()) and not (is_checkpoint(final)
-                                                       and holds_only_checkpoint_files(final)):
-        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that "
-                              f"holds files minipipe did not write is in the way; move it and "
-                              f"resume (the step is saved under {tmp})")
-    stale = root / f".old-{final.name}"
-    if final.exists():  # this step was saved by an earlier run in the same directory
-        if not remove_written(stale):
-            raise CheckpointError(f"cannot publish {final}: {stale} holds files minipipe did not "
-                                  f"write; move it and resume (the step is saved under {tmp})")
-        final.rename(stale)
-    tmp.rename(final)
-    pointer = root / f"{LATEST}.tmp"
-    try:
-        pointer.write_text(final.name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, root / LATEST)
-        _fsync(root)
-    except OSError as err:  # disk or inodes full: `latest` still names the previous step
-        pointer.unlink(missing_ok=True)
-        previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-        raise CheckpointError(
-            f"saving {root / LATEST} failed ({err}); {final} is complete but `{LATEST}` still "
-            f"names {previous or 'no step'}; free disk space (or inodes) and resume with "
-            f"--resume {final}") from err
-    remove_written(stale)
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (0 = all), never the one `latest` names; drop leftovers
-    of killed saves. Only checkpoints count (is_checkpoint): a user's `step-7/notes.txt` or a file
-    named `step-1` is neither counted nor touched."""
-    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        remove_written(leftover)
-    if not keep:
-        return
-    latest = (root / LATEST).read_text().strip()
-    others = sorted((p for p in root.iterdir() if is_checkpoint(p) and p.name != latest),
-                    key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-    for old in others[:max(len(others) - (keep - 1), 0)]:
-        if holds_only_checkpoint_files(old):
-            remove_written(old)
-        else:
-            print(f"note: --keep {keep} leaves {old} in place: it holds files that are not part of "
-                  f"the checkpoint", file=sys.stderr, flush=True)
 
 
 # ---- resume and load -------------------------------------------------------------------------
@@ -399,15 +340,4 @@ def _set_rng_state(saved: dict, device: torch.device) -> None:
 
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
+    fsync(path)

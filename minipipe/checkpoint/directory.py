@@ -309,3 +309,73 @@ def disagreement(path: str, step: int, seen_by_rank: list) -> str | None:
     return (f"the ranks disagree on the checkpoint to resume: rank 0 resumes {path} at step {step}, "
             f"but {'; '.join(others)}; {SHARED_FS} (or the same checkpoint copied to that path on "
             f"every node), then run again")
+
+
+# ---- a save's directories: started empty, published atomically, pruned -----------------------
+def start_step_directory(tmp: Path) -> None:
+    """An empty `.tmp-step-N`: what a save killed at this step left there is removed first."""
+    if not remove_written(tmp):
+        raise CheckpointError(f"cannot save into {tmp}: it holds files minipipe did not write; "
+                              f"move them out and resume with --resume auto")
+    tmp.mkdir(parents=True)
+
+
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete step into place, then point `latest` at it. A step saved before (a
+    resume from an earlier step) stays until the new one is in place, then only its own files go."""
+    if (final.exists() or final.is_symlink()) and not (is_checkpoint(final)
+                                                       and holds_only_checkpoint_files(final)):
+        raise CheckpointError(f"cannot publish {final}: a file or directory of that name that "
+                              f"holds files minipipe did not write is in the way; move it and "
+                              f"resume (the step is saved under {tmp})")
+    stale = root / f".old-{final.name}"
+    if final.exists():  # this step was saved by an earlier run in the same directory
+        if not remove_written(stale):
+            raise CheckpointError(f"cannot publish {final}: {stale} holds files minipipe did not "
+                                  f"write; move it and resume (the step is saved under {tmp})")
+        final.rename(stale)
+    tmp.rename(final)
+    pointer = root / f"{LATEST}.tmp"
+    try:
+        pointer.write_text(final.name + "\n")
+        fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        fsync(root)
+    except OSError as err:  # disk or inodes full: `latest` still names the previous step
+        pointer.unlink(missing_ok=True)
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"saving {root / LATEST} failed ({err}); {final} is complete but `{LATEST}` still "
+            f"names {previous or 'no step'}; free disk space (or inodes) and resume with "
+            f"--resume {final}") from err
+    remove_written(stale)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 = all), never the one `latest` names; drop leftovers
+    of killed saves. Only checkpoints count (is_checkpoint): a user's `step-7/notes.txt` or a file
+    named `step-1` is neither counted nor touched."""
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+        remove_written(leftover)
+    if not keep:
+        return
+    latest = (root / LATEST).read_text().strip()
+    others = sorted((p for p in root.iterdir() if is_checkpoint(p) and p.name != latest),
+                    key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    for old in others[:max(len(others) - (keep - 1), 0)]:
+        if holds_only_checkpoint_files(old):
+            remove_written(old)
+        else:
+            print(f"note: --keep {keep} leaves {old} in place: it holds files that are not part of "
+                  f"the checkpoint", file=sys.stderr, flush=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
