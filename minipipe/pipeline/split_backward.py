@@ -39,12 +39,16 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from minipipe.pipeline import values
 
+import os
+RETAIN = os.environ.get("SB_RETAIN", "1") == "1"
+
 
 @dataclass
 class PendingWeightGrad:
-    """What W needs from I: the cut nodes to re-enter with the gradient captured at each, and
-    the weight-side edges whose gradients I already has (custom Functions, outputs)."""
-    reentries: list = field(default_factory=list)  # (node, captured grad_outputs, its cut edges)
+    """What W needs from I: the cut nodes to re-enter, in groups that one call may re-enter
+    together, with the gradient captured at each; and the weight-side edges whose gradients I
+    already has (custom Functions, outputs)."""
+    reentries: list = field(default_factory=list)  # groups of (node, captured grad_outputs, its cut edges)
     ready: list = field(default_factory=list)  # (GradientEdge into the weight side, its gradient)
 
     def empty(self) -> bool:
@@ -52,7 +56,7 @@ class PendingWeightGrad:
 
     def held_bytes(self) -> int:
         """The captured gradients W needs beyond the graph (each storage once)."""
-        grads = [g for _, grad_outputs, _ in self.reentries for g in grad_outputs if g is not None]
+        grads = [g for group in self.reentries for _, grad_outputs, _ in group for g in grad_outputs if g is not None]
         grads += [g for _, g in self.ready]
         return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
 
@@ -81,26 +85,40 @@ def _is_custom_function(node) -> bool:
     return isinstance(node, torch.autograd.function.BackwardCFunction)
 
 
+def _split_graph(order, input_nodes):
+    """The input side (nodes that lead to an input), each cut node's cut edges (its edges into the
+    weight side, each once), and each re-entered cut node's level: how many re-entered cut nodes
+    lie on the longest path below it. A node reaching another re-entered cut node has a higher
+    level, so the cut nodes of one level never reach each other."""
+    input_side, cuts, level = set(), {}, {}
+    for node in order:  # children first, so a node's children are already classified
+        children = [(c, nr) for c, nr in node.next_functions if c is not None]
+        below = [c for c, _ in children if c in input_side]
+        if node not in input_nodes and not below:
+            continue  # weight side
+        input_side.add(node)
+        if node in input_nodes:
+            level[node] = 0
+            continue
+        level[node] = max((level[c] + (c in cuts and not _is_custom_function(c)) for c in below), default=0)
+        edges = list(dict.fromkeys(GradientEdge(c, nr) for c, nr in children if c not in input_side))
+        if edges:
+            cuts[node] = edges
+    return input_side, cuts, level
+
+
 def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
     `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
     inputs = [t for t in inputs if t.requires_grad]
-    roots = [o.grad_fn for o in outputs if o.grad_fn is not None]
-    order, parents = _graph(roots)
-    input_nodes = {get_gradient_edge(t).node for t in inputs}
-    input_side = set()
-    for node in order:  # children first, so a node's children are already classified
-        if node in input_nodes or any(c in input_side for c, _ in node.next_functions if c is not None):
-            input_side.add(node)
+    order, parents = _graph([o.grad_fn for o in outputs if o.grad_fn is not None])
+    input_side, cuts, level = _split_graph(order, {get_gradient_edge(t).node for t in inputs})
     pending = PendingWeightGrad()
     # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
     # path: I adds it; an output made without the inputs (the first chunk) starts the weight side
     passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
     made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
     pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
-    cuts = {node: [GradientEdge(c, nr) for c, nr in node.next_functions if c is not None and c not in input_side]
-            for node in input_side if node not in input_nodes}
-    cuts = {node: edges for node, edges in cuts.items() if edges}
     if any(parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
         torch.autograd.backward(outputs, grads)  # see the module docstring: not split
         return PendingWeightGrad()
@@ -121,7 +139,10 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     for t, g in [*zip(inputs, got), *passed_on]:
         t.grad = g if t.grad is None or g is None else t.grad + g
     pending.ready += [(e, g) for e, g in zip(collected, got[len(inputs):]) if g is not None]
-    pending.reentries = [(node, grad_outputs, cuts[node]) for node, grad_outputs in captured.items()]
+    groups = {}
+    for node, grad_outputs in captured.items():
+        groups.setdefault(level[node], []).append((node, grad_outputs, cuts[node]))
+    pending.reentries = list(groups.values())
     return pending
 
 
@@ -140,10 +161,15 @@ def backward_weight(pending: PendingWeightGrad) -> None:
     for edge, grad in pending.ready:
         edges.append(edge)
         grads.append(grad)
-    for node, grad_outputs, cut_edges in pending.reentries:
-        given = [(GradientEdge(node, nr), g) for nr, g in enumerate(grad_outputs) if g is not None]
-        got = torch.autograd.grad([e for e, _ in given], cut_edges, [g for _, g in given],
-                                  retain_graph=True, allow_unused=True)
+    for group in pending.reentries:
+        roots, root_grads, cut_edges = [], [], []
+        for node, grad_outputs, node_cut_edges in group:
+            for nr, g in enumerate(grad_outputs):
+                if g is not None:
+                    roots.append(GradientEdge(node, nr))
+                    root_grads.append(g)
+            cut_edges += node_cut_edges
+        got = torch.autograd.grad(roots, cut_edges, root_grads, retain_graph=RETAIN, allow_unused=True)
         for edge, grad in zip(cut_edges, got):
             if grad is not None:
                 edges.append(edge)
