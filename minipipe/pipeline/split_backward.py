@@ -39,9 +39,6 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from minipipe.pipeline import values
 
-import os
-RETAIN = os.environ.get("SB_RETAIN", "1") == "1"
-
 
 @dataclass
 class PendingWeightGrad:
@@ -61,65 +58,60 @@ class PendingWeightGrad:
         return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
 
 
-def _graph(roots):
-    """Every node reachable from `roots`, children before parents, and each node's parents."""
-    order, parents, seen = [], {}, set()
-    stack = [(node, False) for node in roots]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        for child, _ in node.next_functions:
-            if child is not None:
-                parents.setdefault(child, set()).add(node)
-                stack.append((child, False))
-    return order, parents
-
-
 def _is_custom_function(node) -> bool:
     return isinstance(node, torch.autograd.function.BackwardCFunction)
 
 
-def _split_graph(order, input_nodes):
-    """The input side (nodes that lead to an input), each cut node's cut edges (its edges into the
-    weight side, each once), and each re-entered cut node's level: how many re-entered cut nodes
-    lie on the longest path below it. A node reaching another re-entered cut node has a higher
-    level, so the cut nodes of one level never reach each other."""
-    input_side, cuts, level = set(), {}, {}
-    for node in order:  # children first, so a node's children are already classified
-        children = [(c, nr) for c, nr in node.next_functions if c is not None]
-        below = [c for c, _ in children if c in input_side]
-        if node not in input_nodes and not below:
-            continue  # weight side
-        input_side.add(node)
-        if node in input_nodes:
-            level[node] = 0
+def _split_graph(roots, input_nodes):
+    """One walk of the graph below `roots`: the input side (the nodes that lead to an input),
+    each cut node's cut edges (its edges into the weight side, each once), the parents of each
+    weight-side node, and each input-side node's level: how many re-entered cut nodes lie on the
+    longest path below it, itself excluded. A node reaching a re-entered cut node has a higher
+    level than it, so the cut nodes of one level never reach each other."""
+    input_side, cuts, level, weight_parents, reentered = set(), {}, {}, {}, set()
+    seen, stack = set(), [(node, None) for node in roots]
+    while stack:
+        node, children = stack.pop()
+        if children is None:  # first visit: come back to it after its children
+            if node not in seen:
+                seen.add(node)
+                children = [(c, nr) for c, nr in node.next_functions if c is not None]
+                stack.append((node, children))
+                stack += [(c, None) for c, _ in children]
             continue
-        level[node] = max((level[c] + (c in cuts and not _is_custom_function(c)) for c in below), default=0)
-        edges = list(dict.fromkeys(GradientEdge(c, nr) for c, nr in children if c not in input_side))
-        if edges:
-            cuts[node] = edges
-    return input_side, cuts, level
+        below = [c for c, _ in children if c in input_side]
+        if node in input_nodes:
+            input_side.add(node)
+            level[node] = 0
+        elif below:
+            input_side.add(node)
+            level[node] = max([level[c] + (c in reentered) for c in below])
+            if len(below) < len(children):
+                edges = list(dict.fromkeys(GradientEdge(c, nr) for c, nr in children if c not in input_side))
+                cuts[node] = edges
+                if not _is_custom_function(node):
+                    reentered.add(node)
+                for edge in edges:
+                    weight_parents.setdefault(edge.node, set()).add(node)
+        else:
+            for c, _ in children:
+                weight_parents.setdefault(c, set()).add(node)
+    return input_side, cuts, level, weight_parents
 
 
 def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
     `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
     inputs = [t for t in inputs if t.requires_grad]
-    order, parents = _graph([o.grad_fn for o in outputs if o.grad_fn is not None])
-    input_side, cuts, level = _split_graph(order, {get_gradient_edge(t).node for t in inputs})
+    input_side, cuts, level, weight_parents = _split_graph([o.grad_fn for o in outputs if o.grad_fn is not None],
+                                                           {get_gradient_edge(t).node for t in inputs})
     pending = PendingWeightGrad()
     # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
     # path: I adds it; an output made without the inputs (the first chunk) starts the weight side
     passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
     made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
     pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
-    if any(parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
+    if any(weight_parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
         torch.autograd.backward(outputs, grads)  # see the module docstring: not split
         return PendingWeightGrad()
     if not inputs:
@@ -169,7 +161,8 @@ def backward_weight(pending: PendingWeightGrad) -> None:
                     roots.append(GradientEdge(node, nr))
                     root_grads.append(g)
             cut_edges += node_cut_edges
-        got = torch.autograd.grad(roots, cut_edges, root_grads, retain_graph=RETAIN, allow_unused=True)
+        # W is the graph's last use: a re-entered node's saved tensors go as soon as it has run
+        got = torch.autograd.grad(roots, cut_edges, root_grads, allow_unused=True)
         for edge, grad in zip(cut_edges, got):
             if grad is not None:
                 edges.append(edge)
