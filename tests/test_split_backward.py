@@ -183,7 +183,10 @@ def test_w_groups_are_the_fewest_calls_whose_nodes_cannot_reach_each_other(famil
                if o.requires_grad]
     inputs = [t for t in values.as_tuple(leaf) if t.requires_grad]
     pending = backward_input(outputs, [torch.ones_like(o) for o in outputs], inputs)
-    groups = [[node for node, _, _ in group] for group in pending.reentries]
+    groups = {}
+    for level, (node, _, _) in zip(pending.levels, pending.reentries):
+        groups.setdefault(level, []).append(node)
+    groups = list(groups.values())
     assert max(len(g) for g in groups) > 1 or family == "transformer"  # the Transformer's cut nodes form one chain
     for group in groups:
         for a in group:

@@ -14,8 +14,19 @@ every kernel backend is split the same way, with no change to the models:
   each node, the outputs that lead only to weights: a linear's backward node computes
   grad_output @ W for the input and leaves grad_output^T @ x (the weight GEMM) undone.
 - Every edge from an input-side node into the weight side is a *cut edge*. A prehook on the
-  node captures the gradient that reached it during I; W re-enters that node alone and asks it
+  node captures the gradient that reached it during I; W re-enters the node with it and asks
   for its cut edges only (the weight GEMM), then runs the weight side from all cut edges at once.
+- W re-enters the cut nodes level by level, one `autograd.grad` call per level, a node's level
+  being the number of re-entered cut nodes on the longest path below it. Exact because a call
+  runs only the nodes on a path from its roots to the edges it asks for: a cut edge's weight-side
+  node has its cut node as only parent (below), so a path from root A to B's cut edge passes
+  through B, and B would be below A, on a lower level. Each root therefore runs alone, on its
+  captured gradient, and nothing flows from one root into another (which would add to B's
+  captured gradient what I already sent through B). The number of calls is the longest chain
+  of cut nodes, the fewest such groups can have: a Transformer block's cut nodes form one chain
+  (7 calls per block), Llama's q/k/v and gate/up projections share a level, a 1-cell AmoebaNet
+  chunk's 119 cut nodes take 45 calls. Each call costs the engine a walk of the graph below its
+  roots, which is what makes W dearer than the weight half of the fused backward on small chunks.
 - A custom autograd Function (the Triton kernels) computes all its outputs in one call whatever
   is asked, and some update saved tensors in place, so it is never re-entered: I collects the
   gradients it already produced on its cut edges and W starts from them.
@@ -26,12 +37,17 @@ every kernel backend is split the same way, with no change to the models:
 What W keeps alive between I and W (the planner counts it, minipipe/plan.py): the chunk's
 autograd graph with every saved tensor (the activations, as without recompute: with recompute
 the graph rebuilt at I lives until W) and one captured output gradient per cut node (a linear's
-output size, per linear of the chunk).
+output size, per linear of the chunk). W is the graph's last use: each call frees the saved
+tensors of the nodes it ran, so the activations go level by level during W. The captured
+gradients also keep the engine from summing into them in place during I (a residual stream's
+gradient is both a linear's captured grad_output and a term of the next sum), so a few sums
+that the fused backward does in place allocate.
 
-Re-entering a node alone is exact only if each weight-side node reached from a cut has that cut
-node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the chunk
-is not split: I runs the whole backward and W has nothing to do.
+Re-entering a node on its own is exact only if each weight-side node reached from a cut has that
+cut node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the
+chunk is not split: I runs the whole backward and W has nothing to do.
 """
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -42,10 +58,10 @@ from minipipe.pipeline import values
 
 @dataclass
 class PendingWeightGrad:
-    """What W needs from I: the cut nodes to re-enter, in groups that one call may re-enter
-    together, with the gradient captured at each; and the weight-side edges whose gradients I
-    already has (custom Functions, outputs)."""
-    reentries: list = field(default_factory=list)  # groups of (node, captured grad_outputs, its cut edges)
+    """What W needs from I: the cut nodes to re-enter with the gradient captured at each, and
+    the weight-side edges whose gradients I already has (custom Functions, outputs)."""
+    reentries: list = field(default_factory=list)  # (node, captured grad_outputs, its cut edges)
+    levels: list = field(default_factory=list)  # each re-entry's level: one call re-enters a level
     ready: list = field(default_factory=list)  # (GradientEdge into the weight side, its gradient)
 
     def empty(self) -> bool:
@@ -53,7 +69,7 @@ class PendingWeightGrad:
 
     def held_bytes(self) -> int:
         """The captured gradients W needs beyond the graph (each storage once)."""
-        grads = [g for group in self.reentries for _, grad_outputs, _ in group for g in grad_outputs if g is not None]
+        grads = [g for _, grad_outputs, _ in self.reentries for g in grad_outputs if g is not None]
         grads += [g for _, g in self.ready]
         return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
 
@@ -131,10 +147,9 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     for t, g in [*zip(inputs, got), *passed_on]:
         t.grad = g if t.grad is None or g is None else t.grad + g
     pending.ready += [(e, g) for e, g in zip(collected, got[len(inputs):]) if g is not None]
-    groups = {}
-    for node, grad_outputs in captured.items():
-        groups.setdefault(level[node], []).append((node, grad_outputs, cuts[node]))
-    pending.reentries = list(groups.values())
+    by_level = sorted(captured, key=level.get)
+    pending.reentries = [(node, captured[node], cuts[node]) for node in by_level]
+    pending.levels = [level[node] for node in by_level]
     return pending
 
 
@@ -153,9 +168,9 @@ def backward_weight(pending: PendingWeightGrad) -> None:
     arguments: every gradient here came from the engine with its edge's shape, and the check
     (torch.autograd._make_grads, per root) took a quarter of W on a 1-cell AmoebaNet chunk."""
     edges, grads = [e for e, _ in pending.ready], [g for _, g in pending.ready]
-    for group in pending.reentries:
+    for _, group in itertools.groupby(zip(pending.levels, pending.reentries), key=lambda pair: pair[0]):
         roots, root_grads, cut_edges = [], [], []
-        for node, grad_outputs, node_cut_edges in group:
+        for _, (node, grad_outputs, node_cut_edges) in group:
             for nr, g in enumerate(grad_outputs):
                 if g is not None:
                     roots.append(GradientEdge(node, nr))
@@ -172,4 +187,5 @@ def backward_weight(pending: PendingWeightGrad) -> None:
     if edges:  # = torch.autograd.backward(edges, grads)
         _engine_run_backward(tuple(edges), tuple(grads), False, False, (), True, accumulate_grad=True)
     pending.reentries.clear()
+    pending.levels.clear()
     pending.ready.clear()
