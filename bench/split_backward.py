@@ -11,13 +11,14 @@ cells,filters,image_size,rows for AmoebaNet (the chunk is every cell). Prints on
 of I + W over that of fused, the 25th-75th percentile of the pairs' ratios (the spread), and the median minor
 page faults of one backward of each kind (glibc hands freed memory back to the kernel and the
 next allocation faults it in again: the split keeps more memory alive from I to W, so it faults
-more; MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ in the environment change this).
+more; --keep-freed-memory has glibc keep freed memory instead, for both contenders alike).
 The forward is rebuilt before each backward and is not timed. One thread (a pipeline rank's), and
 the times are that thread's CPU time (the autograd engine runs a CPU graph on the calling thread),
 so time the machine's other processes take from it does not count; on a shared machine they still
 evict its caches, so give the load average with the figures.
 """
 import argparse
+import ctypes
 import os
 import resource
 import statistics
@@ -48,6 +49,14 @@ def _config(model, shape):
     extra = dict(kv_heads=max(1, heads // 2), ffn_dim=b * 11 // 4) if model == "llama" else {}
     return make_config(model=model, layers=a, d_model=b, heads=heads, max_seq_len=c, vocab=256,
                        data="synthetic", dropout=0.0, **extra)
+
+
+def keep_freed_memory():
+    """glibc: never hand freed heap memory back to the kernel, and serve large blocks from the heap
+    too (mallopt M_TRIM_THRESHOLD, M_MMAP_THRESHOLD), so a freed block is reused without faults."""
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(-1, 2**30) and libc.mallopt(-3, 2**30)):
+        raise RuntimeError("mallopt refused the thresholds")
 
 
 def _minor_faults():
@@ -101,10 +110,14 @@ def main(argv=None):
     parser.add_argument("--model", choices=list(SHAPES), action="append", help="(repeatable) default: all")
     parser.add_argument("--shape", action="append", help="a,b,c,rows (repeatable; see the docstring)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc keeps freed memory (see the docstring)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.repeats} alternating pairs "
-          f"after 2 warm-up pairs; ms are medians; spread = 25th-75th percentile of the pairs' ratios")
+          f"after 2 warm-up pairs; ms are medians; spread = 25th-75th percentile of the pairs' ratios"
+          + ("; glibc keeps freed memory" if args.keep_freed_memory else ""))
     print("| family | shape | fused ms | I ms | W ms | (I + W) / fused | spread | page faults fused / split |")
     print("|---|---|---|---|---|---|---|---|")
     for model in args.model or list(SHAPES):
