@@ -19,7 +19,7 @@ every kernel backend is split the same way, with no change to the models:
 - W re-enters the cut nodes level by level, one `autograd.grad` call per level, a node's level
   being the number of re-entered cut nodes on the longest path below it. Exact because a call
   runs only the nodes on a path from its roots to the edges it asks for: a cut edge's weight-side
-  node has its cut node as only parent (below), so a path from root A to B's cut edge passes
+  node has its cut node as only parent (last paragraph), so a path from root A to B's cut edge passes
   through B, and B would be below A, on a lower level. Each root therefore runs alone, on its
   captured gradient, and nothing flows from one root into another (which would add to B's
   captured gradient what I already sent through B). The number of calls is the longest chain
@@ -117,7 +117,8 @@ def _split_graph(roots, input_nodes):
 
 def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
-    `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
+    `outputs` (tensors that require grad) and `grads` (a tensor each, even for a scalar output)
+    pair up; `inputs` are leaf tensors."""
     inputs = [t for t in inputs if t.requires_grad]
     input_side, cuts, level, weight_parents = _split_graph([o.grad_fn for o in outputs if o.grad_fn is not None],
                                                            {get_gradient_edge(t).node for t in inputs})
