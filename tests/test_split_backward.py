@@ -1,14 +1,16 @@
 """I (input gradient) then W (weight gradients) add bitwise what the fused backward adds, for
-every chunk position of both families and both kernel backends; I leaves the weights to W."""
+every chunk position of every family and both kernel backends; I leaves the weights to W, and W
+re-enters together only cut nodes that cannot reach each other."""
 import pytest
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from minipipe.config import make_config
 from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.pipeline import values
 from minipipe.pipeline.recompute import grad_leaf, recompute_forward
-from minipipe.pipeline.split_backward import backward_input, backward_weight
+from minipipe.pipeline.split_backward import _split_graph, backward_input, backward_weight
 from minipipe.pipeline.stage import Stage
 
 FAMILIES = {
@@ -16,6 +18,9 @@ FAMILIES = {
                     "vocab": 64, "dropout": 0.1},
     "amoebanet": {"model": "amoebanet", "cells": 1, "filters": 4, "image_size": 8, "channels": 3,
                   "classes": 10},
+    # q/k/v and gate/up projections read one input: W re-enters them in one call
+    "llama": {"model": "llama", "layers": 3, "d_model": 32, "heads": 2, "kv_heads": 1, "ffn_dim": 48,
+              "max_seq_len": 8, "vocab": 64, "dropout": 0.1},
 }
 # float64 on torch; the Triton kernels (the interpreter on CPU) run float32
 BACKENDS = {"torch": torch.float64, "triton": torch.float32}
@@ -23,7 +28,7 @@ BACKENDS = {"torch": torch.float64, "triton": torch.float32}
 
 def _inputs(cfg, dtype):
     g = torch.Generator().manual_seed(0)
-    if cfg.model == "transformer":
+    if cfg.model in ("transformer", "llama"):
         return (torch.randint(0, cfg.vocab, (3, cfg.max_seq_len), generator=g),
                 torch.randint(0, cfg.vocab, (3, cfg.max_seq_len), generator=g))
     return (torch.randn(3, cfg.channels, cfg.image_size, cfg.image_size, generator=g, dtype=dtype),
@@ -130,3 +135,66 @@ def test_an_input_handed_on_unchanged_gets_its_whole_gradient_in_i():
         results.append((leaf.grad, linear.weight.grad, linear.bias.grad))
     for fused, halves in zip(*results, strict=True):
         assert torch.equal(fused, halves)
+
+
+def test_a_weight_read_twice_by_one_op_is_counted_once():
+    """addcmul(x, w, w) has two edges into w's AccumulateGrad: W asks for that edge once (asking
+    twice returned the summed gradient twice, and the weight got it twice)."""
+    weight = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    results = []
+    for split in (False, True):
+        weight.grad = None
+        leaf = grad_leaf(x)
+        out = torch.addcmul(leaf, weight, weight).sin()
+        if split:
+            backward_weight(backward_input([out], [torch.ones_like(out)], [leaf]))
+        else:
+            out.backward(torch.ones_like(out))
+        results.append((leaf.grad, weight.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def _reaches(node, target) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for child, _ in n.next_functions:
+            if child is target:
+                return True
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w_groups_are_the_fewest_calls_whose_nodes_cannot_reach_each_other(family):
+    """Re-entering two cut nodes in one call is exact only if neither reaches the other (else the
+    upper one's gradient would flow on into the lower one, added to what I captured there). The
+    levels are such groups, and as few as the longest chain of cut nodes: no grouping has fewer."""
+    cfg = make_config(**FAMILIES[family], data="synthetic")
+    n = len(registry.layer_factories(cfg))
+    layers = build_layers(cfg, range(n))
+    with torch.no_grad():
+        value = layers[0](_inputs(cfg, torch.float32)[0])
+    leaf = grad_leaf(value)
+    outputs = [o for o in values.as_tuple(torch.nn.Sequential(*[layers[i] for i in range(1, n - 1)])(leaf))
+               if o.requires_grad]
+    inputs = [t for t in values.as_tuple(leaf) if t.requires_grad]
+    pending = backward_input(outputs, [torch.ones_like(o) for o in outputs], inputs)
+    groups = {}
+    for level, (node, _, _) in zip(pending.levels, pending.reentries):
+        groups.setdefault(level, []).append(node)
+    groups = list(groups.values())
+    assert max(len(g) for g in groups) > 1 or family == "transformer"  # the Transformer's cut nodes form one chain
+    for group in groups:
+        for a in group:
+            assert not any(_reaches(a, b) for b in group if b is not a)
+    _, cuts, level, _ = _split_graph([o.grad_fn for o in outputs], {get_gradient_edge(t).node for t in inputs})
+    assert sorted(node.name() for g in groups for node in g) == sorted(node.name() for node in cuts)
+    longest = {}  # cut nodes on the longest chain of cut nodes from each node down
+    for node in sorted((node for g in groups for node in g), key=level.get):  # a node's level is above those it reaches
+        longest[node] = 1 + max((longest[b] for b in longest if _reaches(node, b)), default=0)
+    assert len(groups) == max(longest.values())
+    backward_weight(pending)

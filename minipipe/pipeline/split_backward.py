@@ -14,8 +14,19 @@ every kernel backend is split the same way, with no change to the models:
   each node, the outputs that lead only to weights: a linear's backward node computes
   grad_output @ W for the input and leaves grad_output^T @ x (the weight GEMM) undone.
 - Every edge from an input-side node into the weight side is a *cut edge*. A prehook on the
-  node captures the gradient that reached it during I; W re-enters that node alone and asks it
+  node captures the gradient that reached it during I; W re-enters the node with it and asks
   for its cut edges only (the weight GEMM), then runs the weight side from all cut edges at once.
+- W re-enters the cut nodes level by level, one `autograd.grad` call per level, a node's level
+  being the number of re-entered cut nodes on the longest path below it. Exact because a call
+  runs only the nodes on a path from its roots to the edges it asks for: a cut edge's weight-side
+  node has its cut node as only parent (last paragraph), so a path from root A to B's cut edge passes
+  through B, and B would be below A, on a lower level. Each root therefore runs alone, on its
+  captured gradient, and nothing flows from one root into another (which would add to B's
+  captured gradient what I already sent through B). The number of calls is the longest chain
+  of cut nodes, the fewest such groups can have: a Transformer block's cut nodes form one chain
+  (7 calls per block), Llama's q/k/v and gate/up projections share a level, a 1-cell AmoebaNet
+  chunk's 119 cut nodes take 45 calls. Each call costs the engine a walk of the graph below its
+  roots, which is what makes W dearer than the weight half of the fused backward on small chunks.
 - A custom autograd Function (the Triton kernels) computes all its outputs in one call whatever
   is asked, and some update saved tensors in place, so it is never re-entered: I collects the
   gradients it already produced on its cut edges and W starts from them.
@@ -26,16 +37,21 @@ every kernel backend is split the same way, with no change to the models:
 What W keeps alive between I and W (the planner counts it, minipipe/plan.py): the chunk's
 autograd graph with every saved tensor (the activations, as without recompute: with recompute
 the graph rebuilt at I lives until W) and one captured output gradient per cut node (a linear's
-output size, per linear of the chunk).
+output size, per linear of the chunk). W is the graph's last use: each call frees the saved
+tensors of the nodes it ran, so the activations go level by level during W. The captured
+gradients also keep the engine from summing into them in place during I (a residual stream's
+gradient is both a linear's captured grad_output and a term of the next sum), so a few sums
+that the fused backward does in place allocate.
 
-Re-entering a node alone is exact only if each weight-side node reached from a cut has that cut
-node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the chunk
-is not split: I runs the whole backward and W has nothing to do.
+Re-entering a node on its own is exact only if each weight-side node reached from a cut has that
+cut node as its only parent; otherwise (a weight used by two input-side ops in one chunk) the
+chunk is not split: I runs the whole backward and W has nothing to do.
 """
+import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge, _engine_run_backward, get_gradient_edge
 
 from minipipe.pipeline import values
 
@@ -45,6 +61,7 @@ class PendingWeightGrad:
     """What W needs from I: the cut nodes to re-enter with the gradient captured at each, and
     the weight-side edges whose gradients I already has (custom Functions, outputs)."""
     reentries: list = field(default_factory=list)  # (node, captured grad_outputs, its cut edges)
+    levels: list = field(default_factory=list)  # each re-entry's level: one call re-enters a level
     ready: list = field(default_factory=list)  # (GradientEdge into the weight side, its gradient)
 
     def empty(self) -> bool:
@@ -57,51 +74,61 @@ class PendingWeightGrad:
         return sum({id(g.untyped_storage()): g.untyped_storage().nbytes() for g in grads}.values())
 
 
-def _graph(roots):
-    """Every node reachable from `roots`, children before parents, and each node's parents."""
-    order, parents, seen = [], {}, set()
-    stack = [(node, False) for node in roots]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        for child, _ in node.next_functions:
-            if child is not None:
-                parents.setdefault(child, set()).add(node)
-                stack.append((child, False))
-    return order, parents
-
-
 def _is_custom_function(node) -> bool:
     return isinstance(node, torch.autograd.function.BackwardCFunction)
 
 
+def _split_graph(roots, input_nodes):
+    """One walk of the graph below `roots`: the input side (the nodes that lead to an input),
+    each cut node's cut edges (its edges into the weight side, each once), the parents of each
+    weight-side node, and each input-side node's level: how many re-entered cut nodes lie on the
+    longest path below it, itself excluded. A node reaching a re-entered cut node has a higher
+    level than it, so the cut nodes of one level never reach each other."""
+    input_side, cuts, level, weight_parents, reentered = set(), {}, {}, {}, set()
+    seen, stack = set(), [(node, None) for node in roots]
+    while stack:
+        node, children = stack.pop()
+        if children is None:  # first visit: come back to it after its children
+            if node not in seen:
+                seen.add(node)
+                children = [(c, nr) for c, nr in node.next_functions if c is not None]
+                stack.append((node, children))
+                stack += [(c, None) for c, _ in children]
+            continue
+        below = [c for c, _ in children if c in input_side]
+        if node in input_nodes:
+            input_side.add(node)
+            level[node] = 0
+        elif below:
+            input_side.add(node)
+            level[node] = max([level[c] + (c in reentered) for c in below])
+            if len(below) < len(children):
+                edges = list(dict.fromkeys(GradientEdge(c, nr) for c, nr in children if c not in input_side))
+                cuts[node] = edges
+                if not _is_custom_function(node):
+                    reentered.add(node)
+                for edge in edges:
+                    weight_parents.setdefault(edge.node, set()).add(node)
+        else:
+            for c, _ in children:
+                weight_parents.setdefault(c, set()).add(node)
+    return input_side, cuts, level, weight_parents
+
+
 def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     """I: d(outputs)/d(inputs) into each input's .grad; returns what backward_weight needs.
-    `outputs` and `grads` pair up (tensors that require grad); `inputs` are leaf tensors."""
+    `outputs` (tensors that require grad) and `grads` (a tensor each, even for a scalar output)
+    pair up; `inputs` are leaf tensors."""
     inputs = [t for t in inputs if t.requires_grad]
-    roots = [o.grad_fn for o in outputs if o.grad_fn is not None]
-    order, parents = _graph(roots)
-    input_nodes = {get_gradient_edge(t).node for t in inputs}
-    input_side = set()
-    for node in order:  # children first, so a node's children are already classified
-        if node in input_nodes or any(c in input_side for c, _ in node.next_functions if c is not None):
-            input_side.add(node)
+    input_side, cuts, level, weight_parents = _split_graph([o.grad_fn for o in outputs if o.grad_fn is not None],
+                                                           {get_gradient_edge(t).node for t in inputs})
     pending = PendingWeightGrad()
     # an input handed on unchanged (AmoebaNet's cells pass their input on) is its own gradient's
     # path: I adds it; an output made without the inputs (the first chunk) starts the weight side
     passed_on = [(o, g) for o, g in zip(outputs, grads) if any(o is t for t in inputs)]
     made = [(o, g) for o, g in zip(outputs, grads) if not any(o is t for t in inputs)]
     pending.ready = [(o, g) for o, g in made if o.grad_fn not in input_side]
-    cuts = {node: [GradientEdge(c, nr) for c, nr in node.next_functions if c is not None and c not in input_side]
-            for node in input_side if node not in input_nodes}
-    cuts = {node: edges for node, edges in cuts.items() if edges}
-    if any(parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
+    if any(weight_parents[e.node] != {node} for node, edges in cuts.items() for e in edges):
         torch.autograd.backward(outputs, grads)  # see the module docstring: not split
         return PendingWeightGrad()
     if not inputs:
@@ -121,7 +148,9 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     for t, g in [*zip(inputs, got), *passed_on]:
         t.grad = g if t.grad is None or g is None else t.grad + g
     pending.ready += [(e, g) for e, g in zip(collected, got[len(inputs):]) if g is not None]
-    pending.reentries = [(node, grad_outputs, cuts[node]) for node, grad_outputs in captured.items()]
+    by_level = sorted(captured, key=level.get)
+    pending.reentries = [(node, captured[node], cuts[node]) for node in by_level]
+    pending.levels = [level[node] for node in by_level]
     return pending
 
 
@@ -135,20 +164,29 @@ def weight_grad_bytes(module, value) -> int:
 
 
 def backward_weight(pending: PendingWeightGrad) -> None:
-    """W: the weight gradients I left, accumulated into each parameter's .grad."""
-    edges, grads = [], []
-    for edge, grad in pending.ready:
-        edges.append(edge)
-        grads.append(grad)
-    for node, grad_outputs, cut_edges in pending.reentries:
-        given = [(GradientEdge(node, nr), g) for nr, g in enumerate(grad_outputs) if g is not None]
-        got = torch.autograd.grad([e for e, _ in given], cut_edges, [g for _, g in given],
-                                  retain_graph=True, allow_unused=True)
+    """W: the weight gradients I left, accumulated into each parameter's .grad.
+    It calls the autograd engine as torch.autograd.grad / backward do after checking their
+    arguments: every gradient here came from the engine with its edge's shape, and the check
+    (torch.autograd._make_grads, per root) took a quarter of W on a 1-cell AmoebaNet chunk."""
+    edges, grads = [e for e, _ in pending.ready], [g for _, g in pending.ready]
+    for _, group in itertools.groupby(zip(pending.levels, pending.reentries), key=lambda pair: pair[0]):
+        roots, root_grads, cut_edges = [], [], []
+        for _, (node, grad_outputs, node_cut_edges) in group:
+            for nr, g in enumerate(grad_outputs):
+                if g is not None:
+                    roots.append(GradientEdge(node, nr))
+                    root_grads.append(g)
+            cut_edges += node_cut_edges
+        # = torch.autograd.grad(roots, cut_edges, root_grads, allow_unused=True); without
+        # retain_graph, as W is the graph's last use: a node's saved tensors go once it has run
+        got = _engine_run_backward(tuple(roots), tuple(root_grads), False, False, tuple(cut_edges), True,
+                                   accumulate_grad=False)
         for edge, grad in zip(cut_edges, got):
             if grad is not None:
                 edges.append(edge)
                 grads.append(grad)
-    if edges:
-        torch.autograd.backward(edges, grads)
+    if edges:  # = torch.autograd.backward(edges, grads)
+        _engine_run_backward(tuple(edges), tuple(grads), False, False, (), True, accumulate_grad=True)
     pending.reentries.clear()
+    pending.levels.clear()
     pending.ready.clear()
