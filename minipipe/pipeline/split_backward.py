@@ -51,7 +51,12 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.graph import GradientEdge, _engine_run_backward, get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+try:  # the engine call behind torch.autograd.grad / backward, past their argument checks
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # a torch without it (private): the public calls, the same gradients
+    _engine_run_backward = None
 
 from minipipe.pipeline import values
 
@@ -179,14 +184,27 @@ def backward_weight(pending: PendingWeightGrad) -> None:
             cut_edges += node_cut_edges
         # = torch.autograd.grad(roots, cut_edges, root_grads, allow_unused=True); without
         # retain_graph, as W is the graph's last use: a node's saved tensors go once it has run
-        got = _engine_run_backward(tuple(roots), tuple(root_grads), False, False, tuple(cut_edges), True,
-                                   accumulate_grad=False)
+        got = _grads_at(roots, root_grads, cut_edges)
         for edge, grad in zip(cut_edges, got):
             if grad is not None:
                 edges.append(edge)
                 grads.append(grad)
-    if edges:  # = torch.autograd.backward(edges, grads)
-        _engine_run_backward(tuple(edges), tuple(grads), False, False, (), True, accumulate_grad=True)
+    if edges:
+        _accumulate(edges, grads)
     pending.reentries.clear()
     pending.levels.clear()
     pending.ready.clear()
+
+
+def _grads_at(roots, root_grads, edges):
+    if _engine_run_backward is None:
+        return torch.autograd.grad(roots, edges, root_grads, allow_unused=True)
+    return _engine_run_backward(tuple(roots), tuple(root_grads), False, False, tuple(edges), True,
+                                accumulate_grad=False)
+
+
+def _accumulate(edges, grads) -> None:
+    if _engine_run_backward is None:
+        torch.autograd.backward(edges, grads)
+    else:
+        _engine_run_backward(tuple(edges), tuple(grads), False, False, (), True, accumulate_grad=True)
