@@ -117,7 +117,7 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
     sched = cls(stages if schedule in MULTI_STAGE else stages[0], m, loss_fn=loss_fn)
     params = [p for chunk in chunks for p in chunk.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.cfg.lr)
-    last = run.engine.last_chunk % k == lay.stage
+    last = run.spec.placement[-1] == lay.stage
 
     def step(inputs, targets):
         sched.step(*((inputs,) if lay.stage == 0 else ()), target=targets if last else None)

@@ -27,16 +27,16 @@ def _torch_reader(k: int, m: int):
 @pytest.mark.parametrize("schedule, k, m", [("zb-h1", 2, 4), ("zb-h1", 4, 8), ("1f1b", 3, 5), ("gpipe", 2, 3)])
 def test_round_trip_through_torchs_own_csv_reader_and_writer(tmp_path, schedule, k, m):
     ours = tmp_path / "ours.csv"
-    lists, _ = schedule_lists(schedule, k, m)
-    write_csv(ours, csv_rows(lists))
+    lists, placement = schedule_lists(schedule, k, m)
+    write_csv(ours, csv_rows(lists, placement))
     runtime = _torch_reader(k, m)
     runtime._load_csv(str(ours))  # torch validates it and lowers it with its messages
     assert {r: [str(a) for a in actions] for r, actions in runtime.pipeline_order.items()} == dict(
-        enumerate(csv_rows(lists)))
+        enumerate(csv_rows(lists, placement)))
     theirs = tmp_path / "theirs.csv"
     PipelineScheduleMulti._dump_csv(runtime, str(theirs))  # torch's compute-only writer
-    back, v = read_csv(theirs, k, m)
-    assert v == 1 and back == {r: train_actions(schedule, r, k, m) for r in range(k)}
+    back, placement_back = read_csv(theirs, k, m)
+    assert placement_back == placement == tuple(range(k)) and back == {r: train_actions(schedule, r, k, m) for r in range(k)}
 
 
 def test_a_hand_written_file_is_proven_or_refused_by_name(tmp_path):
@@ -48,7 +48,8 @@ def test_a_hand_written_file_is_proven_or_refused_by_name(tmp_path):
     deadlock.write_text("0F0,0I0,0W0,0F1,0I1,0W1\n1F1,1I1,1W1,1F0,1I0,1W0\n")
     with pytest.raises(ScheduleError, match="the activation of chunk 1 micro-batch 0 first"):
         check(str(deadlock), 2, 2)
-    for text, why in (("0F0,0SEND_F0\n1F0\n", "not a compute action"), ("1F0\n0F0\n", "chunk 1 runs on rank 1"),
+    for text, why in (("0F0,0SEND_F0\n1F0\n", "not a compute action"), ("0F0,1F0\n1F0\n", "names chunk 1, which is already on row 0"),
+                      ("0F0\n2F0\n", "no row runs chunk 1"), ("0F0,1F0\n2F0\n", "row 0 runs chunks \\[0, 1\\] of 3"),
                       ("0F0,0B0\n", "1 rows, one per rank")):
         bad = tmp_path / "bad.csv"
         bad.write_text(text)

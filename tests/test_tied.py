@@ -118,5 +118,5 @@ def test_models_and_the_planner_count_the_tied_weight_once():
         held = sum(s.params for s in planned.stages)
         assert held == total + (copy if k > 1 else 0)  # K>1: the last stage holds a copy
         assert f"{total:,} parameters" in plan.format_plan(planned, None)
-        logged = config_record(cfg, [6] if k == 1 else [3, 3])["plan"]["stage_params"]
+        logged = config_record(cfg, [6] if k == 1 else [3, 3], planned.spec)["plan"]["stage_params"]
         assert sum(logged) == held  # what a run logs per stage is what the stages hold

@@ -27,8 +27,8 @@ def main(argv=None) -> None:
     try:
         print(render_grid(args.schedule, args.stages, args.microbatches, args.virtual_stages))
         if args.csv:
-            lists, _ = schedule_lists(args.schedule, args.stages, args.microbatches, args.virtual_stages)
-            write_csv(args.csv, csv_rows(lists))
+            lists, placement = schedule_lists(args.schedule, args.stages, args.microbatches, args.virtual_stages)
+            write_csv(args.csv, csv_rows(lists, placement))
             print(f"wrote {args.csv}")
     except ScheduleError as err:
         parser.error(str(err))
