@@ -10,33 +10,39 @@ from torch.distributed.pipelining.schedules import (
     _PipelineScheduleRuntime,
 )
 
-from minipipe.schedule.actions import ScheduleError, train_actions
+from minipipe.schedule.actions import ScheduleError, chunk_placement, train_actions
 from minipipe.schedule.check import check, schedule_lists
 from minipipe.schedule.csv_format import csv_rows, read_csv, write_csv
 from tests.spawn import REPO_ROOT
 
 
-def _torch_reader(k: int, m: int):
+def _torch_reader(k: int, m: int, n_chunks: int):
     """torch's schedule runtime with only what its CSV reader and validator use (no stages)."""
     runtime = object.__new__(_PipelineScheduleRuntime)
     runtime.pipeline_order, runtime._stages, runtime._defer_pp_recv = {}, [], False
-    runtime.pp_group_size, runtime._num_stages, runtime._n_microbatches = k, k, m
+    runtime.pp_group_size, runtime._num_stages, runtime._n_microbatches = k, n_chunks, m
     return runtime
 
 
-@pytest.mark.parametrize("schedule, k, m", [("zb-h1", 2, 4), ("zb-h1", 4, 8), ("1f1b", 3, 5), ("gpipe", 2, 3)])
-def test_round_trip_through_torchs_own_csv_reader_and_writer(tmp_path, schedule, k, m):
+@pytest.mark.parametrize("schedule, k, m, v", [("zb-h1", 2, 4, 1), ("zb-h1", 4, 8, 1), ("1f1b", 3, 5, 1),
+                                               ("gpipe", 2, 3, 1), ("zbv", 2, 4, 2), ("zbv", 4, 8, 2),
+                                               ("dualpipev", 3, 6, 2), ("interleaved", 2, 4, 2)])
+def test_round_trip_through_torchs_own_csv_reader_and_writer(tmp_path, schedule, k, m, v):
+    """A cell's stage index is the model chunk; torch derives each stage's rank from the rows
+    (its stage_index_to_group_rank), which must be minipipe's placement: the V for zbv."""
     ours = tmp_path / "ours.csv"
-    lists, placement = schedule_lists(schedule, k, m)
+    lists, placement = schedule_lists(schedule, k, m, v)
     write_csv(ours, csv_rows(lists, placement))
-    runtime = _torch_reader(k, m)
+    runtime = _torch_reader(k, m, k * v)
     runtime._load_csv(str(ours))  # torch validates it and lowers it with its messages
     assert {r: [str(a) for a in actions] for r, actions in runtime.pipeline_order.items()} == dict(
         enumerate(csv_rows(lists, placement)))
+    assert tuple(runtime.stage_index_to_group_rank[c] for c in range(k * v)) == placement
     theirs = tmp_path / "theirs.csv"
     PipelineScheduleMulti._dump_csv(runtime, str(theirs))  # torch's compute-only writer
     back, placement_back = read_csv(theirs, k, m)
-    assert placement_back == placement == tuple(range(k)) and back == {r: train_actions(schedule, r, k, m) for r in range(k)}
+    assert placement_back == placement == chunk_placement(schedule, k, v)
+    assert back == {r: train_actions(schedule, r, k, m, v) for r in range(k)}
 
 
 def test_a_hand_written_file_is_proven_or_refused_by_name(tmp_path):

@@ -9,13 +9,21 @@ Three schedules, each a compute order per rank; the messages follow from it (`wi
     zb-h1        zero bubble at 1F1B's memory (Qi et al. 2024; minipipe.schedule.zero_bubble): each
                  backward runs as I (input gradient, sent upstream at once) and W (weight
                  gradients, deferred into the bubble).
+    zbv          ZB-V (Qi et al. 2024, section 6): two chunks per rank in the V placement (below),
+                 split backwards; about zero bubble at F = I = W, at 1F1B's activation memory.
+    dualpipev    DeepSeek's DualPipe cut in a V (deepseek-ai/DualPipe's DualPipeV): the V placement,
+                 a steady state of forward / fused-backward pairs of the two chunks, split
+                 backwards in the ramp and the tail.
     interleaved  Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): the model is
                  cut into K*V chunks and chunk c runs on rank c mod K, so rank r holds its chunks
                  v = 0..V-1 (global chunk v*K + r). Forwards go in groups of K micro-batches,
                  chunk by chunk; (K-1-r)*2 + (V-1)*K warm-up forwards, then 1F1B.
 
 Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe, 1f1b and
-zb-h1 run one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of K).
+zb-h1 run one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of
+K); zbv and dualpipev run exactly two chunks per rank, given as V = 2 (not implied: --balance and
+the cut count K*V chunks, so the flag says what is cut); dualpipev needs M >= 2K (its ramp and
+tail hold 2K micro-batches, as torch's ScheduleDualPipeV requires).
 
 Placement (`chunk_placement`, the one definition): the model is cut into K*V contiguous chunks
 and `placement[c]` is the rank that runs model chunk c. "loop": chunk c on rank c mod K (one
@@ -38,9 +46,9 @@ import enum
 from dataclasses import dataclass
 
 from minipipe.errors import ConfigError
-from minipipe.schedule.zero_bubble import zb_h1_order
+from minipipe.schedule.zero_bubble import dualpipev_order, zb_h1_order, zbv_order
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "dualpipev")
 V_PLACED = ("zbv", "dualpipev")  # the schedules that run in the V placement
 
 
@@ -92,7 +100,14 @@ def check_schedule(schedule: str, n_stages: int, n_microbatches: int, virtual_st
         raise ScheduleError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if k < 1 or m < 1 or v < 1:
         raise ScheduleError(f"need stages, micro-batches and virtual stages >= 1, got K={k}, M={m}, V={v}")
-    if schedule != "interleaved" and v != 1:
+    if schedule in V_PLACED:
+        if v != 2:
+            raise ScheduleError(f"--schedule {schedule} runs two model chunks per stage in a V (stage r "
+                                f"holds chunks r and 2K-1-r): give --virtual-stages 2 (got {v})")
+        if schedule == "dualpipev" and m < 2 * k:
+            raise ScheduleError(f"--schedule dualpipev needs --microbatches >= 2 x {k} stages = {2 * k} "
+                                f"(got {m}): its ramp and its tail hold 2K micro-batches")
+    elif schedule != "interleaved" and v != 1:
         raise ScheduleError(f"--schedule {schedule} runs one model chunk per stage: --virtual-stages "
                             f"must be 1 (got {v}); use --schedule interleaved for V > 1")
     if schedule == "interleaved":
@@ -129,7 +144,7 @@ def _interleaved_order(rank, k, m, v):
     return order + [unit(j, False) for j in range(total - warmup, total)]
 
 
-_LETTERS = {"F": Kind.FORWARD, "I": Kind.BACKWARD_INPUT, "W": Kind.BACKWARD_WEIGHT}
+_LETTERS = {"F": Kind.FORWARD, "B": Kind.BACKWARD, "I": Kind.BACKWARD_INPUT, "W": Kind.BACKWARD_WEIGHT}
 
 
 def _from_letters(order_fn):
@@ -164,7 +179,8 @@ def message_peer(placement: tuple[int, ...], rank: int, action: Action) -> int:
 
 
 _ORDERS = {"gpipe": _gpipe_order, "1f1b": _one_f_one_b_order, "interleaved": _interleaved_order,
-           "zb-h1": _from_letters(zb_h1_order)}
+           "zb-h1": _from_letters(zb_h1_order), "zbv": _from_letters(lambda r, k, m, v: zbv_order(r, k, m)),
+           "dualpipev": _from_letters(lambda r, k, m, v: dualpipev_order(r, k, m))}
 
 
 def with_messages(order, rank: int, placement: tuple[int, ...]) -> list[Action]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from minipipe.schedule.actions import (
     BACKWARDS,
     SCHEDULES,
+    V_PLACED,
     Action,
     Kind,
     ScheduleError,
@@ -217,15 +218,28 @@ def check(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int
     return simulate(lists, n_stages, n_microbatches, len(placement) // n_stages, times, placement)
 
 
+def v_schedule_idle(schedule: str, n_stages: int, n_microbatches: int) -> int:
+    """Idle time units per rank of zbv and dualpipev at F = I = W = 1 (a unit is one chunk's
+    forward; a rank's work is 6M units): K-1, the staircase of the ramp (rank r starts r units
+    late and ends K-1-r units early) and nothing in the steady state, the zero-bubble paper's
+    "about zero" (section 6) made exact; zbv with fewer than 2K-1 micro-batches never fills its
+    steady state and idles 2(2K-1-M). tests/test_v_schedules.py proves it against the simulation."""
+    k, m = n_stages, n_microbatches
+    return max(k - 1, 2 * (2 * k - 1 - m)) if schedule == "zbv" else k - 1
+
+
 def _simulated(schedule: str, k: int, m: int, v: int) -> bool:
     """Split backwards and files have no closed formula: their bubble is the simulation's."""
     return schedule not in SCHEDULES or any(a.kind is Kind.BACKWARD_INPUT for a in train_actions(schedule, 0, k, m, v))
 
 
 def theory_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> float:
-    """The bubble fraction: the literature's formula for the fused-backward schedules, the
-    simulation at F = I = W (a fused B = I + W) for the split ones and for files."""
+    """The bubble fraction: the literature's formula for the fused-backward schedules and the V
+    schedules (at F = I = W), the simulation at F = I = W (a fused B = I + W) for zb-h1 and files."""
     k, m, v = n_stages, n_microbatches, virtual_stages
+    if schedule in V_PLACED:
+        idle = v_schedule_idle(schedule, k, m)
+        return idle / (6 * m + idle)
     if _simulated(schedule, k, m, v):
         return max(check(schedule, k, m, v, (1, 1, 1)).bubble)
     return bubble_fraction(k, m, v)
@@ -234,6 +248,10 @@ def theory_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_sta
 def ideal_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> str:
     """theory_bubble as text, with its formula."""
     k, m, v = n_stages, n_microbatches, virtual_stages
+    if schedule in V_PLACED:
+        idle = v_schedule_idle(schedule, k, m)
+        formula = "(K-1)/(6M+K-1)" if idle == k - 1 else "2(2K-1-M)/(6M+2(2K-1-M))"
+        return f"at F = I = W {formula} = {idle}/{6 * m + idle} = {theory_bubble(schedule, k, m, v):.3f}"
     if _simulated(schedule, k, m, v):
         return f"at F = I = W (simulated) = {theory_bubble(schedule, k, m, v):.3f}"
     formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"
