@@ -1,7 +1,8 @@
 """Every schedule equals single-device training: gradients, losses and weights, float64, dropout on.
 
 One grid per K in {1, 2, 3 uneven, 4}: family x schedule x M x recompute, all cases run inside
-one set of K spawned processes. The reference is the plain loop of tests/harness.py."""
+one set of K spawned processes. The V-placed schedules (zbv, dualpipev) run a subset of M
+(_v_microbatches), every family and K where 2K chunks fit the model, both recompute modes. The reference is the plain loop of tests/harness.py."""
 import pytest
 
 from minipipe.build import build_run
@@ -31,13 +32,24 @@ STEPS = 3
 N_LAYERS = {"transformer": 8, "amoebanet": 7, "llama": 8}
 
 
+def _v_microbatches(schedule, n_stages, family):
+    """zbv: M = 1, 2, 4, 8 (Llama, the third family: one M); dualpipev: M >= 2K, at 2K and 8
+    (AmoebaNet's K=3 at 6 micro-batches of 2 samples: BatchNorm needs two)."""
+    if schedule == "zbv":
+        return (4,) if family == "llama" else tuple(m for m in (1, 2, 4, 8) if m in MICROBATCHES[family])
+    if family == "amoebanet":
+        return (2 * n_stages,) if n_stages <= 3 else ()
+    return tuple(sorted({2 * n_stages, 8})) if family == "transformer" else (8,)
+
+
 def _grid(n_stages, family):
     """(family, schedule, V, M, recompute) of every valid case of this family at this K."""
     cases = []
-    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-        if schedule == "interleaved" and N_LAYERS[family] < 2 * n_stages:
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2), ("dualpipev", 2)):
+        if v == 2 and N_LAYERS[family] < 2 * n_stages:
             continue
-        for m in MICROBATCHES[family]:
+        v_shaped = schedule in ("zbv", "dualpipev")
+        for m in _v_microbatches(schedule, n_stages, family) if v_shaped else MICROBATCHES[family]:
             if m == 3 and not (schedule == "interleaved" and n_stages == 3):
                 continue  # M=3: only where interleaving needs a multiple of K=3
             if schedule == "interleaved" and m % n_stages:
@@ -49,8 +61,12 @@ def _grid(n_stages, family):
 
 def _case(n_stages, family, schedule, v, m, recompute):
     balance = UNEVEN[family, v] if n_stages == 3 else None
-    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=_batch_size(m)),
                 microbatches=m, recompute=recompute, balance=balance, schedule=schedule, virtual_stages=v)
+
+
+def _batch_size(m):
+    return 12 if m in (3, 6) else 8
 
 
 def _grid_worker(rank, world_size, cases):
@@ -66,7 +82,7 @@ def references():
 
 def _reference(references, family, m):
     if (family, m) not in references:
-        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=_batch_size(m)),
                     microbatches=m)
         references[family, m] = reference_steps(STEPS, **case)
     return references[family, m]

@@ -95,7 +95,7 @@ def _plan_worker(rank, world_size):
             for family in CASES for mode in ("always", "never")}
     held.update({("transformer", mode, schedule): _measured_and_planned("transformer", mode, schedule, v)
                  for mode in ("always", "never")
-                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))})
+                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2), ("dualpipev", 2))})
     held.update({(family, "always", "bfloat16"): _measured_and_planned(family, "always", dtype="bfloat16")
                  for family in CASES})  # CPU autocast, float32 weights: boundaries of both dtypes
     return held
