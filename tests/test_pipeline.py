@@ -105,9 +105,10 @@ def test_every_schedule_equals_single_device(n_stages, family, references):
         assert_close_tensors(got["weights"], ref["weights"], 1e-10, what + f" weights after {STEPS} steps")
         for a, b in zip(got["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-10 * abs(b), f"{what}: losses {got['losses']} != {ref['losses']}"
-        for result in stages:  # the engine ran exactly the schedule's list
+        for result in stages:  # the engine ran exactly the schedule's list, and expected no more
             listed = train_actions(schedule, result["stage"], n_stages, m, v)
             assert result["executed"] == [str(a) for a in listed], what
+            assert result["headers_left"] == 0, what
 
 
 DROPOUT = dict(MODELS["transformer"], **COMMON, dropout=0.2, microbatches=2)
@@ -195,21 +196,26 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
 
 
 def _generate_worker(rank, world_size, family):
-    tokens = {}
-    for schedule, v in (("gpipe", 1), ("interleaved", 2)):
+    """Per schedule: the tokens sampled from a prompt and the validation loss of two batches."""
+    outputs = {}
+    for schedule, v in (("gpipe", 1), ("interleaved", 2), ("zbv", 2)):
         run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2, schedule=schedule,
                                     virtual_stages=v))
         prompt = run.dataset.batch(0, 1)[0][:, :4]
-        tokens[schedule] = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
-    return tokens
+        outputs[schedule] = (run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist(),
+                             run.engine.evaluate([run.dataset.batch(i, 8) for i in (1, 2)]))
+    return outputs
 
 
 @pytest.mark.parametrize("family", ["transformer", "llama"])
-def test_generation_samples_the_same_tokens_through_any_chunking(family):
-    """K=2 under gpipe and interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0)
-    sample what one process samples with the whole model."""
+def test_generation_and_evaluation_through_any_chunking_equal_one_process(family):
+    """K=2 under gpipe, interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0) and
+    zbv (the V: rank 1 runs chunks 1 and 2 back to back, rank 0 samples and holds the loss) sample
+    the tokens and compute the validation loss one process does with the whole model."""
     run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2))
     prompt = run.dataset.batch(0, 1)[0][:, :4]
-    single = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
-    for rank, tokens in enumerate(run_workers(_generate_worker, 2, family)):
-        assert tokens == {"gpipe": single, "interleaved": single}, rank
+    single = (run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist(),
+              run.engine.evaluate([run.dataset.batch(i, 8) for i in (1, 2)]))
+    for rank, outputs in enumerate(run_workers(_generate_worker, 2, family)):
+        for schedule, (tokens, val_loss) in outputs.items():
+            assert tokens == single[0] and val_loss == pytest.approx(single[1], rel=1e-12), (rank, schedule)

@@ -17,6 +17,7 @@ chunk's rank.
 Dropout masks are keyed by (seed, step, layer, global micro-batch) in `Stage`, so every
 schedule, recompute mode and chunking draws the same masks.
 """
+from collections import Counter
 from contextlib import nullcontext
 from functools import partial
 
@@ -101,7 +102,10 @@ class Engine:
         wait, the header of the next message on its channel is posted, if one will come."""
         self.executed = []
         self.clock.begin_step(self.timed)
-        self.recvs_left = {kind: sum(a.kind is kind for a in actions) for kind in (Kind.RECV_ACT, Kind.RECV_GRAD)}
+        # receives still to come per channel (kind, peer stage): under the V a stage receives
+        # activations from both neighbours, and a header is posted early only where one will come
+        self.recvs_left = Counter((a.kind, self._peer(a)) for a in actions
+                                  if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD))
         for action in actions:
             start = self.clock.mark()
             handlers[action.kind](action)
@@ -167,8 +171,9 @@ class Engine:
     # ---- the forward half ---------------------------------------------------------------------
     def _receive(self, action, kind, src, tag, what, **expect):
         value = self.comm.recv(src, microbatch=action.microbatch, what=what, tag=tag, **expect)
-        self.recvs_left[kind] -= 1
-        if self.recvs_left[kind]:  # the next header on this channel may land while we compute
+        channel = (kind, self._peer(action))
+        self.recvs_left[channel] -= 1
+        if self.recvs_left[channel]:  # the next header on this channel may land while we compute
             self.comm.expect(src, f"the next {'activation' if tag == ACTIVATION else 'gradient'}", tag)
         return value
 
