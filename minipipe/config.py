@@ -22,7 +22,7 @@ from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
 from minipipe.presets import LANGUAGE_MODELS, MODEL_FAMILIES, PRESET_NAMES, PRESETS, preset_values
-from minipipe.schedule.actions import SCHEDULES
+from minipipe.schedule.actions import SCHEDULES, implied_virtual_stages
 from minipipe.schedule.csv_format import file_virtual_stages
 
 try:
@@ -108,14 +108,15 @@ class Config:
                                 "interleaved (Megatron, needs --virtual-stages >= 2), "
                                 "zb-h1 (zero bubble at 1F1B's memory: backward split into I and W), "
                                 "zbv (ZB-V) and dualpipev (DeepSeek's DualPipeV): two chunks per stage "
-                                "in a V, stage r holds chunks r and 2K-1-r, give --virtual-stages 2 "
+                                "in a V, stage r holds chunks r and 2K-1-r (--virtual-stages 2, implied) "
                                 "(dualpipev: --microbatches >= 2K), "
                                 "or PATH.csv: a schedule file in torch.distributed.pipelining's compute-only "
                                 "CSV form (one row per stage; its chunks' rows are their placement, its "
                                 "V follows from it), proven by the checker before any rank waits "
                                 "(python -m minipipe.schedule --csv writes one)")
-    virtual_stages: int = _f(1, "model chunks per stage V (interleaved; --schedule PATH.csv: "
-                                "the file's); --balance then lists K*V chunks")
+    virtual_stages: Optional[int] = _f(None, "model chunks per stage V (interleaved: give it; zbv, "
+                                             "dualpipev: 2, implied; --schedule PATH.csv: the file's; "
+                                             "else 1); --balance then lists K*V chunks")
     # tracking
     wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
                             "key, else offline", ("auto", *WANDB_MODES))
@@ -281,14 +282,17 @@ def make_config(**values) -> Config:
 
 
 def _settle_schedule(cfg: Config) -> Config:
-    """A named schedule, or a schedule file whose V (chunks per row) becomes --virtual-stages."""
+    """A named schedule, or a schedule file whose V (chunks per row) becomes --virtual-stages;
+    left out, V is the schedule's (actions.implied_virtual_stages)."""
     if not cfg.schedule.endswith(".csv"):
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}, "
                               "or a .csv schedule file")
-        return cfg
+        if cfg.virtual_stages is not None:
+            return cfg
+        return dataclasses.replace(cfg, virtual_stages=implied_virtual_stages(cfg.schedule))
     v = file_virtual_stages(cfg.schedule)  # its placement checked (a ScheduleError is a ConfigError)
-    if cfg.virtual_stages not in (1, v):
+    if cfg.virtual_stages not in (None, v):
         raise ConfigError(f"--schedule {cfg.schedule} runs {v} model chunk(s) per stage; --virtual-stages "
                           f"{cfg.virtual_stages} disagrees (leave it out: the file decides)")
     return dataclasses.replace(cfg, virtual_stages=v)

@@ -77,9 +77,9 @@ def test_v_schedules_idle_less_than_1f1b_and_zb_h1_on_the_same_model():
 
 
 def test_v_schedule_constraints_are_refused_by_name():
-    with pytest.raises(ScheduleError, match="give --virtual-stages 2 \\(got 1\\)"):
+    with pytest.raises(ScheduleError, match="--virtual-stages must be 2, or left out \\(got 1\\)"):
         train_actions("zbv", 0, 2, 4)
-    with pytest.raises(ScheduleError, match="give --virtual-stages 2 \\(got 3\\)"):
+    with pytest.raises(ScheduleError, match="--virtual-stages must be 2, or left out \\(got 3\\)"):
         train_actions("dualpipev", 0, 2, 4, 3)
     with pytest.raises(ScheduleError, match="dualpipev needs --microbatches >= 2 x 3 stages = 6 \\(got 5\\)"):
         train_actions("dualpipev", 0, 3, 5, 2)
@@ -87,8 +87,7 @@ def test_v_schedule_constraints_are_refused_by_name():
 
 def test_cli_grid_shows_the_v_with_input_and_weight_gradients():
     out = subprocess.run([sys.executable, "-m", "minipipe.schedule", "--schedule", "zbv", "--stages", "4",
-                          "--microbatches", "8", "--virtual-stages", "2"], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=60)
+                          "--microbatches", "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = {line.split("|")[0].strip(): line.split("|")[1].split() for line in out.stdout.splitlines()
             if line.startswith("stage")}

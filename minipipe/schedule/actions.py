@@ -21,9 +21,9 @@ Three schedules, each a compute order per rank; the messages follow from it (`wi
 
 Constraints (refused with a ScheduleError before any rank waits): K, M >= 1; gpipe, 1f1b and
 zb-h1 run one chunk per rank (V = 1); interleaved needs V >= 2 and M a multiple of K (its groups of
-K); zbv and dualpipev run exactly two chunks per rank, given as V = 2 (not implied: --balance and
-the cut count K*V chunks, so the flag says what is cut); dualpipev needs M >= 2K (its ramp and
-tail hold 2K micro-batches, as torch's ScheduleDualPipeV requires).
+K); zbv and dualpipev run exactly two chunks per rank, V = 2 (implied when --virtual-stages is left
+out: `implied_virtual_stages`); dualpipev needs M >= 2K (its ramp and tail hold 2K micro-batches,
+as torch's ScheduleDualPipeV requires).
 
 Placement (`chunk_placement`, the one definition): the model is cut into K*V contiguous chunks
 and `placement[c]` is the rank that runs model chunk c. "loop": chunk c on rank c mod K (one
@@ -103,7 +103,8 @@ def check_schedule(schedule: str, n_stages: int, n_microbatches: int, virtual_st
     if schedule in V_PLACED:
         if v != 2:
             raise ScheduleError(f"--schedule {schedule} runs two model chunks per stage in a V (stage r "
-                                f"holds chunks r and 2K-1-r): give --virtual-stages 2 (got {v})")
+                                f"holds chunks r and 2K-1-r): --virtual-stages must be 2, or left out "
+                                f"(got {v})")
         if schedule == "dualpipev" and m < 2 * k:
             raise ScheduleError(f"--schedule dualpipev needs --microbatches >= 2 x {k} stages = {2 * k} "
                                 f"(got {m}): its ramp and its tail hold 2K micro-batches")
@@ -149,6 +150,11 @@ _LETTERS = {"F": Kind.FORWARD, "B": Kind.BACKWARD, "I": Kind.BACKWARD_INPUT, "W"
 
 def _from_letters(order_fn):
     return lambda *args: [(_LETTERS[letter], chunk, m) for letter, chunk, m in order_fn(*args)]
+
+
+def implied_virtual_stages(schedule: str) -> int:
+    """V when --virtual-stages is left out: 2 for the V schedules, else 1 (interleaved needs it given)."""
+    return 2 if schedule in V_PLACED else 1
 
 
 def loop_placement(n_stages: int, virtual_stages: int = 1) -> tuple[int, ...]:
