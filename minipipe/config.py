@@ -104,19 +104,14 @@ class Config:
     deferred_bn: bool = _f(False, "BatchNorm running stats over the whole mini-batch, not per micro-batch")
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
     # pipeline schedules: see minipipe/schedule/actions.py
-    schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
-                                "interleaved (Megatron, needs --virtual-stages >= 2), "
-                                "zb-h1 (zero bubble at 1F1B's memory: backward split into I and W), "
-                                "zbv (ZB-V) and dualpipev (DeepSeek's DualPipeV): two chunks per stage "
-                                "in a V, stage r holds chunks r and 2K-1-r (--virtual-stages 2, implied) "
-                                "(dualpipev: --microbatches >= 2K), "
-                                "or PATH.csv: a schedule file in torch.distributed.pipelining's compute-only "
-                                "CSV form (one row per stage; its chunks' rows are their placement, its "
-                                "V follows from it), proven by the checker before any rank waits "
-                                "(python -m minipipe.schedule --csv writes one)")
-    virtual_stages: Optional[int] = _f(None, "model chunks per stage V (interleaved: give it; zbv, "
-                                             "dualpipev: 2, implied; --schedule PATH.csv: the file's; "
-                                             "else 1); --balance then lists K*V chunks")
+    schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), interleaved "
+                                "(Megatron, needs --virtual-stages >= 2), zb-h1 (zero bubble at 1F1B's memory: "
+                                "backward split into I and W), zbv (ZB-V) or dualpipev (DualPipeV, M >= 2K): "
+                                "two chunks per stage in a V, stage r holds chunks r and 2K-1-r; or PATH.csv: a "
+                                "schedule file in torch.distributed.pipelining's compute-only CSV form (a row "
+                                "per stage, the rows place the chunks), proven before any rank waits")
+    virtual_stages: Optional[int] = _f(None, "model chunks per stage V (interleaved: give it; zbv, dualpipev: "
+                                             "2; a schedule file: its own; else 1); --balance lists K*V chunks")
     # tracking
     wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
                             "key, else offline", ("auto", *WANDB_MODES))

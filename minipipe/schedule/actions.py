@@ -1,6 +1,6 @@
 """PURE: (schedule, rank, K, M, V) -> the ordered actions of one training step on that rank.
 
-Three schedules, each a compute order per rank; the messages follow from it (`with_messages`):
+Six schedules, each a compute order per rank; the messages follow from it (`with_messages`):
 
     gpipe        fill-drain (Huang et al. 2019, Fig. 2): F0..F(M-1), then B(M-1)..B0.
     1f1b         PipeDream-flush (Narayanan et al. 2021): K-1-r warm-up forwards on rank r, then
@@ -10,7 +10,8 @@ Three schedules, each a compute order per rank; the messages follow from it (`wi
                  backward runs as I (input gradient, sent upstream at once) and W (weight
                  gradients, deferred into the bubble).
     zbv          ZB-V (Qi et al. 2024, section 6): two chunks per rank in the V placement (below),
-                 split backwards; about zero bubble at F = I = W, at 1F1B's activation memory.
+                 split backwards; K-1 idle units per rank at F = I = W (check.v_schedule_idle),
+                 at 1F1B's activation memory.
     dualpipev    DeepSeek's DualPipe cut in a V (deepseek-ai/DualPipe's DualPipeV): the V placement,
                  a steady state of forward / fused-backward pairs of the two chunks, split
                  backwards in the ramp and the tail.
