@@ -278,6 +278,7 @@ def _balance(cfg, profiles: list[LayerProfile], *, spec: PipelineSpec) -> list[i
 def plan_run(cfg, n_stages: int) -> Plan:
     """Per stage: its chunks (chunk c of K*V on stage spec.placement[c], as build_run cuts them),
     state bytes, and the activation peak of cfg's schedule."""
+    cfg = resolve_data_fields(cfg)  # the tied weight's size needs the vocabulary too
     spec = pipeline_spec(cfg, n_stages)
     profiles = profile_layers(cfg, spec=spec)
     param_bytes = PARAM_BYTES.get(cfg.dtype, 4)
