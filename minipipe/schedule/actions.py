@@ -233,12 +233,6 @@ def forward_part(actions: list[Action]) -> list[Action]:
     return [a for a in actions if a.kind in (Kind.RECV_ACT, Kind.FORWARD, Kind.SEND_ACT)]
 
 
-def forward_actions(schedule: str, rank: int, n_stages: int, n_microbatches: int,
-                    virtual_stages: int = 1) -> list[Action]:
-    """forward_part of a named schedule's training list."""
-    return forward_part(train_actions(schedule, rank, n_stages, n_microbatches, virtual_stages))
-
-
 def bubble_fraction(n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> float:
     """The idle share of each rank between the first forward and the last backward, with equal
     forward and backward times: (K-1)/(M+K-1) for gpipe and 1f1b (GPipe section 2.2), and
