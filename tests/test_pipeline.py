@@ -184,11 +184,13 @@ def test_deferred_batchnorm_tracks_the_whole_minibatch():
         assert err > 1e-6, f"{name}: per-micro-batch tracking should differ from full-batch"
 
 
-def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
-    """dp=2 x M=2 is the same computation as one process with M=4, dropout included."""
+@pytest.mark.parametrize("schedule", ["gpipe", "zbv"])
+def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch(schedule):
+    """dp=2 x M=2 is the same computation as one process with M=4, dropout included; under zbv
+    each replica's two stages hold the V (peers, the loss on stage 0, in this replica's ranks)."""
     case = dict(MODELS["transformer"], **COMMON, dropout=0.2)
     single = run_steps(2, **case, microbatches=4)
-    per_rank = run_workers(_dp_worker, 4, dict(case, microbatches=2), timeout_s=180)
+    per_rank = run_workers(_dp_worker, 4, dict(case, microbatches=2, schedule=schedule), timeout_s=180)
     for replica in (0, 1):
         got = merge_stages(per_rank[2 * replica: 2 * replica + 2])
         assert_close_tensors(got["grads"], single["grads"], 1e-10, f"dp replica {replica} gradients")
