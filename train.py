@@ -58,7 +58,7 @@ def train(cfg: Config, logger: MetricsLogger | None = None) -> dict:
         logger.close()
         raise
     cfg, rank = run.cfg, run.layout.rank  # the settled config: the data's fields filled
-    logger.config(config_record(cfg, run.balance))
+    logger.config(config_record(cfg, run.balance, run.spec))
     if rank == 0:
         print(plan_table(run), flush=True)
     cursor = DataCursor(run.dataset, cfg.batch_size)

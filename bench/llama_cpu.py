@@ -27,7 +27,7 @@ from minipipe.pipeline.optim import lr_at  # noqa: E402
 def matched_llama(common: dict, preset: str, target: int):
     """The Llama of `preset` whose --ffn-dim makes its parameter count closest to `target`."""
     def params(ffn):
-        return sum(count_layer_params(make_config(**common, model="llama", preset=preset, ffn_dim=ffn), 1))
+        return sum(count_layer_params(make_config(**common, model="llama", preset=preset, ffn_dim=ffn), False))
     per_unit = params(2) - params(1)  # each unit of width adds 3 x d_model weights per block
     ffn = max(1, round(1 + (target - params(1)) / per_unit))
     return make_config(**common, model="llama", preset=preset, ffn_dim=ffn)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     common = dict(data="synthetic", batch_size=args.batch_size, microbatches=1, kernels="torch",
                   device="cpu", dtype="float32", wandb="disabled", vocab=256)
     transformer = make_config(**common, model="transformer", preset=args.preset)
-    target = sum(count_layer_params(transformer, 1))
+    target = sum(count_layer_params(transformer, False))
     configs = {"transformer": transformer, "llama": matched_llama(common, args.preset, target)}
     runs = {name: build_run(cfg) for name, cfg in configs.items()}
     times = {name: [] for name in runs}
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         median = statistics.median(times[name])
         shape = f"L{cfg.layers} d{cfg.d_model} H{cfg.heads}" + (
             f" kv{cfg.kv_heads} ffn{cfg.ffn_dim}" if name == "llama" else " ffn{}".format(4 * cfg.d_model))
-        print(f"| {name} | {shape} | {sum(count_layer_params(cfg, 1)):,} | {median * 1e3:.1f} | "
+        print(f"| {name} | {shape} | {sum(count_layer_params(cfg, False)):,} | {median * 1e3:.1f} | "
               f"{cfg.batch_size * cfg.seq_len / median:,.0f} |")
     return 0
 

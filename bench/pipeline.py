@@ -103,10 +103,10 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
                 return checkpoint(self.layers, value, use_reentrant=False)
             return self.layers(value)
 
-    lay, k = run.layout, run.layout.n_stages
+    lay = run.layout
     chunks = [Chunk([copy.deepcopy(run.stage.layers[str(i)]) for i in c]) for c in run.stage.chunks]
-    stages = [pipelining.PipelineStage(chunk, v * k + lay.stage, k * len(chunks), lay.device)
-              for v, chunk in enumerate(chunks)]
+    stages = [pipelining.PipelineStage(chunk, c, run.spec.n_chunks, lay.device)  # torch's stage: the model chunk
+              for c, chunk in zip(run.spec.chunks_on(lay.stage), chunks)]
 
     loss_sum = registry.loss_fn(run.cfg, run.backend)  # minipipe's own loss: like for like
 
@@ -117,10 +117,10 @@ def _torch_schedule(run, schedule: str, m: int, recompute: str):
     sched = cls(stages if schedule in MULTI_STAGE else stages[0], m, loss_fn=loss_fn)
     params = [p for chunk in chunks for p in chunk.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.cfg.lr)
-    last = run.engine.last_chunk % k == lay.stage
+    last = run.spec.placement[-1] == lay.stage
 
     def step(inputs, targets):
-        sched.step(*((inputs,) if lay.stage == 0 else ()), target=targets if last else None)
+        sched.step(*((inputs,) if run.spec.placement[0] == lay.stage else ()), target=targets if last else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, params

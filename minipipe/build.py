@@ -32,7 +32,7 @@ class Run:
     spec: PipelineSpec  # the pipeline's facts, handed to whatever runs a step
     layout: Layout
     dataset: object
-    balance: list  # layers per model chunk (K*V chunks; chunk c runs on stage c mod K)
+    balance: list  # layers per model chunk (K*V chunks; chunk c runs on stage spec.placement[c])
     costs: list  # per layer, what chose the cut
     cost_kind: str  # params | time | memory
     stage: Stage
@@ -55,12 +55,12 @@ def build_run(cfg: Config) -> Run:
     spec = pipeline_spec(cfg, n_stages)
     n_chunks = spec.n_chunks
     n_layers = len(registry.layer_factories(cfg))
-    if cfg.virtual_stages > 1 and n_chunks > n_layers:
-        raise ConfigError(f"--virtual-stages {cfg.virtual_stages} x {n_stages} stages = {n_chunks} model "
-                          f"chunks, but the model has {n_layers} layers; lower --virtual-stages or "
-                          "add layers")
+    if spec.virtual_stages > 1 and n_chunks > n_layers:
+        raise ConfigError(f"{spec.virtual_stages} model chunks per stage x {n_stages} stages = {n_chunks} "
+                          f"model chunks, but the model has {n_layers} layers; lower --virtual-stages, "
+                          "use fewer --stages or add layers")
     if cfg.balance:  # its form (counts >= 1) was checked with the config; here against the model
-        partition.check_balance(cfg.balance_counts, n_layers, n_stages, cfg.virtual_stages)
+        partition.check_balance(cfg.balance_counts, n_layers, n_stages, spec.virtual_stages)
     elif n_chunks > n_layers:
         partition.balance_by_cost([1.0] * n_layers, n_chunks)  # raises the "more stages" error
     layout = init_process_groups(n_stages, cfg.dp, cfg.timeout, cfg.device)
@@ -70,9 +70,10 @@ def build_run(cfg: Config) -> Run:
         backend = ops.resolve_backend(cfg.kernels, layout.device)
     except ValueError as err:  # the kernels know nothing of the trainer's error types
         raise ConfigError(f"--kernels {cfg.kernels}: {err}") from None
-    check_model_fits(cfg, n_stages, layout.device)  # before a cut by time builds any layer
+    check_model_fits(cfg, spec, layout.device)  # before a cut by time builds any layer
     balance, costs, cost_kind = _choose_balance(cfg, spec, layout, dataset, backend, n_layers)
-    chunks = [list(r) for r in partition.stage_ranges(balance)[layout.stage::n_stages]]
+    ranges = partition.stage_ranges(balance)
+    chunks = [list(ranges[c]) for c in spec.chunks_on(layout.stage)]
     indices = [i for chunk in chunks for i in chunk]
     stage = Stage(build_layers(cfg, indices, backend), cfg.seed, chunks)
     stage.to(device=layout.device, dtype=spec.param_dtype)
@@ -84,7 +85,7 @@ def build_run(cfg: Config) -> Run:
     return Run(cfg, spec, layout, dataset, balance, costs, cost_kind, stage, optimizer, engine, backend)
 
 
-def check_model_fits(cfg, n_stages: int, device: torch.device) -> None:
+def check_model_fits(cfg, spec: PipelineSpec, device: torch.device) -> None:
     """The planner's first number, counted on the meta device before anything is allocated: the
     least any cut leaves on one stage (a 1/K share of the parameters, and at least the largest
     layer) needs weights, gradients and AdamW moments that fit in the device's whole memory. A
@@ -96,11 +97,11 @@ def check_model_fits(cfg, n_stages: int, device: torch.device) -> None:
                       if getattr(cfg, name) is not None)
     fix = "choose a smaller model, or more --stages (python -m minipipe.plan shows what fits)"
     try:
-        counts = count_layer_params(cfg, n_stages)
+        counts = count_layer_params(cfg, spec.tie_copied)
     except RuntimeError as err:  # a tensor of over 2**63 elements cannot even be sized
         raise ConfigError(f"the model ({shape}) has a weight too large to size "
                           f"({str(err).splitlines()[0]}); {fix}") from None
-    params = max(-(-sum(counts) // n_stages), max(counts))
+    params = max(-(-sum(counts) // spec.n_stages), max(counts))
     needed = STATE_COPIES * PARAM_DTYPES[cfg.dtype].itemsize * params
     if device.type == "cuda":
         memory, where = torch.cuda.mem_get_info(device)[1], f"{device}"
@@ -154,8 +155,8 @@ def _choose_balance(cfg, spec, layout, dataset, backend, n_layers) -> tuple[list
 
 
 def plan_table(run: Run) -> str:
-    params = count_layer_params(run.cfg, run.layout.n_stages)
-    return partition.format_cut(run.balance, run.costs, params, run.cost_kind, run.layout.n_stages)
+    params = count_layer_params(run.cfg, run.spec.tie_copied)
+    return partition.format_cut(run.balance, run.costs, params, run.cost_kind, run.spec.placement)
 
 
 def warm_up_run(run) -> float:

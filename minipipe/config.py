@@ -22,7 +22,8 @@ from typing import Optional, Union, get_args, get_origin
 
 from minipipe.errors import ConfigError
 from minipipe.presets import LANGUAGE_MODELS, MODEL_FAMILIES, PRESET_NAMES, PRESETS, preset_values
-from minipipe.schedule.actions import SCHEDULES
+from minipipe.schedule.actions import SCHEDULES, implied_virtual_stages
+from minipipe.schedule.csv_format import file_virtual_stages
 
 try:
     import tomllib
@@ -103,11 +104,14 @@ class Config:
     deferred_bn: bool = _f(False, "BatchNorm running stats over the whole mini-batch, not per micro-batch")
     timeout: float = _f(300.0, "seconds any stage waits on another before failing with an error")
     # pipeline schedules: see minipipe/schedule/actions.py
-    schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), "
-                                "interleaved (Megatron, needs --virtual-stages >= 2), "
-                                "zb-h1 (zero bubble at 1F1B's memory: backward split into I and W)",
-                       SCHEDULES)
-    virtual_stages: int = _f(1, "model chunks per stage V (interleaved); --balance then lists K*V chunks")
+    schedule: str = _f("gpipe", "pipeline schedule: gpipe (fill-drain), 1f1b (PipeDream-flush), interleaved "
+                                "(Megatron, needs --virtual-stages >= 2), zb-h1 (zero bubble at 1F1B's memory: "
+                                "backward split into I and W), zbv (ZB-V) or dualpipev (DualPipeV, M >= 2K): "
+                                "two chunks per stage in a V, stage r holds chunks r and 2K-1-r; or PATH.csv: a "
+                                "schedule file in torch.distributed.pipelining's compute-only CSV form (a row "
+                                "per stage, the rows place the chunks), proven before any rank waits")
+    virtual_stages: Optional[int] = _f(None, "model chunks per stage V (interleaved: give it; zbv, dualpipev: "
+                                             "2; a schedule file: its own; else 1); --balance lists K*V chunks")
     # tracking
     wandb: str = _f("auto", "wandb on rank 0: auto = $WANDB_MODE if set, else online with an API "
                             "key, else offline", ("auto", *WANDB_MODES))
@@ -256,6 +260,7 @@ def make_config(**values) -> Config:
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{_flag(f.name)} {getattr(cfg, f.name)!r}: "
                               f"choose one of {', '.join(choices)}")
+    cfg = _settle_schedule(cfg)
     if cfg.preset not in PRESETS[cfg.model]:
         raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; "
                           f"choose one of {', '.join(PRESETS[cfg.model])}")
@@ -269,6 +274,23 @@ def make_config(**values) -> Config:
     cfg = dataclasses.replace(cfg, **values, dtype=resolve_dtype(cfg.dtype, cfg.device))
     validate(cfg)
     return cfg
+
+
+def _settle_schedule(cfg: Config) -> Config:
+    """A named schedule, or a schedule file whose V (chunks per row) becomes --virtual-stages;
+    left out, V is the schedule's (actions.implied_virtual_stages)."""
+    if not cfg.schedule.endswith(".csv"):
+        if cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}, "
+                              "or a .csv schedule file")
+        if cfg.virtual_stages is not None:
+            return cfg
+        return dataclasses.replace(cfg, virtual_stages=implied_virtual_stages(cfg.schedule))
+    v = file_virtual_stages(cfg.schedule)  # its placement checked (a ScheduleError is a ConfigError)
+    if cfg.virtual_stages not in (None, v):
+        raise ConfigError(f"--schedule {cfg.schedule} runs {v} model chunk(s) per stage; --virtual-stages "
+                          f"{cfg.virtual_stages} disagrees (leave it out: the file decides)")
+    return dataclasses.replace(cfg, virtual_stages=v)
 
 
 def with_data_fields(cfg: Config, data_fields: dict) -> Config:

@@ -45,14 +45,15 @@ def layer_param_numels(cfg) -> list[list[int]]:
                 for i, make in enumerate(registry.layer_factories(cfg))]
 
 
-def count_layer_params(cfg, n_stages: int = 2) -> list[int]:
-    """Parameters each layer holds on a run of n_stages stages. A tied head counts its copy of
-    the embedding when it sits on another stage than layer 0 (K > 1: that copy is real memory),
-    not when one stage holds both (K = 1: one Parameter): see minipipe/pipeline/tied.py."""
+def count_layer_params(cfg, tie_copied: bool = True) -> list[int]:
+    """Parameters each layer holds. A tied head counts its copy of the embedding when it sits on
+    another stage than layer 0 (tie_copied, PipelineSpec.tie_copied: that copy is real memory),
+    not when one stage holds both (K = 1, the V placement: one Parameter): see
+    minipipe/pipeline/tied.py."""
     with torch.device("meta"):
         counts = [sum(p.numel() for p in make().parameters()) for make in registry.layer_factories(cfg)]
     tie = registry.tied_weight(cfg)
-    if n_stages == 1 and tie is not None:
+    if not tie_copied and tie is not None:
         counts[tie.copy_layer] -= tied_numel(cfg)
     return counts
 

@@ -177,13 +177,14 @@ def _memory_layer(layer: nn.Module, value, finish) -> float:
 
 
 def format_cut(balance: Sequence[int], costs: Sequence[float], params_per_layer: Sequence[float],
-                by: str, n_stages: int | None = None) -> str:
+                by: str, placement: Sequence[int] | None = None) -> str:
     """A table of the cut: stage, its global layers, parameters, cost and share of the total cost;
-    with more chunks than stages (interleaved), one row per chunk and the stage that runs it."""
+    with more chunks than stages (interleaved, the V), one row per chunk and the stage that runs it
+    (placement[c], PipelineSpec.placement)."""
     total = sum(costs) or 1.0
-    k = n_stages or len(balance)
-    chunks = k != len(balance)
-    label = (lambda c: f"{c} (stage {c % k})") if chunks else str
+    placement = placement or range(len(balance))
+    chunks = len(set(placement)) != len(balance)
+    label = (lambda c: f"{c} (stage {placement[c]})") if chunks else str
     rows = [("chunk" if chunks else "stage", "layers", "params", f"cost ({by})", "share")]
     for s, layer_range in enumerate(stage_ranges(balance)):
         stage_cost = sum(costs[i] for i in layer_range)

@@ -49,7 +49,7 @@ from minipipe.models import registry
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
 from minipipe.pipeline.split_backward import weight_grad_bytes
 from minipipe.pipeline.values import as_tuple
-from minipipe.schedule.actions import Kind, train_actions
+from minipipe.schedule.actions import Kind
 from minipipe.schedule.check import ideal_bubble
 
 COMPUTE_KINDS = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
@@ -276,8 +276,9 @@ def _balance(cfg, profiles: list[LayerProfile], *, spec: PipelineSpec) -> list[i
 
 
 def plan_run(cfg, n_stages: int) -> Plan:
-    """Per stage: its chunks (chunk c of K*V on stage c mod K, as build_run cuts them), state
-    bytes, and the activation peak of cfg's schedule."""
+    """Per stage: its chunks (chunk c of K*V on stage spec.placement[c], as build_run cuts them),
+    state bytes, and the activation peak of cfg's schedule."""
+    cfg = resolve_data_fields(cfg)  # the tied weight's size needs the vocabulary too
     spec = pipeline_spec(cfg, n_stages)
     profiles = profile_layers(cfg, spec=spec)
     param_bytes = PARAM_BYTES.get(cfg.dtype, 4)
@@ -285,14 +286,13 @@ def plan_run(cfg, n_stages: int) -> Plan:
     last = len(ranges) - 1
     stages = []
     for s in range(n_stages):
-        chunks = ranges[s::n_stages]
-        owned = [[profiles[i] for i in r] + ([profiles[-1]] if c * n_stages + s == last else [])
-                 for c, r in enumerate(chunks)]
+        chunks = [ranges[c] for c in spec.chunks_on(s)]
+        owned = [[profiles[i] for i in ranges[c]] + ([profiles[-1]] if c == last else [])
+                 for c in spec.chunks_on(s)]
         params = sum(p.params for own in owned for p in own)
-        if n_stages == 1:  # one stage holds the embedding and the head: a tied weight once
-            params -= tied_numel(cfg)
-        order = [(a.kind, a.chunk) for a in train_actions(spec.schedule, s, n_stages, spec.n_microbatches,
-                                                          spec.virtual_stages) if a.kind in COMPUTE_KINDS]
+        if not spec.tie_copied and s == spec.placement[0]:  # one stage holds the embedding and the head
+            params -= tied_numel(cfg)  # a tied weight once
+        order = [(a.kind, a.chunk) for a in spec.actions[s] if a.kind in COMPUTE_KINDS]
         # the first chunk's inputs have no gradient: its W keeps only its output's gradient
         weight_grads = [sum(p.weight_grad_bytes for p in own) if r.start > 0 else
                         profiles[r.stop].input_bytes if r.stop < len(profiles) - 1 else 0
@@ -318,7 +318,7 @@ def largest_that_fits(cfg, n_stages: int, budget: int) -> Plan | None:
     """The deepest model of cfg's shape (Transformer blocks or AmoebaNet cells) whose every stage
     fits `budget` bytes, found by doubling then bisection; None when even the smallest does not."""
     family = registry.family(cfg)
-    field, smallest = family.depth_field, family.smallest_depth(n_stages)
+    field, smallest = family.depth_field, family.smallest_depth(n_stages * cfg.virtual_stages)
 
     def fitting(depth):
         plan = plan_run(dataclasses.replace(cfg, **{field: depth}), n_stages)
@@ -367,10 +367,10 @@ def format_plan(plan: Plan, budget: int | None) -> str:
                     + (("yes" if total <= budget else "NO",) if budget else ()))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-    params = sum(stage.params for stage in plan.stages) - (tied_numel(cfg) if k > 1 else 0)
+    params = sum(stage.params for stage in plan.stages) - (tied_numel(cfg) if spec.tie_copied else 0)
     if registry.tied_weight(cfg) is not None:
-        shape += (", tied embedding (one copy on the first and one on the last stage)" if k > 1
-                  else ", tied embedding")
+        shape += (", tied embedding (one copy on the first and one on the last chunk's stage)"
+                  if spec.tie_copied else ", tied embedding")
     v, m = spec.virtual_stages, spec.n_microbatches
     lines = [f"{cfg.model}: {shape}; {params:,} parameters; {spec.schedule}, K={k}, M={m}, V={v}, "
              f"micro-batch {spec.microbatch_rows}, {cfg.dtype}", table,

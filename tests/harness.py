@@ -34,8 +34,10 @@ def run_steps(n_steps: int = 1, watch: tuple = (), **cfg_values) -> dict:
         losses.append(run.engine.train_step(inputs, targets, step, lr_at(step, cfg), cfg.grad_clip)["loss"])
         watched.append({n: t.detach().clone() for n, t in run.stage.state_dict().items() if n in watch})
     weights = {n: t.detach().clone() for n, t in run.stage.state_dict().items()}
+    comm = run.engine.comm  # headers posted ahead for messages that never came would be left here
     return {"losses": losses, "grads": grads, "weights": weights, "stage": run.layout.stage,
-            "executed": [str(a) for a in run.engine.executed], "watched": watched}
+            "executed": [str(a) for a in run.engine.executed], "watched": watched,
+            "headers_left": len(comm._early_headers) if comm is not None else 0}
 
 
 def assert_close_tensors(actual: dict, expected: dict, rtol: float, what: str) -> None:

@@ -138,10 +138,11 @@ def test_resharding_continues_with_the_uninterrupted_losses(straight, tmp_path, 
         _assert_equal_tensors(_shards(tmp_path / "step-000006", kind), _shards(ckpt / "step-000006", kind))
 
 
-@pytest.mark.parametrize("loaded_k,schedule,v", [(1, "interleaved", 2), (2, "1f1b", 1), (2, "zb-h1", 1)])
+@pytest.mark.parametrize("loaded_k,schedule,v", [(1, "interleaved", 2), (2, "1f1b", 1), (2, "zb-h1", 1),
+                                                 (2, "zbv", 2), (1, "dualpipev", 2)])
 def test_a_checkpoint_resumes_under_another_schedule_exactly(straight, tmp_path, loaded_k, schedule, v):
-    """Saved under gpipe (V=1), resumed under 1f1b, zb-h1 (split backwards) or interleaved
-    chunks: with M=2 every schedule
+    """Saved under gpipe (V=1), resumed under 1f1b, zb-h1 (split backwards), interleaved chunks
+    or the V (zbv: stage 0 holds layers 0 and 3, stage 1 layers 1-2): with M=2 every schedule
     adds the same two micro-batch gradients (a + b == b + a), so the losses and every tensor
     after the resume are bitwise those of the uninterrupted gpipe run."""
     ckpt, history = straight[1]
@@ -152,6 +153,21 @@ def test_a_checkpoint_resumes_under_another_schedule_exactly(straight, tmp_path,
         _assert_equal_tensors(_shards(tmp_path / "step-000006", kind), _shards(ckpt / "step-000006", kind))
     state = json.loads((tmp_path / "step-000006" / "trainer_state.json").read_text())
     assert state["config"]["schedule"] == schedule and len(state["balance"]) == loaded_k * v
+
+
+@pytest.mark.parametrize("loaded_k,schedule,v", [(2, "zb-h1", 1), (1, "gpipe", 1)])
+def test_a_checkpoint_written_under_zbv_resumes_under_another_schedule_exactly(straight, tmp_path, loaded_k,
+                                                                                schedule, v):
+    """The V placement's shards (each stage's layers, keyed by global index) re-shard like any
+    other: saved under zbv on 2 stages, resumed under zb-h1 or one process, bitwise the gpipe run."""
+    saved = tmp_path / "zbv"
+    history = _run(2, **TINY, ckpt_dir=str(saved), schedule="zbv", virtual_stages=2)
+    assert history["losses"] == straight[1][1]["losses"]
+    resumed = _run(loaded_k, **TINY, ckpt_dir=str(tmp_path / "resumed"), resume=str(saved / "step-000003"),
+                   schedule=schedule, virtual_stages=v)
+    assert resumed["losses"] == history["losses"][3:]
+    for kind in ("model", "optimizer"):
+        _assert_equal_tensors(_shards(tmp_path / "resumed" / "step-000006", kind), _shards(saved / "step-000006", kind))
 
 
 def test_a_data_parallel_checkpoint_continues_in_one_replica(tmp_path):

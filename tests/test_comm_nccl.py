@@ -17,7 +17,15 @@ import torch.distributed as dist
 from minipipe.dist import P2PGroups, init_process_groups
 from minipipe.errors import describe_comm_failure
 from minipipe.pipeline.comm import ACTIVATION, GRADIENT, N_LANES, StageComm, lane_of
-from minipipe.schedule.actions import SCHEDULES, Kind, ScheduleError, check_schedule, train_actions
+from minipipe.schedule.actions import (
+    SCHEDULES,
+    Kind,
+    ScheduleError,
+    check_schedule,
+    chunk_placement,
+    message_peer,
+    train_actions,
+)
 from tests.spawn import free_port
 
 TIMEOUT_S = 5.0
@@ -124,8 +132,9 @@ _MESSAGES = {Kind.SEND_ACT: (ACTIVATION, True), Kind.RECV_ACT: (ACTIVATION, Fals
              Kind.SEND_GRAD: (GRADIENT, True), Kind.RECV_GRAD: (GRADIENT, False)}
 
 
-def completes_on_nccl_streams(lists, k, lane, stream_per_peer=True) -> bool:
-    """Replay every rank's list as NCCL would run it with `lane(src, dst, channel)` choosing the
+def completes_on_nccl_streams(lists, placement, lane, stream_per_peer=True) -> bool:
+    """Replay every rank's list (its chunks placed by `placement`, the schedule's
+    chunk_placement) as NCCL would run it with `lane(src, dst, channel)` choosing the
     group: the host posts everything at once (it never waits for the device); operations between
     two ranks on one group run in posting order on one stream (stream_per_peer=False: one stream
     per group for all peers, as when torch runs p2p on the group's collective communicator), and
@@ -141,7 +150,7 @@ def completes_on_nccl_streams(lists, k, lane, stream_per_peer=True) -> bool:
                 computes.append(n_received)
             elif action.kind in _MESSAGES:
                 channel, sends = _MESSAGES[action.kind]
-                peer = (rank + (1 if (channel == ACTIVATION) == sends else -1)) % k
+                peer = message_peer(placement, rank, action)
                 src, dst = (rank, peer) if sends else (peer, rank)
                 streams[rank, lane(src, dst, channel), peer if stream_per_peer else None].append(
                     (sends, len(computes), n_received, peer))
@@ -189,7 +198,8 @@ def _schedule_cases(max_k, max_m, max_v):
 @pytest.mark.parametrize("stream_per_peer", [True, False])
 def test_payload_lanes_keep_every_schedule_deadlock_free_when_nccl_sends_wait_for_receives(stream_per_peer):
     stuck = [case[:4] for case in schedule_cases()
-             if not completes_on_nccl_streams(case[4], case[1], lane_of, stream_per_peer)]
+             if not completes_on_nccl_streams(case[4], chunk_placement(case[0], case[1], case[3]), lane_of,
+                                              stream_per_peer)]
     assert stuck == []
 
 
@@ -199,8 +209,9 @@ def test_payload_lanes_keep_every_schedule_deadlock_free_when_nccl_sends_wait_fo
 ])
 def test_fewer_groups_than_lanes_deadlock_a_real_schedule_on_nccl(groups, schedule, k, m, v):
     lists = {r: train_actions(schedule, r, k, m, v) for r in range(k)}
-    assert not completes_on_nccl_streams(lists, k, groups)
-    assert completes_on_nccl_streams(lists, k, lane_of)
+    placement = chunk_placement(schedule, k, v)
+    assert not completes_on_nccl_streams(lists, placement, groups)
+    assert completes_on_nccl_streams(lists, placement, lane_of)
 
 
 # ---- one reason per failure, whatever the backend ---------------------------------------------

@@ -39,7 +39,7 @@ def closed_form_param_count(cfg) -> int:
                                     dict(SHAPE, attention_bias=True)])
 def test_param_count_matches_closed_form(values):
     cfg = make_config(**{"model": "llama", **values})
-    assert sum(count_layer_params(cfg, n_stages=1)) == closed_form_param_count(cfg)
+    assert sum(count_layer_params(cfg, tie_copied=False)) == closed_form_param_count(cfg)
     assert len(registry.layer_factories(cfg)) == cfg.layers + 2
 
 
@@ -47,7 +47,7 @@ def test_smollm2_preset_is_smollm2_135m():
     cfg = make_config(model="llama", preset="smollm2")
     assert (cfg.layers, cfg.d_model, cfg.heads, cfg.kv_heads, cfg.ffn_dim, cfg.vocab) == (30, 576, 9, 3, 1536, 49152)
     assert cfg.tie_embeddings
-    assert sum(count_layer_params(cfg, n_stages=1)) == 134_515_008  # the model card's 135M
+    assert sum(count_layer_params(cfg, tie_copied=False)) == 134_515_008  # the model card's 135M
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 6])

@@ -8,6 +8,7 @@ import torch
 from minipipe.build import build_run
 from minipipe.config import make_config
 from minipipe.pipeline.optim import lr_at
+from minipipe.schedule.check import check
 from tests.spawn import run_workers
 
 CASE = dict(model="transformer", layers=16, d_model=32, heads=2, max_seq_len=32, data="synthetic",
@@ -100,7 +101,7 @@ def _kept_bytes(recompute: str, schedule: str = "gpipe", virtual_stages: int = 1
 def _memory_worker(rank, world_size):
     kept = {mode: _kept_bytes(mode) for mode in ("always", "never")}
     kept.update({schedule: _kept_bytes("always", schedule, v)
-                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1))})
+                 for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2), ("dualpipev", 2))})
     return kept
 
 
@@ -126,6 +127,15 @@ def test_1f1b_stashes_at_most_k_minus_stage_inputs_where_gpipe_stashes_m(kept_by
     assert stage1["1f1b"]["peak"] < stage1["always"]["peak"]  # and the bytes follow (stage 0 stashes ids)
     # interleaved (V=2, so 16 chunk inputs in a step): Megatron's warm-up (K-1-r)*2 + (V-1)*K, + 1
     assert stage0["interleaved"]["peak_stashed"] == 5 and stage1["interleaved"]["peak_stashed"] == 3
+
+
+def test_v_schedules_stash_what_the_checker_simulates(kept_by_rank):
+    """zbv and dualpipev at K=2, M=8 (16 chunk inputs a step): the stage inputs the engine holds
+    stashed peak where the schedule's simulation says (its chunk units: zbv's 2K = 4 is 1F1B's K
+    stage inputs of twice the chunks; dualpipev's 2K+1 = 5)."""
+    for schedule, peaks in (("zbv", [4, 4]), ("dualpipev", [5, 5])):
+        assert check(schedule, 2, 8, 2).peak_stashed == peaks
+        assert [kept[schedule]["peak_stashed"] for kept in kept_by_rank] == peaks, schedule
 
 
 def test_zb_h1_stashes_what_1f1b_stashes(kept_by_rank):

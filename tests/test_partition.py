@@ -16,6 +16,7 @@ from minipipe.layers import build_layers
 from minipipe.models import registry
 from minipipe.partition import balance_by_cost, check_balance, format_cut, profile_costs, stage_ranges
 from minipipe.pipeline.spec import pipeline_spec
+from minipipe.schedule.actions import chunk_placement
 
 
 def max_stage_cost(costs, balance):
@@ -209,8 +210,10 @@ def test_format_cut_lists_each_stage():
     assert len(lines) == 3 and "0-1" in lines[1] and "30" in lines[1] and "50.0%" in lines[2]
 
 
-def test_format_cut_labels_interleaved_chunks_with_their_stage():
-    table = format_cut([1, 1, 1, 1], [1.0] * 4, [10] * 4, by="params", n_stages=2).splitlines()
-    assert table[0].split()[0] == "chunk"
-    assert [" ".join(row.split()[:3]) for row in table[1:]] == [
-        "0 (stage 0)", "1 (stage 1)", "2 (stage 0)", "3 (stage 1)"]  # chunk c runs on stage c mod K
+def test_format_cut_labels_interleaved_and_v_chunks_with_their_stage():
+    for schedule, stages in (("interleaved", [0, 1, 0, 1]), ("zbv", [0, 1, 1, 0])):  # c mod K; the V
+        placement = chunk_placement(schedule, 2, 2)
+        table = format_cut([1, 1, 1, 1], [1.0] * 4, [10] * 4, by="params", placement=placement).splitlines()
+        assert table[0].split()[0] == "chunk"
+        assert [" ".join(row.split()[:3]) for row in table[1:]] == [
+            f"{c} (stage {s})" for c, s in enumerate(stages)], schedule

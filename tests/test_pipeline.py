@@ -1,7 +1,8 @@
 """Every schedule equals single-device training: gradients, losses and weights, float64, dropout on.
 
 One grid per K in {1, 2, 3 uneven, 4}: family x schedule x M x recompute, all cases run inside
-one set of K spawned processes. The reference is the plain loop of tests/harness.py."""
+one set of K spawned processes. The V-placed schedules (zbv, dualpipev) run a subset of M
+(_v_microbatches), every family and K where 2K chunks fit the model, both recompute modes. The reference is the plain loop of tests/harness.py."""
 import pytest
 
 from minipipe.build import build_run
@@ -31,13 +32,24 @@ STEPS = 3
 N_LAYERS = {"transformer": 8, "amoebanet": 7, "llama": 8}
 
 
+def _v_microbatches(schedule, n_stages, family):
+    """zbv: M = 1, 2, 4, 8 (Llama, the third family: one M); dualpipev: M >= 2K, at 2K and 8
+    (AmoebaNet's K=3 at 6 micro-batches of 2 samples: BatchNorm needs two)."""
+    if schedule == "zbv":
+        return (4,) if family == "llama" else tuple(m for m in (1, 2, 4, 8) if m in MICROBATCHES[family])
+    if family == "amoebanet":
+        return (2 * n_stages,) if n_stages <= 3 else ()
+    return tuple(sorted({2 * n_stages, 8})) if family == "transformer" else (8,)
+
+
 def _grid(n_stages, family):
     """(family, schedule, V, M, recompute) of every valid case of this family at this K."""
     cases = []
-    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-        if schedule == "interleaved" and N_LAYERS[family] < 2 * n_stages:
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zbv", 2), ("dualpipev", 2)):
+        if v == 2 and N_LAYERS[family] < 2 * n_stages:
             continue
-        for m in MICROBATCHES[family]:
+        v_shaped = schedule in ("zbv", "dualpipev")
+        for m in _v_microbatches(schedule, n_stages, family) if v_shaped else MICROBATCHES[family]:
             if m == 3 and not (schedule == "interleaved" and n_stages == 3):
                 continue  # M=3: only where interleaving needs a multiple of K=3
             if schedule == "interleaved" and m % n_stages:
@@ -49,8 +61,12 @@ def _grid(n_stages, family):
 
 def _case(n_stages, family, schedule, v, m, recompute):
     balance = UNEVEN[family, v] if n_stages == 3 else None
-    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+    return dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=_batch_size(m)),
                 microbatches=m, recompute=recompute, balance=balance, schedule=schedule, virtual_stages=v)
+
+
+def _batch_size(m):
+    return 12 if m in (3, 6) else 8
 
 
 def _grid_worker(rank, world_size, cases):
@@ -66,7 +82,7 @@ def references():
 
 def _reference(references, family, m):
     if (family, m) not in references:
-        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=12 if m == 3 else 8),
+        case = dict(MODELS[family], **GRID_DROPOUT[family], **dict(COMMON, batch_size=_batch_size(m)),
                     microbatches=m)
         references[family, m] = reference_steps(STEPS, **case)
     return references[family, m]
@@ -89,9 +105,10 @@ def test_every_schedule_equals_single_device(n_stages, family, references):
         assert_close_tensors(got["weights"], ref["weights"], 1e-10, what + f" weights after {STEPS} steps")
         for a, b in zip(got["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-10 * abs(b), f"{what}: losses {got['losses']} != {ref['losses']}"
-        for result in stages:  # the engine ran exactly the schedule's list
+        for result in stages:  # the engine ran exactly the schedule's list, and expected no more
             listed = train_actions(schedule, result["stage"], n_stages, m, v)
             assert result["executed"] == [str(a) for a in listed], what
+            assert result["headers_left"] == 0, what
 
 
 DROPOUT = dict(MODELS["transformer"], **COMMON, dropout=0.2, microbatches=2)
@@ -167,11 +184,13 @@ def test_deferred_batchnorm_tracks_the_whole_minibatch():
         assert err > 1e-6, f"{name}: per-micro-batch tracking should differ from full-batch"
 
 
-def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
-    """dp=2 x M=2 is the same computation as one process with M=4, dropout included."""
+@pytest.mark.parametrize("schedule", ["gpipe", "zbv"])
+def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch(schedule):
+    """dp=2 x M=2 is the same computation as one process with M=4, dropout included; under zbv
+    each replica's two stages hold the V (peers, the loss on stage 0, in this replica's ranks)."""
     case = dict(MODELS["transformer"], **COMMON, dropout=0.2)
     single = run_steps(2, **case, microbatches=4)
-    per_rank = run_workers(_dp_worker, 4, dict(case, microbatches=2), timeout_s=180)
+    per_rank = run_workers(_dp_worker, 4, dict(case, microbatches=2, schedule=schedule), timeout_s=180)
     for replica in (0, 1):
         got = merge_stages(per_rank[2 * replica: 2 * replica + 2])
         assert_close_tensors(got["grads"], single["grads"], 1e-10, f"dp replica {replica} gradients")
@@ -179,21 +198,26 @@ def test_data_parallel_dropout_draws_the_masks_of_the_global_microbatch():
 
 
 def _generate_worker(rank, world_size, family):
-    tokens = {}
-    for schedule, v in (("gpipe", 1), ("interleaved", 2)):
+    """Per schedule: the tokens sampled from a prompt and the validation loss of two batches."""
+    outputs = {}
+    for schedule, v in (("gpipe", 1), ("interleaved", 2), ("zbv", 2)):
         run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2, schedule=schedule,
                                     virtual_stages=v))
         prompt = run.dataset.batch(0, 1)[0][:, :4]
-        tokens[schedule] = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
-    return tokens
+        outputs[schedule] = (run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist(),
+                             run.engine.evaluate([run.dataset.batch(i, 8) for i in (1, 2)]))
+    return outputs
 
 
 @pytest.mark.parametrize("family", ["transformer", "llama"])
-def test_generation_samples_the_same_tokens_through_any_chunking(family):
-    """K=2 under gpipe and interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0)
-    sample what one process samples with the whole model."""
+def test_generation_and_evaluation_through_any_chunking_equal_one_process(family):
+    """K=2 under gpipe, interleaved (chunks 0..3 over two ranks, the last rank feeding rank 0) and
+    zbv (the V: rank 1 runs chunks 1 and 2 back to back, rank 0 samples and holds the loss) sample
+    the tokens and compute the validation loss one process does with the whole model."""
     run = build_run(make_config(**MODELS[family], **COMMON, microbatches=2))
     prompt = run.dataset.batch(0, 1)[0][:, :4]
-    single = run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist()
-    for rank, tokens in enumerate(run_workers(_generate_worker, 2, family)):
-        assert tokens == {"gpipe": single, "interleaved": single}, rank
+    single = (run.engine.generate(prompt, 6, MODELS[family]["max_seq_len"], seed=3).tolist(),
+              run.engine.evaluate([run.dataset.batch(i, 8) for i in (1, 2)]))
+    for rank, outputs in enumerate(run_workers(_generate_worker, 2, family)):
+        for schedule, (tokens, val_loss) in outputs.items():
+            assert tokens == single[0] and val_loss == pytest.approx(single[1], rel=1e-12), (rank, schedule)

@@ -9,7 +9,7 @@ from minipipe.schedule.actions import (
     Kind,
     ScheduleError,
     bubble_fraction,
-    forward_actions,
+    forward_part,
     train_actions,
 )
 from minipipe.schedule.check import check, render_grid, simulate
@@ -89,7 +89,7 @@ def test_every_schedule_is_deadlock_free_complete_and_has_the_formula_bubble():
 
 def test_forward_only_lists_pair_up():
     for schedule, k, m, v in [("gpipe", 3, 4, 1), ("1f1b", 4, 5, 1), ("interleaved", 2, 4, 3)]:
-        lists = {r: forward_actions(schedule, r, k, m, v) for r in range(k)}
+        lists = {r: forward_part(train_actions(schedule, r, k, m, v)) for r in range(k)}
         channels = {}
         for r in range(k):
             for a in lists[r]:

@@ -17,12 +17,13 @@ ARGS = ["--schedule", "interleaved", "--virtual-stages", str(V), "--layers", "2"
 
 def test_measured_bubble_of_ideal_ticks_equals_each_schedule_formula():
     for schedule, k, m, v in (("gpipe", 1, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 3, 1, 1), ("1f1b", 4, 8, 1),
-                              ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 3), ("zb-h1", 4, 8, 1)):
+                              ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 3), ("zb-h1", 4, 8, 1),
+                              ("zbv", 4, 8, 2), ("zbv", 3, 2, 2)):
         extents = []
         for starts in check(schedule, k, m, v).starts:  # unit ticks of the schedule simulation
             extents.append((min(starts.values()), max(starts.values()) + 1, len(starts)))
         assert abs(measured_bubble(extents) - theory_bubble(schedule, k, m, v)) < 1e-12, (schedule, k, m, v)
-        if schedule != "zb-h1":
+        if schedule in ("gpipe", "1f1b", "interleaved"):
             assert theory_bubble(schedule, k, m, v) == bubble_fraction(k, m, v)
 
 
@@ -95,3 +96,19 @@ def test_zb_h1_trace_shows_input_and_weight_gradient_spans(tmp_path):
                 outer = inputs[e["args"]["microbatch"]]
                 assert outer["ts"] - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + outer["dur"] + 1e-3
     assert trace.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_zbv_trace_names_each_stages_two_chunks_and_follows_the_v(tmp_path):
+    """Under the V each stage's spans name its local chunk (stage 0: c0 is model chunk 0, c1 the
+    last one) in the schedule's order; the measured bubble line quotes the V's formula."""
+    trace = tmp_path / "trace.json"
+    done = run_torchrun(["train.py", *ARGS[4:], "--schedule", "zbv", "--trace", str(trace),
+                         "--out-dir", str(tmp_path)], nproc=K, timeout_s=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vs at F = I = W (K-1)/(6M+K-1) = 1/25 = 0.040" in done.stdout
+    spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    for stage in range(K):
+        own = [e for e in spans if e["tid"] == stage]
+        actions = [(e["cat"], e["args"]["microbatch"]) for e in own if e["cat"] in ACTION_KINDS]
+        assert actions == [(a.kind.value, a.microbatch) for a in train_actions("zbv", stage, K, M, 2)]
+        assert {e["name"] for e in own} >= {"input grad (I) 0c1", "weight grad (W) 3c0"}

@@ -235,7 +235,7 @@ def _write_trainer_state(run, cursor, step, lr, directory: Path, reports: list) 
         "step": step,  # the last completed step (0-based, as in the metrics); resume runs step + 1
         "lr": lr,  # the schedule's value at `step`; lr_at(step, config) recomputes it
         "config": run.cfg.to_dict(),
-        "balance": run.balance,  # layers per model chunk (K*V; chunk c on stage c mod K) of this run
+        "balance": run.balance,  # layers per model chunk (K*V, on stages spec.placement) of this run
         "world": {"stages": lay.n_stages, "dp": lay.dp},
         "data_cursor": cursor.state_dict(),
         "loss_scale": [run.engine.scale.scale, run.engine.scale.steps_at_scale],  # float16; else [1.0, n]

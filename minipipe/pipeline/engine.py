@@ -9,14 +9,16 @@ gradients accumulated over micro-batches and summed over dp replicas equal the f
 gradient, uneven micro-batches and ignored tokens included. The order of the schedule changes
 which micro-batch is accumulated when, never what: every schedule computes the same gradients.
 
-Chunks: rank r runs its chunk c (Action.chunk) as the model's chunk c*K + r (V = 1: one chunk). The
-model's first chunk reads the batch, the last one computes the loss. A value passed between two
-chunks of the same rank (K = 1) is handed over in memory; every other one is a message.
+Chunks: rank r runs its local chunk v (Action.chunk) as the v-th of the model chunks the placement
+gives it (spec.placement: chunk c mod K, or the V of the zero-bubble schedules). The model's first
+chunk reads the batch, the last one computes the loss. A value passed between two chunks of the
+same rank is handed over in memory; every other one is a message to or from the neighbouring
+chunk's rank.
 Dropout masks are keyed by (seed, step, layer, global micro-batch) in `Stage`, so every
 schedule, recompute mode and chunking draws the same masks.
 """
+from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -32,33 +34,9 @@ from minipipe.pipeline.recompute import grad_leaf, recompute_forward, recomputes
 from minipipe.pipeline.spans import SpanRecorder
 from minipipe.pipeline.spec import PipelineSpec
 from minipipe.pipeline.split_backward import backward_input, backward_weight
+from minipipe.pipeline.step_state import StepState
 from minipipe.pipeline.tied import TiedEmbedding
-from minipipe.schedule.actions import Action, Kind, train_actions
-
-
-@dataclass
-class StepState:
-    """What one step holds between actions, keyed by (chunk, micro-batch); names say which way
-    each value flows. Everything is emptied by the step's own actions."""
-    units: int  # counted units of the global batch: the loss normaliser
-    batch_inputs: list | None  # this replica's micro-batch inputs (only where the first chunk runs)
-    targets: list | None  # this replica's micro-batch targets (only where the last chunk runs)
-    sizes: list[int]  # rows of each micro-batch
-    act_from_prev: dict = field(default_factory=dict)  # received chunk inputs awaiting their forward
-    act_to_next: dict = field(default_factory=dict)  # chunk outputs awaiting send_act
-    sent_like: dict = field(default_factory=dict)  # shape of each sent activation: its gradient's
-    stashed_inputs: dict = field(default_factory=dict)  # recompute: chunk inputs kept for backward
-    graphs: dict = field(default_factory=dict)  # no recompute: (input leaf, output) with autograd graph
-    grad_from_next: dict = field(default_factory=dict)  # received gradients of chunk outputs
-    grad_to_prev: dict = field(default_factory=dict)  # gradients of chunk inputs awaiting send_grad
-    weight_grads_pending: dict = field(default_factory=dict)  # split backward: what W needs from I
-    # sum of this rank's micro-batch losses (last chunk only), float64 on the device: read once per
-    # step, after the grad-norm all-reduce that carries it (no host wait per micro-batch)
-    loss_total: torch.Tensor | None = None
-
-    def add_loss(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().double()  # the same float64 sums as Python floats, in the same order
-        self.loss_total = loss if self.loss_total is None else self.loss_total + loss
+from minipipe.schedule.actions import Action, Kind, message_peer
 
 
 def _named_chunk(action: Action) -> int | None:
@@ -71,9 +49,9 @@ BUCKET_BYTES = 25 * 2**20  # data-parallel gradient bucket (DDP's default size)
 
 class Engine:
     """One rank's runner of the schedule. What evaluation and generation use is public: `stage`,
-    `layout`, `spec`, `device`, `comm`, `act_src`/`act_dst` (the neighbours activations come from
-    and go to), `state`, `last_chunk`, and the steps of a forward: `begin`, `run`, `recv_act`,
-    `chunk_input`, `run_chunk`, `loss`, `send_act`, `model_chunk`, `autocast`."""
+    `layout`, `spec`, `device`, `comm`, `rank_of` (a stage's rank in this replica), `state`,
+    `last_chunk`, and the steps of a forward: `begin`, `run`, `recv_act`, `chunk_input`,
+    `run_chunk`, `loss`, `send_act`, `model_chunk`, `autocast`."""
 
     def __init__(self, stage, layout, *, spec: PipelineSpec, loss_sum, count_units, optimizer,
                  layer_param_counts: list[int] | None = None, tied_weight=None):
@@ -85,7 +63,7 @@ class Engine:
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.n_param_slots = sum(counts)
         # tied_weight: the model family's TiedWeight (or None); its copy has no slot
-        self.tied = TiedEmbedding(stage, layout, tied_weight, spec.timeout_s)
+        self.tied = TiedEmbedding(stage, layout, tied_weight, spec)
         counted = [(starts[i] + j, p) for i, layer in zip(stage.indices, stage.layers.values())
                    for j, p in enumerate(self.tied.counted(i, layer)) if p.requires_grad]
         self.norm_params = [p for _, p in counted]  # what the global gradient norm counts
@@ -95,12 +73,10 @@ class Engine:
         self.scale = optim.LossScale(2.0 ** 16, 0, True) if fp16 else optim.LossScale()
         k, lay = layout.n_stages, layout
         self.last_chunk = spec.n_chunks - 1
-        # Neighbours in this replica; under interleaving the last rank feeds rank 0 (chunk K -> K+1).
-        base = lay.rank - lay.stage
-        self.act_src, self.act_dst = base + (lay.stage - 1) % k, base + (lay.stage + 1) % k
+        self.own_chunks = spec.chunks_on(lay.stage)  # the model chunk of each local chunk
         self.comm = StageComm(lay.rank, lay.prev_rank, lay.next_rank, lay.stage, lay.device,
                               spec.timeout_s, lay.p2p) if k > 1 else None
-        self.actions = train_actions(spec.schedule, lay.stage, k, spec.n_microbatches, spec.virtual_stages)
+        self.actions = list(spec.actions[lay.stage])
         self.executed: list[Action] = []  # what the last train_step ran, for the schedule test
         self.clock = SpanRecorder(layout.device)  # when each action ran (minipipe/pipeline/spans.py)
         self.timed = False  # set by the caller: record device-time spans of this step on CUDA
@@ -126,7 +102,10 @@ class Engine:
         wait, the header of the next message on its channel is posted, if one will come."""
         self.executed = []
         self.clock.begin_step(self.timed)
-        self.recvs_left = {kind: sum(a.kind is kind for a in actions) for kind in (Kind.RECV_ACT, Kind.RECV_GRAD)}
+        # receives still to come per channel (kind, peer stage): under the V a stage receives
+        # activations from both neighbours, and a header is posted early only where one will come
+        self.recvs_left = Counter((a.kind, self._peer(a)) for a in actions
+                                  if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD))
         for action in actions:
             start = self.clock.mark()
             handlers[action.kind](action)
@@ -149,7 +128,7 @@ class Engine:
         rows = values.batch_size(targets) // lay.dp
         own = slice(lay.dp_rank * rows, (lay.dp_rank + 1) * rows)
         self.step_index = step
-        first, last = lay.stage == 0, lay.stage == self.last_chunk % lay.n_stages
+        first, last = lay.stage == self.spec.placement[0], lay.stage == self.spec.placement[-1]
         self.state = StepState(
             units=self.count_units(targets),
             batch_inputs=values.split(self._to_device(inputs, own), self.spec.n_microbatches) if first else None,
@@ -158,7 +137,15 @@ class Engine:
 
     def model_chunk(self, action) -> int:
         """The model's chunk that an action of this rank runs (its own chunk `action.chunk`)."""
-        return action.chunk * self.layout.n_stages + self.layout.stage
+        return self.own_chunks[action.chunk]
+
+    def rank_of(self, stage: int) -> int:
+        """The global rank of `stage` in this rank's pipeline replica."""
+        return self.layout.rank - self.layout.stage + stage
+
+    def _local(self, chunk: int) -> bool:
+        """Model chunk `chunk` runs on this rank: a value for it is handed over in memory."""
+        return self.spec.placement[chunk] == self.layout.stage
 
     def _global_microbatch(self, m: int) -> int:
         """Micro-batch m of replica d holds the rows of micro-batch d*M + m of the global batch:
@@ -184,8 +171,9 @@ class Engine:
     # ---- the forward half ---------------------------------------------------------------------
     def _receive(self, action, kind, src, tag, what, **expect):
         value = self.comm.recv(src, microbatch=action.microbatch, what=what, tag=tag, **expect)
-        self.recvs_left[kind] -= 1
-        if self.recvs_left[kind]:  # the next header on this channel may land while we compute
+        channel = (kind, self._peer(action))
+        self.recvs_left[channel] -= 1
+        if self.recvs_left[channel]:  # the next header on this channel may land while we compute
             self.comm.expect(src, f"the next {'activation' if tag == ACTIVATION else 'gradient'}", tag)
         return value
 
@@ -194,11 +182,14 @@ class Engine:
         text = f"{what} of micro-batch {action.microbatch} from stage {peer_stage}"
         return text if action.rank_chunks == 1 else f"{text} for chunk {self.model_chunk(action)}"
 
+    def _peer(self, action) -> int:
+        """The stage at the other end of this receive or send (the neighbouring chunk's)."""
+        return message_peer(self.spec.placement, self.layout.stage, action)
+
     def recv_act(self, action):
-        k = self.layout.n_stages
+        peer = self._peer(action)
         self.state.act_from_prev[action.chunk, action.microbatch] = self._receive(
-            action, Kind.RECV_ACT, self.act_src, ACTIVATION,
-            self._about("activation", action, (self.layout.stage - 1) % k),
+            action, Kind.RECV_ACT, self.rank_of(peer), ACTIVATION, self._about("activation", action, peer),
             expect_batch=self.state.sizes[action.microbatch])
 
     def chunk_input(self, action):
@@ -212,13 +203,14 @@ class Engine:
             with self.autocast():
                 return self.stage(value, self.step_index, self._global_microbatch(m), action.chunk)
         except RuntimeError as err:
-            if self.model_chunk(action) == 0 or isinstance(err, torch.OutOfMemoryError):
+            c = self.model_chunk(action)
+            if c == 0 or self._local(c - 1) or isinstance(err, torch.OutOfMemoryError):
                 raise
             lay = self.layout
             received = [(tuple(t.shape), str(t.dtype)) for t in values.as_tuple(value)]
             raise PipelineError(f"rank {lay.rank} (stage {lay.stage}, micro-batch {m}): the stage "
                                 f"failed on micro-batch {m} received from stage "
-                                f"{(lay.stage - 1) % lay.n_stages} as {received}: {err}. If this is a "
+                                f"{self.spec.placement[c - 1]} as {received}: {err}. If this is a "
                                 f"shape or dtype error, the stages disagree on the boundary value: "
                                 f"check that every rank runs the same model flags.") from err
 
@@ -243,7 +235,7 @@ class Engine:
                 st.add_loss(output)
             st.graphs[action.chunk, m] = (leaf, output)
         if c < self.last_chunk:
-            if self.layout.n_stages == 1:  # the next chunk is on this rank: hand over in memory
+            if self._local(c + 1):  # the next chunk is on this rank (the next local one): hand over in memory
                 st.act_from_prev[action.chunk + 1, m] = values.detached(output)
             else:
                 st.act_to_next[action.chunk, m] = values.detached(output)
@@ -252,15 +244,14 @@ class Engine:
         key = (action.chunk, action.microbatch)
         value = self.state.act_to_next.pop(key)
         self.state.sent_like[key] = values.grad_spec(value)
-        self.comm.send(value, self.act_dst, what=f"activation of micro-batch {action.microbatch}",
-                       tag=ACTIVATION)
+        self.comm.send(value, self.rank_of(self._peer(action)), tag=ACTIVATION,
+                       what=f"activation of micro-batch {action.microbatch}")
 
     # ---- the backward half --------------------------------------------------------------------
     def _recv_grad(self, action):
-        key, k = (action.chunk, action.microbatch), self.layout.n_stages
+        key, peer = (action.chunk, action.microbatch), self._peer(action)
         self.state.grad_from_next[key] = self._receive(
-            action, Kind.RECV_GRAD, self.act_dst, GRADIENT,
-            self._about("gradient", action, (self.layout.stage + 1) % k),
+            action, Kind.RECV_GRAD, self.rank_of(peer), GRADIENT, self._about("gradient", action, peer),
             expect_like=self.state.sent_like.pop(key))
 
     def _backward_graph(self, action):
@@ -303,14 +294,15 @@ class Engine:
     def _input_grad_made(self, action, leaf):
         st, m, c = self.state, action.microbatch, self.model_chunk(action)
         if c > 0:
-            if self.layout.n_stages == 1:  # the previous chunk is on this rank
+            if self._local(c - 1):  # the previous chunk is on this rank (the previous local one)
                 st.grad_from_next[action.chunk - 1, m] = values.input_grads(leaf)
             else:
                 st.grad_to_prev[action.chunk, m] = values.input_grads(leaf)
 
     def _send_grad(self, action):
-        self.comm.send(self.state.grad_to_prev.pop((action.chunk, action.microbatch)), self.act_src,
-                       what=f"gradient of micro-batch {action.microbatch}", tag=GRADIENT)
+        self.comm.send(self.state.grad_to_prev.pop((action.chunk, action.microbatch)),
+                       self.rank_of(self._peer(action)), what=f"gradient of micro-batch {action.microbatch}",
+                       tag=GRADIENT)
 
     # ---- after the drain ----------------------------------------------------------------------
     def _params(self):

@@ -2,7 +2,7 @@
 
     loss = evaluate(engine, batches, spec=spec)   # on every rank; batches: global (inputs, targets)
 
-The schedule's forward actions (schedule.forward_actions) run on every batch with the engine's
+The forward part of the schedule's training list (schedule.actions.forward_part) runs on every batch with the engine's
 receives and sends; the last chunk adds each micro-batch's summed loss to a device scalar, so
 the host reads the total once, after the last batch and one all-reduce. The result is the mean
 over every counted unit (token or sample) of all batches, as training's loss is for one batch.
@@ -12,21 +12,22 @@ import torch.distributed as dist
 
 from minipipe.pipeline.collectives import collective
 from minipipe.pipeline.spec import PipelineSpec
-from minipipe.schedule.actions import Kind, forward_actions
+from minipipe.schedule.actions import Kind, forward_part
 
 
 @torch.no_grad()
 def evaluate(engine, batches, *, spec: PipelineSpec) -> float:
     engine.stage.eval()
     lay = engine.layout
-    actions = forward_actions(spec.schedule, lay.stage, spec.n_stages, spec.n_microbatches, spec.virtual_stages)
+    actions = forward_part(spec.actions[lay.stage])
 
     def forward(action):
         st, m = engine.state, action.microbatch
         output = engine.run_chunk(engine.chunk_input(action), action)
-        if engine.model_chunk(action) == engine.last_chunk:
+        c = engine.model_chunk(action)
+        if c == engine.last_chunk:
             st.add_loss(engine.loss(output, m))
-        elif lay.n_stages == 1:  # the next chunk is on this rank: hand over in memory
+        elif spec.placement[c + 1] == lay.stage:  # the next chunk is on this rank: hand over in memory
             st.act_from_prev[action.chunk + 1, m] = output
         else:
             st.act_to_next[action.chunk, m] = output

@@ -2,8 +2,8 @@
 
     tokens = generate(engine, prompt, n_new, max_context, temperature, top_k, seed, spec=spec)  # every rank
 
-Each new token runs the context through the model's chunks in order (chunk c on rank c mod K;
-a hand-off between two chunks of one rank stays in memory). The rank of the last chunk samples
+Each new token runs the context through the model's chunks in order (chunk c on stage
+spec.placement[c]; a hand-off between two chunks of one rank stays in memory). The rank of the last chunk samples
 (top-k, temperature, a seeded generator) and broadcasts the token to its pipeline, so every rank
 returns the same tokens. Messages use the engine's activation channel.
 """
@@ -23,21 +23,20 @@ def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, tempera
     stage.eval()
     tokens = prompt.to(engine.device)
     generator = torch.Generator(device=engine.device).manual_seed(seed)
-    k, last_chunk = spec.n_stages, spec.n_chunks - 1
-    samples = lay.stage == last_chunk % k  # this rank runs the model's last chunk
-    last_rank = lay.rank - lay.stage + last_chunk % k
+    k, placement, last_chunk = spec.n_stages, spec.placement, spec.n_chunks - 1
+    samples = lay.stage == placement[last_chunk]  # this rank runs the model's last chunk
+    own = spec.chunks_on(lay.stage)
     for _ in range(n_new):
         value = tokens[:, -max_context:]
-        for c in range(last_chunk + 1):
-            if c % k != lay.stage:
-                continue
-            if c > 0 and k > 1:
-                value = engine.comm.recv(engine.act_src, microbatch=0, expect_batch=1,
+        for v, c in enumerate(own):
+            if c > 0 and placement[c - 1] != lay.stage:
+                value = engine.comm.recv(engine.rank_of(placement[c - 1]), microbatch=0, expect_batch=1,
                                          what="generation activation", tag=ACTIVATION)
             with engine.autocast():
-                value = stage(value, 0, 0, c // k)
-            if c < last_chunk and k > 1:
-                engine.comm.send(value, engine.act_dst, what="generation activation", tag=ACTIVATION)
+                value = stage(value, 0, 0, v)
+            if c < last_chunk and placement[c + 1] != lay.stage:
+                engine.comm.send(value, engine.rank_of(placement[c + 1]), what="generation activation",
+                                 tag=ACTIVATION)
                 engine.comm.wait_sends()
         if samples:
             logits = value[:, -1, :].float() / temperature
@@ -48,7 +47,8 @@ def generate(engine, prompt: torch.Tensor, n_new: int, max_context: int, tempera
             token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
         if k > 1:
             collective(lay, "the sampled token's broadcast from the last stage",
-                       lambda: dist.broadcast(token, src=last_rank, group=lay.pipeline_group),
+                       lambda: dist.broadcast(token, src=engine.rank_of(placement[last_chunk]),
+                                              group=lay.pipeline_group),
                        timeout_s=spec.timeout_s)
         tokens = torch.cat([tokens, token], dim=1)
     return tokens[0, prompt.shape[1]:].cpu()

@@ -1,8 +1,8 @@
 """One pipeline stage: the model's layers this rank holds, keyed by global layer index, in chunks.
 
-A chunk is a contiguous run of layers; a stage holds one chunk, or V of them under the interleaved
-schedule (chunk v of rank r is the model's chunk v*K + r). `stage(value, step, m, chunk=v)` runs
-chunk v; the optimizer and the checkpoint see one module holding all of the rank's layers.
+A chunk is a contiguous run of layers; a stage holds one chunk, or V of them (interleaved, the V
+schedules): its chunk v is the v-th of the model chunks the placement gives it
+(PipelineSpec.chunks_on), in ascending order. `stage(value, step, m, chunk=v)` runs chunk v; the optimizer and the checkpoint see one module holding all of the rank's layers.
 
 Parameter names stay global (`layers.7.weight`) whatever the cut, because the ModuleDict key is
 the layer's index in the whole model. Before each layer that draws random numbers (dropout), the

@@ -4,11 +4,12 @@ the output head's weight of the last layer, --tie-embeddings). Nothing here name
 parameter of any model: the declaration does.
 
 Where the two layers live decides what "one weight" means:
-- one stage holds both (K=1): one Parameter, shared by the two modules (plain sharing; autograd
-  sums both uses into its gradient);
-- the first and the last stage (K>1): each holds a copy, initialised equal (minipipe.layers.build_layers).
-  After the drain (and the dp all-reduce) the two copies' gradients are summed in one all-reduce
-  on a two-rank group {first stage, last stage} of each pipeline replica, as Megatron-LM does for
+- one stage holds both (K=1, or the V placement, whose first and last chunks are on stage 0): one
+  Parameter, shared by the two modules (plain sharing; autograd sums both uses into its gradient);
+- the stages of the first and the last chunk differ: each holds a copy, initialised equal
+  (minipipe.layers.build_layers). After the drain (and the dp all-reduce) the two copies'
+  gradients are summed in one all-reduce on a two-rank group {first chunk's stage, last chunk's
+  stage} of each pipeline replica, as Megatron-LM does for
   its embedding group; both copies then take the same clipped AdamW step and stay bitwise equal
   (a + b == b + a in floating point, and every later op is the same on the same numbers).
 
@@ -50,21 +51,21 @@ def with_copy(tie, tensors: dict) -> dict:
 # ---- training: one group, one sum, one norm slot -----------------------------------------------
 class TiedEmbedding:
     """What one rank does for the tied weight after the drain. The source layer is the model's
-    first and the copy its last, so the copies live on the first and the last stage; only those
-    two ranks of a replica build their group (a group-local rendezvous): middle stages need not
-    know."""
+    first and the copy its last, so the copies live on the stages of the first and the last chunk
+    (spec.placement); only those two ranks of a replica build their group (a group-local
+    rendezvous): the other stages need not know."""
 
-    def __init__(self, stage, layout, tie, timeout_s: float):
+    def __init__(self, stage, layout, tie, spec):
         layers = dict(zip(stage.indices, stage.layers.values()))
         self.tie = tie
         self.head = tie.copy_layer if tie is not None and tie.copy_layer in layers else None
         self.copy = None  # this rank's copy when the copies live on two stages
         self.group = None
         holds = tie is not None and (tie.source_layer in layers or tie.copy_layer in layers)
-        if holds and layout.n_stages > 1:
-            first = layout.rank - layout.stage
-            self.group = dist.new_group([first, first + layout.n_stages - 1], use_local_synchronization=True,
-                                        timeout=timedelta(seconds=timeout_s))
+        if holds and spec.tie_copied:
+            base = layout.rank - layout.stage
+            self.group = dist.new_group(sorted([base + spec.placement[0], base + spec.placement[-1]]),
+                                        use_local_synchronization=True, timeout=timedelta(seconds=spec.timeout_s))
             self.copy = (layers[tie.source_layer].get_parameter(tie.source_param) if tie.source_layer in layers
                          else layers[tie.copy_layer].get_parameter(tie.copy_param))
 

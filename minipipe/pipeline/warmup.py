@@ -30,7 +30,7 @@ def warm_up(engine, chunk_inputs: list, targets: torch.Tensor, *, spec: Pipeline
             leaf = grad_leaf(value)
             with engine.autocast():
                 output = stage(leaf, 0, 0, v)
-                if v * spec.n_stages + engine.layout.stage == spec.n_chunks - 1:
+                if spec.chunks_on(engine.layout.stage)[v] == spec.n_chunks - 1:
                     output = engine.loss_sum(output, targets)
             outputs = [o for o in as_tuple(output) if o.requires_grad]
             if outputs:

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from minipipe.schedule.actions import SCHEDULES, ScheduleError
+from minipipe.schedule.actions import SCHEDULES, ScheduleError, implied_virtual_stages
 from minipipe.schedule.check import render_grid, schedule_lists
 from minipipe.schedule.csv_format import csv_rows, write_csv
 
@@ -21,14 +21,16 @@ def main(argv=None) -> None:
                              "compute-only form (one row per rank: 0F0,0I0,0W0,...), checked before it is shown")
     parser.add_argument("--stages", type=int, default=4, help="pipeline stages K")
     parser.add_argument("--microbatches", type=int, default=8, help="micro-batches M")
-    parser.add_argument("--virtual-stages", type=int, default=1, help="chunks per stage V (interleaved)")
+    parser.add_argument("--virtual-stages", type=int, default=None,
+                        help="chunks per stage V (interleaved: give it; zbv, dualpipev: 2, implied; else 1)")
     parser.add_argument("--csv", metavar="PATH", help="also write the schedule's compute actions as that CSV file")
     args = parser.parse_args(argv)
     try:
-        print(render_grid(args.schedule, args.stages, args.microbatches, args.virtual_stages))
+        v = implied_virtual_stages(args.schedule) if args.virtual_stages is None else args.virtual_stages
+        print(render_grid(args.schedule, args.stages, args.microbatches, v))
         if args.csv:
-            lists, _ = schedule_lists(args.schedule, args.stages, args.microbatches, args.virtual_stages)
-            write_csv(args.csv, csv_rows(lists))
+            lists, placement = schedule_lists(args.schedule, args.stages, args.microbatches, v)
+            write_csv(args.csv, csv_rows(lists, placement))
             print(f"wrote {args.csv}")
     except ScheduleError as err:
         parser.error(str(err))

@@ -8,8 +8,9 @@ The simulation follows the engine's transport: a send never blocks and appends t
 exactly the (chunk, micro-batch) it names. A compute action takes one time unit (one chunk's
 work; with V chunks a stage's work is V units), or with `times=(f, b, w)` a forward f, an input
 gradient I b, a weight gradient W w and a fused backward B b + w (the zero-bubble paper's F:B:W);
-it may only start once its input is here: the batch (global chunk 0), an activation received or
-handed over locally (K = 1), the loss (last chunk), a gradient, or for W its own I. It proves,
+it may only start once its input is here: the batch (model chunk 0), an activation received or
+handed over locally (the neighbouring chunk on the same rank), the loss (last chunk), a gradient,
+or for W its own I. Which rank runs each model chunk is `placement` (actions.chunk_placement). It proves,
 for the lists given:
 - no deadlock: every rank reaches its end (else: each blocked rank and the action it waits on);
 - pairing: the k-th send and the k-th receive of every channel name the same unit;
@@ -24,10 +25,14 @@ from dataclasses import dataclass
 from minipipe.schedule.actions import (
     BACKWARDS,
     SCHEDULES,
+    V_PLACED,
     Action,
     Kind,
     ScheduleError,
     bubble_fraction,
+    chunk_placement,
+    chunks_on,
+    loop_placement,
     train_actions,
 )
 from minipipe.schedule.csv_format import read_csv
@@ -53,15 +58,20 @@ class Report:
 
 
 def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
-             virtual_stages: int = 1, times: tuple | None = None) -> Report:
+             virtual_stages: int = 1, times: tuple | None = None,
+             placement: tuple[int, ...] | None = None) -> Report:
+    """placement: the rank of each model chunk (actions.chunk_placement; default: chunk c on rank c mod K)."""
     k, v = n_stages, virtual_stages
+    placement = placement or loop_placement(k, v)
+    own = [chunks_on(placement, rank) for rank in range(k)]
+    local = {c: own[r].index(c) for c, r in enumerate(placement)}  # model chunk -> its rank's local index
     duration = _durations(times)
-    last_chunk = k * v - 1
+    last_chunk = len(placement) - 1
     if sorted(lists) != list(range(k)):
         raise ScheduleError(f"expected action lists for ranks 0..{k - 1}, got {sorted(lists)}")
     pcs, clock = [0] * k, [0] * k
     channels: dict[tuple, list] = {}  # (src, dst, kind of message) -> [(unit, time sent)]
-    ready = [dict() for _ in range(k)]  # rank -> {(direction, chunk, m): time the input is here}
+    ready = [dict() for _ in range(k)]  # rank -> {(direction, model chunk, m): time the input is here}
     done = [dict() for _ in range(k)]  # rank -> {(kind, chunk, m): end time}
     starts = [dict() for _ in range(k)]
     in_flight, peak = [0] * k, [0] * k
@@ -70,25 +80,46 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
     def fail(rank, action, why):
         raise ScheduleError(f"rank {rank}, action {pcs[rank]} ({action}): {why}")
 
+    def remote(rank, c):  # model chunk c exists and runs on another rank
+        return 0 <= c <= last_chunk and placement[c] != rank
+
+    def input_time(rank, action, c, m):
+        """When the input of this forward/backward is on the rank, or None if it never will be."""
+        if action.kind is Kind.FORWARD:
+            if c == 0:
+                return 0
+            if not remote(rank, c - 1):  # the previous chunk lives here: a local hand-off
+                return done[rank].get((Kind.FORWARD, local[c - 1], m))
+            return ready[rank].get(("act", c, m))
+        if c == last_chunk:
+            return done[rank].get((Kind.FORWARD, action.chunk, m))  # the loss is made by this chunk's forward
+        if not remote(rank, c + 1):
+            return next((done[rank][kind, local[c + 1], m] for kind in BACKWARDS
+                         if (kind, local[c + 1], m) in done[rank]), None)
+        return ready[rank].get(("grad", c, m))
+
     def step(rank, action) -> bool:
         """Run one action of `rank`; False if it must wait for a message."""
-        c, m = action.chunk * k + rank, action.microbatch
-        if m is not None and (action.rank_chunks != v or not 0 <= action.chunk < v):
-            fail(rank, action, f"names chunk {action.chunk} of {action.rank_chunks}; with V={v} name a "
-                               f"chunk 0..{v - 1} of {v}")
+        m, v_rank = action.microbatch, len(own[rank])
+        if m is not None and (action.rank_chunks != v_rank or not 0 <= action.chunk < v_rank):
+            fail(rank, action, f"names chunk {action.chunk} of {action.rank_chunks}; this rank holds "
+                               f"{v_rank}: name a chunk 0..{v_rank - 1} of {v_rank}")
         if m is not None and not 0 <= m < n_microbatches:
             fail(rank, action, f"micro-batch {m} is outside 0..{n_microbatches - 1}")
+        c = own[rank][action.chunk] if m is not None else None
         if action.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
             forward = action.kind is Kind.SEND_ACT
             made = [(kind, action.chunk, m) for kind in ((Kind.FORWARD,) if forward else BACKWARDS)]
-            if not any(unit in done[rank] for unit in made) or (c == last_chunk if forward else c == 0):
-                fail(rank, action, "sends a value this rank has not computed, or that has no receiver")
-            dst = (rank + (1 if forward else -1)) % k
-            unit = (c + (1 if forward else -1), m)
-            channels.setdefault((rank, dst, forward), []).append((unit, clock[rank]))
+            to = c + (1 if forward else -1)
+            if not any(unit in done[rank] for unit in made) or not remote(rank, to):
+                fail(rank, action, "sends a value this rank has not computed, or that no other rank receives")
+            channels.setdefault((rank, placement[to], forward), []).append(((to, m), clock[rank]))
         elif action.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
             forward = action.kind is Kind.RECV_ACT
-            src = (rank - (1 if forward else -1)) % k
+            frm = c - (1 if forward else -1)
+            if not remote(rank, frm):
+                fail(rank, action, "receives a value no other rank sends (its chunk has no neighbour on another rank)")
+            src = placement[frm]
             queue = channels.get((src, rank, forward), [])
             if not queue:
                 return False
@@ -112,7 +143,7 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
                 if needs is None:
                     fail(rank, action, "weight gradient before its input gradient (I)")
             else:
-                needs = _input(forward, c, m, last_chunk, k, ready[rank], done[rank], rank)
+                needs = input_time(rank, action, c, m)
             if needs is None:
                 fail(rank, action, "its input was never received (a receive is missing before it)")
             start = max(clock[rank], needs)
@@ -135,7 +166,7 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
             blocked = "; ".join(f"rank {r} waits at action {pcs[r]} ({lists[r][pcs[r]]})"
                                 for r in range(k) if pcs[r] < len(lists[r]))
             raise ScheduleError(f"deadlock: {blocked}")
-    _check_complete(lists, done, k, n_microbatches, v)
+    _check_complete(lists, done, own, n_microbatches)
     for (src, dst, _), queue in channels.items():
         if queue:
             raise ScheduleError(f"rank {src} sent {len(queue)} message(s) rank {dst} never receives")
@@ -144,25 +175,10 @@ def simulate(lists: dict[int, list[Action]], n_stages: int, n_microbatches: int,
     return Report(bubble, peak, peak_stashed, starts, span)
 
 
-def _input(forward, c, m, last_chunk, k, ready, done, rank):
-    """When the input of this forward/backward is on the rank, or None if it never will be."""
-    if forward:
-        if c == 0:
-            return 0
-        if k == 1:  # the previous chunk lives here: a local hand-off
-            return done.get((Kind.FORWARD, c - 1, m))
-        return ready.get(("act", c, m))
-    if c == last_chunk:
-        return done.get((Kind.FORWARD, c // k, m))  # the loss is made by this chunk's forward
-    if k == 1:
-        return next((done[kind, c + 1, m] for kind in BACKWARDS if (kind, c + 1, m) in done), None)
-    return ready.get(("grad", c, m))
-
-
-def _check_complete(lists, done, k, n_microbatches, v):
-    for rank in range(k):
+def _check_complete(lists, done, own, n_microbatches):
+    for rank in range(len(own)):
         want = set()
-        for chunk in range(v):
+        for chunk in range(len(own[rank])):
             for m in range(n_microbatches):
                 split = (Kind.BACKWARD_INPUT, chunk, m) in done[rank]
                 backward = (Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT) if split else (Kind.BACKWARD,)
@@ -178,19 +194,38 @@ def _check_complete(lists, done, k, n_microbatches, v):
             raise ScheduleError(f"rank {rank}: the list must end with allreduce, step (once each)")
 
 
-def schedule_lists(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1):
-    """({rank: training actions}, V) of a named schedule or of a CSV file (csv_format.py)."""
+def schedule_lists(schedule: str, n_stages: int, n_microbatches: int,
+                   virtual_stages: int = 1) -> tuple[dict[int, list[Action]], tuple[int, ...]]:
+    """({rank: training actions}, placement) of a named schedule (its constraints checked) or of a
+    CSV file (csv_format.py: its placement is the file's), which is simulated here: a file that
+    deadlocks or leaves a unit out raises a ScheduleError naming the rank and action."""
+    k, m = n_stages, n_microbatches
     if schedule.endswith(".csv"):
-        return read_csv(schedule, n_stages, n_microbatches)
-    return {r: train_actions(schedule, r, n_stages, n_microbatches, virtual_stages)
-            for r in range(n_stages)}, virtual_stages
+        lists, placement = read_csv(schedule, k, m)
+        try:
+            simulate(lists, k, m, len(placement) // k, placement=placement)
+        except ScheduleError as err:
+            raise ScheduleError(f"--schedule {schedule}: {err}") from None
+        return lists, placement
+    return ({r: train_actions(schedule, r, k, m, virtual_stages) for r in range(k)},
+            chunk_placement(schedule, k, virtual_stages))
 
 
 def check(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1,
           times: tuple | None = None) -> Report:
     """Simulate a schedule's lists for all ranks (unit ticks, or times=(f, b, w))."""
-    lists, v = schedule_lists(schedule, n_stages, n_microbatches, virtual_stages)
-    return simulate(lists, n_stages, n_microbatches, v, times)
+    lists, placement = schedule_lists(schedule, n_stages, n_microbatches, virtual_stages)
+    return simulate(lists, n_stages, n_microbatches, len(placement) // n_stages, times, placement)
+
+
+def v_schedule_idle(schedule: str, n_stages: int, n_microbatches: int) -> int:
+    """Idle time units per rank of zbv and dualpipev at F = I = W = 1 (a unit is one chunk's
+    forward; a rank's work is 6M units): K-1, the staircase of the ramp (rank r starts r units
+    late and ends K-1-r units early) and nothing in the steady state, the zero-bubble paper's
+    "about zero" (section 6) made exact; zbv with fewer than 2K-1 micro-batches never fills its
+    steady state and idles 2(2K-1-M). tests/test_v_schedules.py proves it against the simulation."""
+    k, m = n_stages, n_microbatches
+    return max(k - 1, 2 * (2 * k - 1 - m)) if schedule == "zbv" else k - 1
 
 
 def _simulated(schedule: str, k: int, m: int, v: int) -> bool:
@@ -199,9 +234,12 @@ def _simulated(schedule: str, k: int, m: int, v: int) -> bool:
 
 
 def theory_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> float:
-    """The bubble fraction: the literature's formula for the fused-backward schedules, the
-    simulation at F = I = W (a fused B = I + W) for the split ones and for files."""
+    """The bubble fraction: the literature's formula for the fused-backward schedules and the V
+    schedules (at F = I = W), the simulation at F = I = W (a fused B = I + W) for zb-h1 and files."""
     k, m, v = n_stages, n_microbatches, virtual_stages
+    if schedule in V_PLACED:
+        idle = v_schedule_idle(schedule, k, m)
+        return idle / (6 * m + idle)
     if _simulated(schedule, k, m, v):
         return max(check(schedule, k, m, v, (1, 1, 1)).bubble)
     return bubble_fraction(k, m, v)
@@ -210,6 +248,10 @@ def theory_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_sta
 def ideal_bubble(schedule: str, n_stages: int, n_microbatches: int, virtual_stages: int = 1) -> str:
     """theory_bubble as text, with its formula."""
     k, m, v = n_stages, n_microbatches, virtual_stages
+    if schedule in V_PLACED:
+        idle = v_schedule_idle(schedule, k, m)
+        formula = "(K-1)/(6M+K-1)" if idle == k - 1 else "2(2K-1-M)/(6M+2(2K-1-M))"
+        return f"at F = I = W {formula} = {idle}/{6 * m + idle} = {theory_bubble(schedule, k, m, v):.3f}"
     if _simulated(schedule, k, m, v):
         return f"at F = I = W (simulated) = {theory_bubble(schedule, k, m, v):.3f}"
     formula = "(K-1)/(M+K-1)" if v == 1 else "(K-1)/(V*M+K-1)"

@@ -206,14 +206,15 @@ class MetricsLogger:
             backend.close()
 
 
-def config_record(cfg, balance: list[int]) -> dict:
-    """What a run logs once: every config field, and the partition plan under 'plan'."""
-    params = count_layer_params(cfg, len(balance) // cfg.virtual_stages)
+def config_record(cfg, balance: list[int], spec) -> dict:
+    """What a run logs once: every config field, and the partition plan under 'plan' (balance: the
+    layers of each of the K*V model chunks; spec: the run's PipelineSpec)."""
+    params = count_layer_params(cfg, spec.tie_copied)
     ranges = stage_ranges(balance)
     plan = {"balance": list(balance), "stage_layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
             "stage_params": [sum(params[i] for i in r) for r in ranges],
-            "bubble_theory": theory_bubble(cfg.schedule, len(balance) // cfg.virtual_stages, cfg.microbatches,
-                                           cfg.virtual_stages)}  # balance: K*V chunks
+            "bubble_theory": theory_bubble(spec.schedule, spec.n_stages, spec.n_microbatches,
+                                           spec.virtual_stages)}
     return {**cfg.to_dict(), "plan": plan}
 
 

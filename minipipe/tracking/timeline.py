@@ -1,7 +1,7 @@
 """The pipeline timeline: where each stage's time went in one step, merged over all ranks.
 
 Source: `Engine.spans`, one (kind, micro-batch, chunk, start, end) per executed schedule action
-(chunk: the rank's model chunk under interleaving, else None), plus two nested kinds: `recompute`
+(chunk: the rank's local chunk, as its actions name it, when it holds several, else None), plus two nested kinds: `recompute`
 (inside `backward`, or `backward_input` when the backward is split into I and W) and
 `norm_allreduce` (inside `step`). Any schedule draws the same way.
 
