@@ -4,11 +4,15 @@ Every kernel module takes `triton` from here, never by its own import: triton re
 TRITON_INTERPRET when it is imported, so the switch below must run first.
 """
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
 
-# No GPU: run the kernels in Triton's CPU interpreter unless the user decided otherwise.
+# No GPU: run the kernels in Triton's CPU interpreter unless the user decided otherwise. Triton
+# reads the switch when it is imported: imported before this (torch.distributed.pipelining and
+# torch.compile import it), its own library functions (tl.sum, ...) cannot run in the interpreter.
+_IMPORTED_UNINTERPRETED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -46,6 +50,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "triton" and not HAVE_TRITON:
         raise ValueError("the triton backend needs the triton package (Linux): install it "
                          "(pip install triton) or use --kernels torch")
+    if name == "triton" and torch.device(device).type != "cuda" and _IMPORTED_UNINTERPRETED:
+        raise ValueError("the triton backend off a GPU runs in Triton's interpreter, but triton was "
+                         "imported before minipipe could switch it on: set TRITON_INTERPRET=1 in the "
+                         "environment, or import minipipe first, or use --kernels torch")
     return name
 
 

@@ -13,6 +13,11 @@ os.environ.pop("MINIPIPE_STEP_LIMIT", None)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Triton's interpreter switch (off a GPU) before any test module imports triton: collection
+# imports them all, and some (torch.distributed.pipelining's) import triton themselves.
+import minipipe.kernels.runtime  # noqa: E402, F401
+
+
 import pytest  # noqa: E402
 
 # The smallest Transformer run the CLI accepts quickly: 2 steps on synthetic data, nothing saved.

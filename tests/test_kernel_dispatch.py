@@ -72,3 +72,23 @@ def test_torch_backend_is_differentiable_in_float64(op):
     torch.manual_seed(0)
     fn, make_inputs = TORCH_OPS[op]
     assert torch.autograd.gradcheck(fn, make_inputs())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter switch is for machines without a GPU")
+def test_triton_imported_before_the_interpreter_switch_is_refused_by_name():
+    """torch.distributed.pipelining imports triton: its library functions are then compiled-mode
+    objects that the interpreter cannot run, so the triton backend says so instead of failing
+    inside a kernel."""
+    import os
+    import subprocess
+    import sys
+    code = ("from torch.distributed import pipelining\n"
+            "import torch\n"
+            "from minipipe.kernels import runtime\n"
+            "try:\n"
+            "    runtime.resolve_backend('triton', torch.device('cpu'))\n"
+            "except ValueError as err:\n"
+            "    print(err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "set TRITON_INTERPRET=1 in the environment" in done.stdout, done.stderr
