@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from minipipe.errors import ConfigError
 from minipipe.layers import tied_numel
 from minipipe.models import registry
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
-from minipipe.pipeline.split_backward import weight_grad_bytes
+from minipipe.pipeline.split_backward import backward_input
 from minipipe.pipeline.values import as_tuple
 from minipipe.schedule.actions import Kind
 from minipipe.schedule.check import ideal_bubble
@@ -67,6 +68,7 @@ class LayerProfile:
     chained_bytes: int  # saved for backward and not already saved by the previous layer
     flops: float  # forward + backward, one micro-batch
     weight_grad_bytes: int  # split backward: gradients kept from I to W (the last layer's with the loss)
+    freed_at_input_bytes: int  # split backward, the layer topping a chunk: saved bytes gone when I returns
 
 
 @dataclass
@@ -78,6 +80,7 @@ class StagePlan:
     intermediate_bytes: list[int]  # per chunk, one micro-batch
     order: list[tuple[Kind, int]]  # the schedule's (compute kind, chunk) sequence on this stage
     weight_grad_bytes: list[int]  # per chunk, one micro-batch: what W keeps beyond the graph
+    freed_at_input_bytes: list[int]  # per chunk, one micro-batch: the graph's part that I's end frees
 
     @property
     def layers(self) -> list[int]:
@@ -85,8 +88,10 @@ class StagePlan:
 
     def activation_bytes(self, remat: bool) -> int:
         """Replay the schedule's forwards and backwards and keep the peak held bytes. A split
-        backward's I keeps the graph (rebuilt, under re-materialisation) and the captured
-        gradients until its W (minipipe/pipeline/split_backward.py)."""
+        backward's I peaks with the whole graph (rebuilt, under re-materialisation) and the
+        captured gradients; when it returns, the nodes above every cut (the loss's, on the last
+        chunk) go with the outputs, and the rest of the graph and the gradients wait for its W
+        (minipipe/pipeline/split_backward.py)."""
         held = peak = 0
         for kind, v in self.order:
             kept = self.boundary_bytes[v] + (0 if remat else self.intermediate_bytes[v])
@@ -100,8 +105,9 @@ class StagePlan:
             elif kind is Kind.BACKWARD_INPUT:
                 held += rebuilt + self.weight_grad_bytes[v]
                 peak = max(peak, held)
+                held -= self.freed_at_input_bytes[v]
             else:
-                held -= kept + rebuilt + self.weight_grad_bytes[v]
+                held -= kept + rebuilt + self.weight_grad_bytes[v] - self.freed_at_input_bytes[v]
         return peak
 
     def total_bytes(self, recompute: str) -> int:
@@ -170,11 +176,43 @@ def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool
     return alone, chained, _spec(output)
 
 
-def _weight_grad_bytes(layers: list[nn.Module], spec) -> int:
-    """Split backward: gradients kept from I to W (the first chunk's W keeps only its output's
-    gradient, plan_run counts that)."""
-    with sdpa_kernel(SDPBackend.MATH):
-        return weight_grad_bytes(nn.Sequential(*layers), _fresh(spec, requires_grad=True))
+class _Saved:
+    """A saved tensor's stand-in: it dies with the autograd node that saved it. Detached: a saved
+    output held with its grad_fn would keep its own node alive (autograd's own saving avoids it)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor.detach()
+
+
+def _split_backward_bytes(layers: list[nn.Module], spec) -> tuple[int, int]:
+    """The split backward of `layers` on one micro-batch, run as the engine runs it: (the
+    gradients I captures for W, the saved bytes freed when I returns). The engine drops the
+    outputs after I; W keeps only the cut nodes and the graph below them, so what the nodes above
+    every cut saved (on the last chunk the loss's log-probabilities) goes then. Measured, not
+    assumed: each saved tensor's stand-in dies with its node. The input's storage is the previous
+    chunk's (or the boundary's) and is not counted here."""
+    saved = []  # (weak stand-in, storage, bytes) per saved tensor
+    params = {_storage(p) for layer in layers for p in layer.parameters()}
+
+    def pack(tensor):
+        stand_in = _Saved(tensor)
+        if _storage(tensor) not in params:
+            saved.append((weakref.ref(stand_in), _storage(tensor), tensor.untyped_storage().nbytes()))
+        return stand_in
+
+    with sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.tensor):
+        value = _fresh(spec, requires_grad=True)
+        outputs = [t for t in as_tuple(nn.Sequential(*layers)(value)) if t.requires_grad]
+        pending = backward_input(outputs, [torch.empty_like(t) for t in outputs],
+                                 [t for t in as_tuple(value) if t.requires_grad])
+    del outputs
+    inputs, alive, size = {_storage(t) for t in as_tuple(value)}, set(), {}
+    for ref, storage, nbytes in saved:
+        size[storage] = nbytes
+        if ref() is not None:
+            alive.add(storage)
+    freed = sum(b for storage, b in size.items() if storage not in alive and storage not in inputs)
+    return pending.held_bytes(), freed
 
 
 def _flops(layer: nn.Module, spec, model_input: bool) -> float:
@@ -253,13 +291,13 @@ def profile_layers(cfg, *, spec: PipelineSpec) -> list[LayerProfile]:
             with trace_as_the_run_computes(previous, layer):
                 alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
                                                   model_input=first)
-                weight_grads = 0 if first or i == len(layers) - 1 else _weight_grad_bytes(
+                split = (0, 0) if first or i == len(layers) - 1 else _split_backward_bytes(
                     [layer] + layers[i + 1:] if i == len(layers) - 2 else [layer], spec)
-                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first), weight_grads
-        alone, chained, out_spec, flops, weight_grads = _TRACES[key]
+                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first), split
+        alone, chained, out_spec, flops, split = _TRACES[key]
         input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])
         params = sum(p.numel() for p in layer.parameters())
-        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops, weight_grads))
+        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops, *split))
         previous, previous_spec, spec = layer, spec, out_spec
     return profiles
 
@@ -297,10 +335,13 @@ def plan_run(cfg, n_stages: int) -> Plan:
         weight_grads = [sum(p.weight_grad_bytes for p in own) if r.start > 0 else
                         profiles[r.stop].input_bytes if r.stop < len(profiles) - 1 else 0
                         for r, own in zip(chunks, owned)]
+        # only the nodes above every cut go when I returns: those of the chunk's top layer (traced
+        # with the loss on the last chunk); the first chunk's I frees nothing, W is its backward
+        freed = [profiles[r.stop - 1].freed_at_input_bytes if r.start > 0 else 0 for r in chunks]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
-                                order, weight_grads))
+                                order, weight_grads, freed))
     return Plan(cfg, spec, stages, _flops_per_unit(cfg, profiles, spec=spec), registry.family(cfg).unit)
 
 
