@@ -43,7 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minipipe import partition
 from minipipe.build import STATE_COPIES
-from minipipe.config import Config, build_parser, parse_config
+from minipipe.command_line import build_parser, parse_config
+from minipipe.config import Config
 from minipipe.errors import ConfigError
 from minipipe.layers import tied_numel
 from minipipe.models import registry
