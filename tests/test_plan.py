@@ -9,6 +9,7 @@ import torch
 from minipipe import plan
 from minipipe.build import build_run
 from minipipe.config import make_config
+from minipipe.layer_profile import profile_layers
 from minipipe.pipeline import engine as engine_module
 from minipipe.pipeline import split_backward
 from minipipe.pipeline.optim import lr_at
@@ -196,7 +197,7 @@ def test_boundary_bytes_are_those_of_a_real_forward_under_bf16_autocast(family):
         for i in range(len(layers)):
             real.append(sum(t.numel() * t.element_size() for t in as_tuple(value)))
             value = layers[i](value)
-    planned = [p.input_bytes for p in plan.profile_layers(cfg, spec=pipeline_spec(cfg, 1))[:-1]]
+    planned = [p.input_bytes for p in profile_layers(cfg, spec=pipeline_spec(cfg, 1))[:-1]]
     assert planned == real
     if family != "amoebanet":  # a Block's input is float32: 4 bytes per element of (micro, T, D)
         assert real[1] == micro * cfg.seq_len * cfg.d_model * 4
