@@ -37,7 +37,10 @@ class LayerProfile:
     chained_bytes: int  # saved for backward and not already saved by the previous layer
     flops: float  # forward + backward, one micro-batch
     weight_grad_bytes: int  # split backward: gradients kept from I to W (the last layer's with the loss)
-    freed_at_input_bytes: int  # split backward, the layer topping a chunk: saved bytes gone when I returns
+    # split backward, the layer topping a chunk: saved bytes gone when I returns, its input excluded
+    # when it also starts the chunk (alone), its input included when it follows a layer (chained)
+    freed_alone_bytes: int
+    freed_chained_bytes: int
 
 
 def _spec(value) -> tuple:
@@ -97,13 +100,14 @@ class _Saved:
         self.tensor = tensor.detach()
 
 
-def _split_backward_bytes(layers: list[nn.Module], spec) -> tuple[int, int]:
+def _split_backward_bytes(layers: list[nn.Module], spec, input_is_the_boundary: bool) -> tuple[int, int]:
     """The split backward of `layers` on one micro-batch, run as the engine runs it: (the
     gradients I captures for W, the saved bytes freed when I returns). The engine drops the
     outputs after I; W keeps only the cut nodes and the graph below them, so what the nodes above
     every cut saved (on the last chunk the loss's log-probabilities) goes then. Measured, not
-    assumed: each saved tensor's stand-in dies with its node. The input's storage is the previous
-    chunk's (or the boundary's) and is not counted here."""
+    assumed: each saved tensor's stand-in dies with its node. The input counts when it is the
+    chunk's boundary and its leaf dies too (the engine has let go of it: an AmoebaNet classifier
+    alone in its chunk, whose pooling saves it above the cut); otherwise the layers below hold it."""
     saved = []  # (weak stand-in, storage, bytes) per saved tensor
     params = {_storage(p) for layer in layers for p in layer.parameters()}
 
@@ -118,13 +122,17 @@ def _split_backward_bytes(layers: list[nn.Module], spec) -> tuple[int, int]:
         outputs = [t for t in as_tuple(nn.Sequential(*layers)(value)) if t.requires_grad]
         pending = backward_input(outputs, [torch.empty_like(t) for t in outputs],
                                  [t for t in as_tuple(value) if t.requires_grad])
-    del outputs
-    inputs, alive, size = {_storage(t) for t in as_tuple(value)}, set(), {}
+    inputs, leaves = {_storage(t) for t in as_tuple(value)}, [weakref.ref(t) for t in as_tuple(value)]
+    boundary = [t.untyped_storage().nbytes() for t in as_tuple(value)]
+    del outputs, value
+    alive, size = set(), {}
     for ref, storage, nbytes in saved:
         size[storage] = nbytes
         if ref() is not None:
             alive.add(storage)
     freed = sum(b for storage, b in size.items() if storage not in alive and storage not in inputs)
+    if input_is_the_boundary:
+        freed += sum(b for leaf, b in zip(leaves, boundary) if leaf() is None)
     return pending.held_bytes(), freed
 
 
@@ -204,8 +212,14 @@ def profile_layers(cfg, *, spec: PipelineSpec) -> list[LayerProfile]:
             with trace_as_the_run_computes(previous, layer):
                 alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
                                                   model_input=first)
-                split = (0, 0) if first or i == len(layers) - 1 else _split_backward_bytes(
-                    [layer] + layers[i + 1:] if i == len(layers) - 2 else [layer], spec)
+                split = (0, 0, 0)
+                if not first and i < len(layers) - 1:
+                    above = [layer] + layers[i + 1:] if i == len(layers) - 2 else [layer]  # the loss too
+                    weight_grads, freed_alone = _split_backward_bytes(above, spec, input_is_the_boundary=True)
+                    # chained: the previous layer's nodes (and its output) that only this one's reach
+                    freed_chained = _split_backward_bytes([previous] + above, previous_spec,
+                                                          input_is_the_boundary=False)[1] if i > 1 else 0
+                    split = weight_grads, freed_alone, freed_chained
                 _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first), split
         alone, chained, out_spec, flops, split = _TRACES[key]
         input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])

@@ -139,8 +139,10 @@ def plan_run(cfg, n_stages: int) -> Plan:
                         profiles[r.stop].input_bytes if r.stop < len(profiles) - 1 else 0
                         for r, own in zip(chunks, owned)]
         # only the nodes above every cut go when I returns: those of the chunk's top layer (traced
-        # with the loss on the last chunk); the first chunk's I frees nothing, W is its backward
-        freed = [profiles[r.stop - 1].freed_at_input_bytes if r.start > 0 else 0 for r in chunks]
+        # with the loss on the last chunk, and with the layer below it if any); the first chunk's I
+        # frees nothing, W is its whole backward
+        freed = [0 if r.start == 0 else profiles[r.stop - 1].freed_chained_bytes if len(r) > 1 else
+                 profiles[r.stop - 1].freed_alone_bytes for r in chunks]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],

@@ -26,10 +26,12 @@ COMMON = dict(data="synthetic", batch_size=16, microbatches=4)
 
 class HeldActivations:
     """Peak bytes a stage holds for backward during a step: tensors autograd saved (parameters
-    excluded), stashed stage inputs and the inputs of kept graphs; each storage counted once."""
+    excluded), stashed stage inputs and the inputs of kept graphs (after a split backward's I the
+    engine lets go of the input, and the graph W keeps may still hold it: `split_inputs` follows
+    it while it lives); each storage counted once."""
 
     def __init__(self, engine):
-        self.engine, self.peak, self.refs, self.sizes = engine, 0, {}, {}
+        self.engine, self.peak, self.refs, self.sizes, self.split_inputs = engine, 0, {}, {}, []
         self.params = {p.untyped_storage().data_ptr() for p in engine.stage.parameters()}
 
     def pack(self, tensor):
@@ -52,6 +54,7 @@ class HeldActivations:
         held = {ptr: self.sizes[ptr] for ptr, count in self.refs.items() if count}
         state = self.engine.state
         inputs = list(state.stashed_inputs.values()) + [leaf for leaf, _ in state.graphs.values()]
+        inputs += [t for t in (ref() for ref in self.split_inputs) if t is not None]
         for pending in [*state.weight_grads_pending.values(), *running]:  # split backward: what W keeps
             inputs += [g for _, grads, _ in pending.reentries for g in grads if g is not None]
             inputs += [g for _, g in pending.ready]
@@ -82,6 +85,7 @@ def _measured_and_planned(family: str, recompute: str, schedule: str = "gpipe", 
         # I's peak: its end, with the whole graph (the engine still holds the outputs) and every
         # captured gradient; when the engine's I returns, the nodes above every cut are gone
         pending = split_backward.backward_input(outputs, grads, inputs)
+        held.split_inputs += [weakref.ref(t) for t in inputs]
         held.sample(running=[pending])
         return pending
 
