@@ -17,7 +17,8 @@ import torch.distributed as dist
 from minipipe.build import build_run, plan_table, warm_up_run
 from minipipe.checkpoint.checkpointer import Checkpointer
 from minipipe.checkpoint.hf_format import load_into_stage
-from minipipe.config import Config, parse_config, traced_steps
+from minipipe.command_line import parse_config
+from minipipe.config import Config, traced_steps
 from minipipe.data import DataCursor
 from minipipe.dist import stop_with_launcher
 from minipipe.errors import ConfigError, MinipipeError

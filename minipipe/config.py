@@ -1,5 +1,6 @@
 """One dataclass holds every setting; every field is a CLI flag (kebab-case) and may come from a
-TOML file. Precedence: field default < preset < --config FILE.toml < explicit flags.
+TOML file (both read by minipipe.command_line). Precedence: field default < preset < --config
+FILE.toml < explicit flags.
 
 Model-shape fields default to None and are filled from the preset, so `--preset small --layers 8`
 means "small, but 8 layers". Fields that depend on the data (vocab, classes, channels) stay None
@@ -10,13 +11,10 @@ Config) has no side effects such as choosing the Triton interpreter. Each option
 defined once: here, or in the torch-free module that implements them (model families and presets
 in minipipe.presets, schedules in minipipe.schedule.actions).
 """
-import argparse
 import dataclasses
 import functools
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_args, get_origin
 
@@ -24,12 +22,6 @@ from minipipe.errors import ConfigError
 from minipipe.presets import LANGUAGE_MODELS, MODEL_FAMILIES, PRESET_NAMES, PRESETS, preset_values
 from minipipe.schedule.actions import SCHEDULES, implied_virtual_stages
 from minipipe.schedule.csv_format import file_virtual_stages
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 
 # Choices of options that other modules also name (the rest are written where their field is).
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # = kernels.runtime.BACKENDS, which may not be imported here
@@ -158,7 +150,7 @@ def _base_type(tp):
     return tp
 
 
-def _field_type(f: dataclasses.Field):
+def field_type(f: dataclasses.Field):
     return _base_type(eval(f.type) if isinstance(f.type, str) else f.type)
 
 
@@ -170,7 +162,7 @@ MAX_LAYERS = 100_000  # --layers / --cells: far past any model that fits a machi
 TIMEOUT_RANGE_S = (0.01, 7 * 24 * 3600.0)
 
 
-def _check_types(values: dict) -> dict:
+def checked_values(values: dict) -> dict:
     """Values of the right type for their fields (a TOML or keyword value is not parsed by
     argparse): `layers = "four"`, `steps = 2.5` or `deferred_bn = "false"` are refused, not cast.
     A list of ints for balance is accepted as the flag's "2,2" form."""
@@ -183,7 +175,7 @@ def _check_types(values: dict) -> dict:
         if (name == "balance" and isinstance(value, list)
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             value = ",".join(map(str, value))
-        tp = _field_type(fields[name])
+        tp = field_type(fields[name])
         optional = fields[name].default is None
         ok = ((value is None and optional)
               or (isinstance(value, tp) and (tp is bool or not isinstance(value, bool)))
@@ -195,66 +187,13 @@ def _check_types(values: dict) -> dict:
     return checked
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="minipipe: GPipe training", allow_abbrev=False)
-    parser.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _field_type(f)
-        kwargs = dict(help=f.metadata["help"], default=argparse.SUPPRESS, dest=f.name)
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, type=tp, choices=f.metadata["choices"], **kwargs)
-    return parser
-
-
-def _from_toml(path: str) -> dict:
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
-        raise ConfigError(f"--config {path} is not a regular file (a device or a pipe would be "
-                          f"read forever); give a .toml file")
-    try:
-        with open(path, "rb") as fh:
-            values = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file")
-    except IsADirectoryError:
-        raise ConfigError(f"--config {path} is a directory; give a .toml file")
-    except OSError as err:
-        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                          f"save the file as UTF-8")
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid TOML ({err})")
-    known = {f.name for f in dataclasses.fields(Config)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown settings {unknown}; valid names are the flags "
-                          f"of `python train.py --help` without the leading dashes")
-    try:
-        return _check_types(values)
-    except ConfigError as err:
-        raise ConfigError(f"--config {path}: {err}") from None
-
-
-def parse_config(argv=None) -> Config:
-    """Flags (and an optional TOML file) -> a validated Config with the preset applied."""
-    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
-    toml_path = args.pop("config", None)
-    values = _from_toml(toml_path) if toml_path else {}
-    values.update(args)
-    return make_config(**values)
-
-
 def make_config(**values) -> Config:
-    """The settled Config of keyword values (parse_config's flags, tests, tools): types and choices
+    """The settled Config of keyword values (command_line.parse_config's flags, tests, tools): types and choices
     checked, then --init-from's config.json, the tie, the preset and --dtype auto fill what the
     values leave open, and the result is validated. It is frozen: nothing changes it afterwards
     (dataclasses.replace makes a variant). Only the fields the data decides (vocab, classes,
     channels) may still be None: `with_data_fields` fills them, once, when the data is loaded."""
-    cfg = Config(**_check_types(values))
+    cfg = Config(**checked_values(values))
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:

@@ -5,11 +5,10 @@ model that fits a memory budget (the question of GPipe's Table 1).
     python -m minipipe.plan --preset gpipe --stages 8 --memory-budget 16GiB --largest
     python -m minipipe.plan --preset gpipe --stages 4 --microbatches 8 --schedule 1f1b
 
-Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device (no
-memory, no data, no processes; traced as fake CPU tensors): parameters are counted,
+Takes train.py's flags. Every number comes from the model's layers built on the 'meta' device and
+traced (minipipe/layer_profile.py: no memory, no data, no processes): parameters are counted,
 activations are the bytes autograd saves for backward while one micro-batch runs through the
-layers (saved_tensors_hooks, each storage counted once), FLOPs come from torch's FlopCounterMode
-over a forward and backward.
+layers, FLOPs are counted over a forward and backward.
 
 Bytes of a stage (GPipe section 2.3), per device:
     state        weights + gradients + AdamW's two moments: 4 copies of each parameter
@@ -21,34 +20,27 @@ Bytes of a stage (GPipe section 2.3), per device:
                  plus one chunk's intermediate during a backward (gpipe: M x boundary +
                  intermediate; 1f1b: (K - stage) x boundary + intermediate); without, each in
                  flight keeps boundary + intermediate (gpipe: M x (boundary + intermediate)).
+    split        I (a split backward's input half) peaks with the chunk's whole graph and the
+                 gradients it captures for W; when it returns, what the nodes above every cut
+                 saved (the loss's, on the last chunk) is freed, and the rest waits for W.
 Not counted: communication buffers, the allocator's slack, one op's temporary workspace, the CUDA
-context. Estimates follow the plain-torch ops as the CPU runs them (SDPA's flash kernel, like a
-GPU's and Triton's, saves no T x T scores and reads grouped-query K and V once); under bf16/fp16
-the layers hold float32 weights and are traced under autocast, as the run is (the activations
-have the run's dtypes, a float32 Transformer boundary included). Identical layers are traced once.
+context.
 """
 import argparse
 import dataclasses
 import re
 import sys
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-
-import torch
-from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from minipipe import partition
 from minipipe.build import STATE_COPIES
-from minipipe.config import Config, build_parser, parse_config
+from minipipe.command_line import build_parser, parse_config
+from minipipe.config import Config
 from minipipe.errors import ConfigError
+from minipipe.layer_profile import LayerProfile, profile_layers, resolve_data_fields
 from minipipe.layers import tied_numel
 from minipipe.models import registry
 from minipipe.pipeline.spec import PipelineSpec, pipeline_spec
-from minipipe.pipeline.split_backward import weight_grad_bytes
-from minipipe.pipeline.values import as_tuple
 from minipipe.schedule.actions import Kind
 from minipipe.schedule.check import ideal_bubble
 
@@ -56,17 +48,6 @@ COMPUTE_KINDS = (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD
 
 PARAM_BYTES = {"float64": 8}  # bf16/fp16 runs keep fp32 weights (autocast): 4 bytes
 UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_TRACES: dict = {}  # (previous layer, layer, input) signature -> traced numbers; layers repeat
-
-
-@dataclass
-class LayerProfile:
-    params: int
-    input_bytes: int  # the value the layer receives, one micro-batch
-    alone_bytes: int  # saved for backward when the layer starts a stage (its input excluded)
-    chained_bytes: int  # saved for backward and not already saved by the previous layer
-    flops: float  # forward + backward, one micro-batch
-    weight_grad_bytes: int  # split backward: gradients kept from I to W (the last layer's with the loss)
 
 
 @dataclass
@@ -78,6 +59,7 @@ class StagePlan:
     intermediate_bytes: list[int]  # per chunk, one micro-batch
     order: list[tuple[Kind, int]]  # the schedule's (compute kind, chunk) sequence on this stage
     weight_grad_bytes: list[int]  # per chunk, one micro-batch: what W keeps beyond the graph
+    freed_at_input_bytes: list[int]  # per chunk, one micro-batch: the graph's part that I's end frees
 
     @property
     def layers(self) -> list[int]:
@@ -85,8 +67,10 @@ class StagePlan:
 
     def activation_bytes(self, remat: bool) -> int:
         """Replay the schedule's forwards and backwards and keep the peak held bytes. A split
-        backward's I keeps the graph (rebuilt, under re-materialisation) and the captured
-        gradients until its W (minipipe/pipeline/split_backward.py)."""
+        backward's I peaks with the whole graph (rebuilt, under re-materialisation) and the
+        captured gradients; when it returns, the nodes above every cut (the loss's, on the last
+        chunk) go with the outputs, and the rest of the graph and the gradients wait for its W
+        (minipipe/pipeline/split_backward.py)."""
         held = peak = 0
         for kind, v in self.order:
             kept = self.boundary_bytes[v] + (0 if remat else self.intermediate_bytes[v])
@@ -100,8 +84,9 @@ class StagePlan:
             elif kind is Kind.BACKWARD_INPUT:
                 held += rebuilt + self.weight_grad_bytes[v]
                 peak = max(peak, held)
+                held -= self.freed_at_input_bytes[v]
             else:
-                held -= kept + rebuilt + self.weight_grad_bytes[v]
+                held -= kept + rebuilt + self.weight_grad_bytes[v] - self.freed_at_input_bytes[v]
         return peak
 
     def total_bytes(self, recompute: str) -> int:
@@ -118,150 +103,6 @@ class Plan:
 
     def peak_bytes(self) -> int:
         return max(stage.total_bytes(self.spec.recompute) for stage in self.stages)
-
-
-# ---- tracing layers on the meta device -------------------------------------------------------
-def _spec(value) -> tuple:
-    return isinstance(value, tuple), tuple((tuple(t.shape), t.dtype) for t in as_tuple(value))
-
-
-def _fresh(spec, requires_grad: bool):
-    is_tuple, entries = spec
-    tensors = tuple(torch.empty(shape, dtype=dtype).requires_grad_(  # on the tracing device
-        requires_grad and dtype.is_floating_point) for shape, dtype in entries)
-    return tensors if is_tuple else tensors[0]
-
-
-def _storage(t: torch.Tensor):
-    return t.untyped_storage()._cdata  # the storage's identity: views of one tensor share it
-
-
-def _signature(layer: nn.Module) -> tuple:
-    """What decides a layer's saved bytes and FLOPs: its structure, shapes, dtypes and settings."""
-    settings = tuple((name, str(value)) for module in layer.modules() for name, value in
-                     sorted(vars(module).items()) if isinstance(value, (int, float, str, list, tuple)))
-    dtypes = tuple(p.dtype for p in layer.parameters())
-    return repr(layer), settings, dtypes
-
-
-def _trace(previous: nn.Module | None, layer: nn.Module, spec, model_input: bool) -> tuple:
-    """(alone bytes, chained bytes, output spec) of `layer` fed from `previous` (if any)."""
-    saved = {"previous": {}, "layer": {}}
-    params = {_storage(p) for m in (previous, layer) if m is not None for p in m.parameters()}
-    phase = "previous"
-
-    def pack(tensor):
-        if _storage(tensor) not in params:
-            saved[phase][_storage(tensor)] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        value = _fresh(spec, requires_grad=not model_input)
-        kept = [value]  # storages stay alive (and their identities unique) until counted
-        if previous is not None:
-            value = previous(value)
-            kept.append(value)
-        phase = "layer"
-        inputs = {_storage(t) for t in as_tuple(value)}
-        output = layer(value)
-    layer_saved = saved["layer"]
-    alone = sum(b for s, b in layer_saved.items() if s not in inputs)
-    chained = sum(b for s, b in layer_saved.items() if s not in saved["previous"])
-    return alone, chained, _spec(output)
-
-
-def _weight_grad_bytes(layers: list[nn.Module], spec) -> int:
-    """Split backward: gradients kept from I to W (the first chunk's W keeps only its output's
-    gradient, plan_run counts that)."""
-    with sdpa_kernel(SDPBackend.MATH):
-        return weight_grad_bytes(nn.Sequential(*layers), _fresh(spec, requires_grad=True))
-
-
-def _flops(layer: nn.Module, spec, model_input: bool) -> float:
-    # The model's FLOPs whichever attention kernel runs: SDPA's math path counts its two matmuls.
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        output = layer(_fresh(spec, requires_grad=not model_input))
-        outputs = [t for t in as_tuple(output) if t.requires_grad]
-        if outputs:
-            torch.autograd.backward([t.sum() for t in outputs])
-    return float(counter.get_total_flops())
-
-
-class _Loss(nn.Module):
-    """The loss as the last 'layer' of the last stage: what it saves counts there too."""
-
-    def __init__(self, cfg, targets_shape):
-        super().__init__()
-        self.loss_sum, self.targets_shape = registry.loss_fn(cfg), targets_shape
-
-    def forward(self, output):
-        return self.loss_sum(output, torch.zeros(self.targets_shape, dtype=torch.long))
-
-
-def _as_the_run_computes(spec: PipelineSpec):
-    """The context to trace the meta-built layers in, with the activation dtypes and the saved
-    tensors of the run: the layers move to fake CPU tensors (no memory; once, and only when a
-    trace is not cached), under bf16/fp16 autocast when the run has it. Meta tensors would ignore
-    autocast (the Transformer's residual stream, its stage boundary, stays float32 in the run;
-    CPU autocast casts matmuls, convolutions and elementwise ops as CUDA's does), and SDPA on the
-    meta device takes the math path, which saves the T x T scores and, for grouped-query
-    attention, K and V repeated per query head. On fake CPU tensors SDPA saves what the CPU's
-    flash kernel saves: no scores, the shared K and V once, as a GPU's flash kernel does."""
-    autocast, moved = spec.autocast_dtype, set()
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-
-    @contextmanager
-    def tracing(*layers):
-        with fake:
-            for layer in layers:
-                if layer is not None and id(layer) not in moved:
-                    layer.to_empty(device="cpu")
-                    moved.add(id(layer))
-        with fake, (torch.autocast("cpu", dtype=autocast) if autocast else nullcontext()):
-            yield
-    return tracing
-
-
-def resolve_data_fields(cfg) -> Config:
-    """A copy of cfg with the data-dependent fields filled as the default data would fill them
-    (bytes: vocab 256; digits: 1 channel, 10 classes), so planning reads no data."""
-    return dataclasses.replace(cfg, **registry.family(cfg).planning_defaults(cfg))
-
-
-def profile_layers(cfg, *, spec: PipelineSpec) -> list[LayerProfile]:
-    """One profile per global layer, plus the loss last, for one micro-batch of the run."""
-    cfg = resolve_data_fields(cfg)
-    family = registry.family(cfg)
-    micro, dtype = spec.microbatch_rows, spec.param_dtype
-    built = {}  # one module per distinct factory: the Transformer's blocks share one
-    with torch.device("meta"):
-        layers = []
-        for factory in registry.layer_factories(cfg):
-            if id(factory) not in built:
-                built[id(factory)] = factory().to(dtype)
-            layers.append(built[id(factory)])
-        layers.append(_Loss(cfg, family.targets_shape(cfg, micro)))
-    trace_as_the_run_computes = _as_the_run_computes(spec)
-    spec = (False, ((family.input_shape(cfg, micro), torch.long if family.reads_tokens else dtype),))
-    profiles, previous, previous_spec = [], None, None
-    signatures = {id(layer): _signature(layer) for layer in layers}
-    for i, layer in enumerate(layers):
-        key = (cfg.dtype, signatures[id(previous)] if previous is not None else None, previous_spec,
-               signatures[id(layer)], spec)
-        if key not in _TRACES:
-            first = previous is None
-            with trace_as_the_run_computes(previous, layer):
-                alone, chained, out_spec = _trace(previous, layer, previous_spec if not first else spec,
-                                                  model_input=first)
-                weight_grads = 0 if first or i == len(layers) - 1 else _weight_grad_bytes(
-                    [layer] + layers[i + 1:] if i == len(layers) - 2 else [layer], spec)
-                _TRACES[key] = alone, chained, out_spec, _flops(layer, spec, model_input=first), weight_grads
-        alone, chained, out_spec, flops, weight_grads = _TRACES[key]
-        input_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in spec[1])
-        params = sum(p.numel() for p in layer.parameters())
-        profiles.append(LayerProfile(params, input_bytes, alone, chained, flops, weight_grads))
-        previous, previous_spec, spec = layer, spec, out_spec
-    return profiles
 
 
 # ---- plans --------------------------------------------------------------------------------
@@ -297,10 +138,15 @@ def plan_run(cfg, n_stages: int) -> Plan:
         weight_grads = [sum(p.weight_grad_bytes for p in own) if r.start > 0 else
                         profiles[r.stop].input_bytes if r.stop < len(profiles) - 1 else 0
                         for r, own in zip(chunks, owned)]
+        # only the nodes above every cut go when I returns: those of the chunk's top layer (traced
+        # with the loss on the last chunk, and with the layer below it if any); the first chunk's I
+        # frees nothing, W is its whole backward
+        freed = [0 if r.start == 0 else profiles[r.stop - 1].freed_chained_bytes if len(r) > 1 else
+                 profiles[r.stop - 1].freed_alone_bytes for r in chunks]
         stages.append(StagePlan(chunks, params, STATE_COPIES * param_bytes * params,
                                 [own[0].input_bytes for own in owned],
                                 [own[0].alone_bytes + sum(p.chained_bytes for p in own[1:]) for own in owned],
-                                order, weight_grads))
+                                order, weight_grads, freed))
     return Plan(cfg, spec, stages, _flops_per_unit(cfg, profiles, spec=spec), registry.family(cfg).unit)
 
 

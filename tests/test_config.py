@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from minipipe.config import Config, build_parser, make_config, parse_config
+from minipipe.command_line import build_parser, parse_config
+from minipipe.config import Config, make_config
 from minipipe.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,8 @@ def test_the_config_is_a_leaf_without_side_effects():
     interpreter switch): tools and tests can read settings without choosing a backend. The one
     exception: --dtype auto with --device auto asks torch whether CUDA is there."""
     code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
-            "from minipipe.config import make_config, parse_config\n"
+            "from minipipe.command_line import parse_config\n"
+            "from minipipe.config import make_config\n"
             "make_config(model='amoebanet', device='cpu')\n"
             "parse_config(['--layers', '3', '--dtype', 'float32'])\n"
             "loaded = [m for m in ('torch', 'models', 'kernels', 'triton') if m in sys.modules]\n"

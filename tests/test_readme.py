@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minipipe import config
+from minipipe import command_line
 from tests.spawn import REPO_ROOT
 
 README = (Path(REPO_ROOT) / "README.md").read_text()
@@ -50,9 +50,9 @@ def test_the_runner_joins_continued_lines_and_skips_comments():
 def test_the_example_configs_are_valid_and_used_by_the_readme(name):
     path = Path(REPO_ROOT) / "configs" / f"{name}.toml"
     assert f"configs/{name}.toml" in README
-    values = config._from_toml(str(path))  # every key a flag, every value of its type
+    values = command_line.toml_values(str(path))  # every key a flag, every value of its type
     if "init_from" not in values:  # a GPT-2 directory is the user's to bring
-        config.parse_config(["--config", str(path)])
+        command_line.parse_config(["--config", str(path)])
 
 
 def test_gpu_check_says_what_it_needs_before_running_anything(tmp_path):
