@@ -113,7 +113,7 @@ def _peak_saved_bytes(step, params) -> int:
     return peak[0]
 
 
-def _torch_chunk_class():
+def torch_chunk_class():
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -137,9 +137,11 @@ def _torch_chunk_class():
     return TorchChunk
 
 
-def _torch_contender(name: str, cfg, layout, m: int, args):
-    """torch's `name` on this rank's chunks; returns (step(inputs, targets), params, model chunks).
-    Raises ValueError where torch refuses (K, M)."""
+def torch_contender(name: str, cfg, layout, m: int, args, grad_clip: float = 0.0):
+    """torch's `name` on this rank's chunks; returns (step(inputs, targets, lr=None), params, model
+    chunks). grad_clip > 0: clip to the global gradient norm, one all-reduce of the squared norms
+    (what a plain script does; minipipe's engine does the same). Raises ValueError where torch
+    refuses (K, M)."""
     import torch
     from torch.distributed import pipelining
     from torch.distributed.pipelining.schedules import generate_rank_to_stage_mapping
@@ -150,8 +152,8 @@ def _torch_contender(name: str, cfg, layout, m: int, args):
     k = layout.n_stages
     n_chunks = k * (per_rank or args.virtual_stages)
     mine = generate_rank_to_stage_mapping(k, n_chunks, style=style)[layout.stage]
-    ranges = _cut(cfg, n_chunks)
-    chunk_cls = _torch_chunk_class()
+    ranges = model_cut(cfg, n_chunks)
+    chunk_cls = torch_chunk_class()
     chunks = []
     for c in mine:
         layers = build_layers(cfg, ranges[c])
@@ -166,15 +168,22 @@ def _torch_contender(name: str, cfg, layout, m: int, args):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     first, last = 0 in mine, n_chunks - 1 in mine
 
-    def step(inputs, targets):
+    def step(inputs, targets, lr=None):
         sched.step(*((inputs,) if first else ()), target=targets if last else None,
                    losses=[] if last else None, return_outputs=False)
+        if grad_clip:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+            torch.distributed.all_reduce(norm_sq)
+            torch._foreach_mul_(grads, torch.clamp(grad_clip / (norm_sq.sqrt() + 1e-6), max=1.0))
+        for group in optimizer.param_groups if lr is not None else ():
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, params, mine
 
 
-def _cut(cfg, n_chunks: int) -> list[list[int]]:
+def model_cut(cfg, n_chunks: int) -> list[list[int]]:
     """Layers of each model chunk: build_run's default cut (by parameter count)."""
     from minipipe import partition
     from minipipe.layers import count_layer_params
@@ -197,7 +206,7 @@ def _minipipe_run(schedule: str, k: int, model: dict, args):
                                 virtual_stages=v))
     # like for like: torch's namesake must run the same layers on each rank
     model_chunks = [run.engine.model_chunk(Action(Kind.FORWARD, 0, c, v)) for c in range(v)]
-    ranges = _cut(run.cfg, k * v)
+    ranges = model_cut(run.cfg, k * v)
     if [ranges[c] for c in model_chunks] != run.stage.chunks:
         raise SystemExit(f"minipipe {schedule}: this rank's chunks {run.stage.chunks} differ from the "
                          f"bench's cut {[ranges[c] for c in model_chunks]}")
@@ -236,7 +245,7 @@ def worker(args) -> None:
                              f"torch's {namesake} {_torch_chunks(namesake, k, layout.stage, args)}")
     for name in [n for n in TORCH_SCHEDULES if n in args.schedules]:
         try:  # torch refuses some (K, M): Schedule1F1B needs M >= K, DualPipeV M >= 2K, ...
-            step = torch_steps[name] = _torch_contender(name, cfg, layout, args.m, args)[0]
+            step = torch_steps[name] = torch_contender(name, cfg, layout, args.m, args)[0]
         except ValueError as err:
             refused[name] = str(err).split("\n")[0][:100]
             continue
@@ -255,7 +264,7 @@ def worker(args) -> None:
             peak = _peak_saved_bytes(lambda r=run: r.engine.train_step(*batches[n], n, r.cfg.lr, 0.0),
                                      run.stage.parameters())
         else:
-            step, params, _ = _torch_contender(name, cfg, layout, args.m, args)
+            step, params, _ = torch_contender(name, cfg, layout, args.m, args)
             bubble, peak = float("nan"), _peak_saved_bytes(lambda: step(*batches[n]), params)
         local += [bubble, peak]
     local = torch.tensor(local, dtype=torch.float64)
@@ -294,7 +303,7 @@ def head_check(args) -> str:
     cfg, _ = load_settled(make_config(model="transformer", layers=args.layers, d_model=args.d_model,
                                       heads=args.heads, max_seq_len=args.seq_len, data="stdlib"))
     head = build_layers(cfg, [cfg.layers + 1])[cfg.layers + 1].train()
-    torch_head = _torch_chunk_class()([head], False)
+    torch_head = torch_chunk_class()([head], False)
     loss_sum = registry.loss_fn(cfg, "torch")
     rows = args.batch_size // max(map(int, args.microbatches.split(",")))
     x = torch.randn(rows, args.seq_len, args.d_model, requires_grad=True)
