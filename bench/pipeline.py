@@ -34,8 +34,8 @@ gpipe's K=1 figure), the ratio to its torch namesake and to torch's fastest (per
 median); for minipipe also the measured bubble (idle share of each rank's last timed step, 1 -
 busy compute / step, averaged over ranks) beside the schedule's theoretical one; and the peak bytes
 each stage holds for backward (saved tensors of autograd, each storage once, parameters excluded,
-counted in one extra untimed step; stage inputs stashed for re-materialisation are not autograd
-tensors, so compare this column under --recompute never, the default).
+counted in each contender's first step, untimed; stage inputs stashed for re-materialisation are
+not autograd tensors, so compare this column under --recompute never, the default).
 """
 import argparse
 import json
@@ -68,10 +68,11 @@ def minipipe_schedules() -> tuple[str, ...]:
     return SCHEDULES
 
 
-def _time_interleaved(step_fns, n_warmup: int, n_steps: int) -> list[list[float]]:
-    """Step i of every contender back to back, so a change in machine load hits all alike."""
+def _time_interleaved(step_fns, n_warmup: int, n_steps: int, first: int = 0) -> list[list[float]]:
+    """Steps first, first+1, ... of every contender, step i of all back to back before any runs
+    step i+1, so a change in machine load hits all alike; the first n_warmup untimed."""
     times = [[] for _ in step_fns]
-    for i in range(n_warmup + n_steps):
+    for i in range(first, n_warmup + n_steps):
         for fn, kept in zip(step_fns, times):
             started = time.perf_counter()
             fn(i)
@@ -139,9 +140,10 @@ def torch_chunk_class():
 
 def torch_contender(name: str, cfg, layout, m: int, args, grad_clip: float = 0.0):
     """torch's `name` on this rank's chunks; returns (step(inputs, targets, lr=None), params, model
-    chunks). grad_clip > 0: clip to the global gradient norm, one all-reduce of the squared norms
-    (what a plain script does; minipipe's engine does the same). Raises ValueError where torch
-    refuses (K, M)."""
+    chunks). step returns the step's mean loss where the last chunk is (else None) and, with
+    grad_clip > 0, the global gradient norm: one all-reduce of the squared norms, then the clip
+    (what a plain script does; minipipe's engine does the same). AdamW with minipipe's betas and
+    weight decay (on every tensor: the same work). Raises ValueError where torch refuses (K, M)."""
     import torch
     from torch.distributed import pipelining
     from torch.distributed.pipelining.schedules import generate_rank_to_stage_mapping
@@ -165,21 +167,26 @@ def torch_contender(name: str, cfg, layout, m: int, args, grad_clip: float = 0.0
         return loss_sum(logits, y) / y.numel()
     sched = getattr(pipelining, name)(stages[0] if name in SINGLE_STAGE else stages, m, loss_fn=loss_fn)
     params = [p for chunk in chunks for p in chunk.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                  foreach=True)
     first, last = 0 in mine, n_chunks - 1 in mine
 
     def step(inputs, targets, lr=None):
-        sched.step(*((inputs,) if first else ()), target=targets if last else None,
-                   losses=[] if last else None, return_outputs=False)
+        losses = [] if last else None
+        sched.step(*((inputs,) if first else ()), target=targets if last else None, losses=losses,
+                   return_outputs=False)
+        grad_norm = None
         if grad_clip:
             grads = [p.grad for p in params if p.grad is not None]
-            norm_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+            norm_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
             torch.distributed.all_reduce(norm_sq)
-            torch._foreach_mul_(grads, torch.clamp(grad_clip / (norm_sq.sqrt() + 1e-6), max=1.0))
+            grad_norm = float(norm_sq.sqrt())
+            torch._foreach_mul_(grads, min(1.0, grad_clip / (grad_norm + 1e-6)))
         for group in optimizer.param_groups if lr is not None else ():
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return (float(torch.stack(losses).mean()) if last else None), grad_norm
     return step, params, mine
 
 
@@ -228,8 +235,8 @@ def worker(args) -> None:
     from minipipe.config import make_config
     cfg, dataset = load_settled(make_config(**model, microbatches=args.m))
     layout = init_process_groups(k, 1, cfg.timeout, "cpu")
-    batches = [dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps + 1)]
-    contenders, runs, torch_steps, refused = [], {}, {}, {}  # contenders: (name, step(i))
+    batches = [dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps)]
+    contenders, runs, refused = [], {}, {}  # contenders: (name, step(i), parameters)
     for schedule in [s for s in minipipe_schedules() if s in args.schedules]:
         built = _minipipe_run(schedule, k, model, args)
         if built is None:
@@ -238,39 +245,35 @@ def worker(args) -> None:
         run, model_chunks = runs[schedule] = built
         run.engine.timed = True
         contenders.append((f"minipipe {schedule}", lambda i, r=run: r.engine.train_step(
-            *batches[i], i, r.cfg.lr, r.cfg.grad_clip)))
+            *batches[i], i, r.cfg.lr, r.cfg.grad_clip), list(run.stage.parameters())))
         namesake = NAMESAKES.get(schedule)
         if namesake in args.schedules and model_chunks != _torch_chunks(namesake, k, layout.stage, args):
             raise SystemExit(f"minipipe {schedule} places chunks {model_chunks} on rank {layout.stage}, "
                              f"torch's {namesake} {_torch_chunks(namesake, k, layout.stage, args)}")
     for name in [n for n in TORCH_SCHEDULES if n in args.schedules]:
         try:  # torch refuses some (K, M): Schedule1F1B needs M >= K, DualPipeV M >= 2K, ...
-            step = torch_steps[name] = torch_contender(name, cfg, layout, args.m, args)[0]
+            step, params, _ = torch_contender(name, cfg, layout, args.m, args)
         except ValueError as err:
             refused[name] = str(err).split("\n")[0][:100]
             continue
-        contenders.append((name, lambda i, s=step: s(*batches[i])))
-    times = _time_interleaved([fn for _, fn in contenders], args.warmup, args.steps)
+        contenders.append((name, lambda i, s=step: s(*batches[i]), params))
+    # the first (untimed) step of each contender counts the bytes autograd saves
+    peaks = [_peak_saved_bytes(lambda fn=fn: fn(0), params) for _, fn, params in contenders]
+    times = _time_interleaved([fn for _, fn, _ in contenders], args.warmup, args.steps, first=1)
     result = {"tok_per_step": args.batch_size * args.seq_len, "refused": refused,
-              "rows": {name: {"step_s": statistics.median(kept)} for (name, _), kept in zip(contenders, times)}}
-    n = args.warmup + args.steps
-    local = []  # per contender: bubble (minipipe) and peak saved bytes, gathered from every rank
-    for name, _ in contenders:
+              "rows": {name: {"step_s": statistics.median(kept)} for (name, _, _), kept in zip(contenders, times)}}
+    local = []  # per contender: bubble (minipipe's last step) and peak saved bytes, from every rank
+    for (name, _, _), peak in zip(contenders, peaks):
+        bubble = float("nan")
         if name.startswith("minipipe "):
-            run, _ = runs[name.removeprefix("minipipe ")]
-            spans = run.engine.spans
+            spans = runs[name.removeprefix("minipipe ")][0].engine.spans
             busy = sum(end - start for kind, _, _, start, end in spans if kind in COMPUTE)
             bubble = 1.0 - busy / (spans[-1][4] - spans[0][3])
-            peak = _peak_saved_bytes(lambda r=run: r.engine.train_step(*batches[n], n, r.cfg.lr, 0.0),
-                                     run.stage.parameters())
-        else:
-            step, params, _ = torch_contender(name, cfg, layout, args.m, args)
-            bubble, peak = float("nan"), _peak_saved_bytes(lambda: step(*batches[n]), params)
         local += [bubble, peak]
     local = torch.tensor(local, dtype=torch.float64)
     gathered = [torch.empty_like(local) for _ in range(k)]
     dist.all_gather(gathered, local)
-    for j, (name, _) in enumerate(contenders):
+    for j, (name, _, _) in enumerate(contenders):
         row = result["rows"][name]
         row["peak_mib"] = [float(g[2 * j + 1]) / 2**20 for g in gathered]
         if name.startswith("minipipe "):
@@ -351,7 +354,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps (>= 1: the first counts saved bytes)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender and repeat")
     parser.add_argument("--repeats", type=int, default=1, help="run the whole comparison this many times")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
@@ -364,6 +367,8 @@ def main() -> None:
     unknown = [s for s in args.schedules if s not in known]
     if unknown:
         parser.error(f"--schedule {','.join(unknown)}: choose from {', '.join(known)}")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first step counts the saved bytes, untimed")
     if args.worker:
         return worker(args)
     grid = [(k, m) for k in map(int, args.stages.split(",")) for m in map(int, args.microbatches.split(","))]
