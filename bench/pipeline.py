@@ -379,7 +379,7 @@ def main() -> None:
     grid = [(k, m) for k in map(int, args.stages.split(",")) for m in map(int, args.microbatches.split(","))]
     started = time.time()
     repeats = [{cell: launch(*cell, args) for cell in grid} for _ in range(args.repeats)]
-    print(table(repeats, args))
+    print(table(repeats, args, NAMESAKES))
     print(head_check(args))
     print(f"\n{time.time() - started:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
 

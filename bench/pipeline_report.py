@@ -6,10 +6,6 @@ Ratios are taken within a repeat (its contenders ran side by side), then their m
 """
 import statistics
 
-NAMESAKES = {"minipipe gpipe": "ScheduleGPipe", "minipipe 1f1b": "Schedule1F1B",
-             "minipipe interleaved": "ScheduleInterleaved1F1B",
-             "minipipe zb-h1": "ScheduleInterleavedZeroBubble", "minipipe zbv": "ScheduleZBVZeroBubble",
-             "minipipe dualpipev": "ScheduleDualPipeV"}
 K1_REFERENCE = "minipipe gpipe"  # efficiency's K=1 figure for a contender that cannot run at K=1
 
 
@@ -51,7 +47,8 @@ def _torch_fastest(rates: dict) -> float | None:
     return max((r for name, r in rates.items() if not name.startswith("minipipe ")), default=None)
 
 
-def table(repeats: list[dict], args) -> str:
+def table(repeats: list[dict], args, namesakes: dict) -> str:
+    """namesakes: minipipe schedule -> its torch namesake's class name."""
     lines = [f"Transformer L={args.layers} d={args.d_model} T={args.seq_len} B={args.batch_size}, "
              f"recompute={args.recompute}, V={args.virtual_stages} for the looped multi-chunk schedules "
              f"(2 for the V-placed), {args.threads} thread(s) per process; per repeat the median of "
@@ -64,7 +61,8 @@ def table(repeats: list[dict], args) -> str:
     for (k, m), first in repeats[0].items():
         for name, row in first["rows"].items():
             rates = [_rates(rep[(k, m)])[name] for rep in repeats]
-            namesake = _ratio(name, NAMESAKES[name], (k, m), repeats) if name in NAMESAKES else ""
+            schedule = name.removeprefix("minipipe ")
+            namesake = _ratio(name, namesakes[schedule], (k, m), repeats) if schedule in namesakes else ""
             bubble = (_spread([rep[(k, m)]["rows"][name]["bubble"] for rep in repeats], ".2f")
                       if "bubble" in row else "")
             theory = f"{row['bubble_theory']:.2f}" if "bubble_theory" in row else ""
