@@ -16,7 +16,8 @@ Each (K, M) is one torchrun job of K processes (one thread each on CPU). Every c
 same model cut the same way (layers by parameter count into K*V chunks, each layer built from
 (seed, layer) only, so the weights are bitwise equal), on the same batches, with AdamW; step i of
 every contender runs before any runs step i+1, so a change in machine load hits all alike.
---recompute always wraps each torch chunk in torch.utils.checkpoint.
+--recompute always wraps each torch chunk in torch.utils.checkpoint. No clipping (grad_clip 0):
+minipipe's step still has its one gradient-norm all-reduce (it also carries the loss), torch's none.
 
 torch's last chunk is not minipipe's: minipipe's training Head hands (hidden, weight) to a fused
 linear + cross-entropy loss, and torch 2.13's split backward (stage_backward_weight) raises KeyError
@@ -224,6 +225,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from minipipe.config import make_config
     from minipipe.data import load_settled
     from minipipe.dist import init_process_groups
     from minipipe.schedule.check import theory_bubble
@@ -232,7 +234,6 @@ def worker(args) -> None:
     model = dict(model="transformer", layers=args.layers, d_model=args.d_model, heads=args.heads,
                  max_seq_len=args.seq_len, data="stdlib", batch_size=args.batch_size, grad_clip=0.0,
                  eval_every=0, device="cpu")
-    from minipipe.config import make_config
     cfg, dataset = load_settled(make_config(**model, microbatches=args.m))
     layout = init_process_groups(k, 1, cfg.timeout, "cpu")
     batches = [dataset.batch(i, cfg.batch_size) for i in range(args.warmup + args.steps)]
