@@ -38,7 +38,8 @@ def _train_flags(args, schedule: str, out_dir: str) -> list[str]:
     return ["--model", "transformer", "--layers", str(args.layers), "--d-model", str(args.d_model),
             "--heads", str(args.heads), "--max-seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
             "--stages", str(args.stages), "--microbatches", str(args.microbatches), "--schedule", schedule,
-            "--virtual-stages", str(v), "--recompute", args.recompute, "--steps", str(args.steps), "--data", "stdlib", "--device", "cpu",
+            "--virtual-stages", str(v), "--recompute", args.recompute, "--steps", str(args.steps),
+            "--data", "stdlib", "--device", "cpu",
             "--wandb", args.wandb, "--out-dir", out_dir, *args.train_args.split()]
 
 
@@ -159,7 +160,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=16, help="steps per job (the first --warmup and the last not timed)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help="steps per job (the first --warmup and the last not timed)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="times each contender runs, in turn")
     parser.add_argument("--recompute", default="never", choices=("always", "except_last", "never"),
@@ -179,8 +181,9 @@ def main() -> None:
             launch("train.py", schedule, args, profile=True)
         return
     lines = [f"Transformer L={args.layers} d={args.d_model} T={args.seq_len} B={args.batch_size}, K={args.stages}, "
-             f"M={args.microbatches}, one thread per process, {args.steps} steps per job ({args.warmup} warm-up "
-             f"and the last not timed), {args.rounds} round(s): median (min-max); train.py --wandb {args.wandb}\n",
+             f"M={args.microbatches}, recompute={args.recompute}, one thread per process, {args.steps} steps per "
+             f"job ({args.warmup} warm-up and the last not timed), {args.rounds} round(s): median (min-max); "
+             f"train.py --wandb {args.wandb}\n",
              "| schedule | train.py tok/s | engine tok/s | torch tok/s | train.py / engine | train.py / torch "
              "| engine / torch |", "|---|---|---|---|---|---|---|"]
     for schedule in args.schedule.split(","):
@@ -191,8 +194,9 @@ def main() -> None:
 
         def ratio(a, b):
             return _spread([x / y for x, y in zip(rates[a], rates[b])], ".3f")
-        lines.append(f"| {schedule} ({NAMESAKES[schedule]}) | " + " | ".join(_spread(rates[n], ",.0f") for n in CONTENDERS)
-                     + f" | {ratio('train.py', 'engine')} | {ratio('train.py', 'torch')} | {ratio('engine', 'torch')} |")
+        cells = [_spread(rates[name], ",.0f") for name in CONTENDERS]
+        cells += [ratio("train.py", "engine"), ratio("train.py", "torch"), ratio("engine", "torch")]
+        lines.append(f"| {schedule} ({NAMESAKES[schedule]}) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
