@@ -76,6 +76,7 @@ def _run_train(cfg, warmup: int) -> list[float]:
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         pstats.Stats(profile).sort_stats("cumtime").print_stats(40)
+        pstats.Stats(profile).sort_stats("cumtime").print_stats("train.py|metrics.py|wandb_run.py", 12)
     return logger.stamps
 
 
