@@ -1,10 +1,14 @@
 """Experiment tracking: one logger interface carries the config and every value to each backend;
 wandb runs offline without a key or network, and `--wandb disabled` writes nothing."""
 import glob
+import time
+
+import pytest
+import wandb
 
 import train
 from minipipe.config import Config, make_config
-from minipipe.tracking.metrics import MetricsLogger, wandb_mode
+from minipipe.tracking.metrics import MetricsLogger, WandbBackend, wandb_mode
 
 TINY = dict(model="transformer", layers=2, d_model=32, heads=2, seq_len=32, data="synthetic",
             batch_size=8, microbatches=2, steps=4, log_every=2, eval_every=0, eval_batches=1)
@@ -109,3 +113,44 @@ def test_an_unreachable_wandb_server_delays_no_stage_past_its_timeout(tmp_path):
     from tests.spawn import run_workers
     seen = run_workers(_unreachable_worker, 2, str(tmp_path / "out"))
     assert seen[0] == {"group_started": False, "timeout": 3.0} and seen[1] == {}
+
+
+class SlowRun:
+    """A wandb run whose log takes as long as wandb's worst hand-offs, or fails."""
+
+    def __init__(self, fail_at=None):
+        self.logged, self.finished, self.fail_at = [], False, fail_at
+
+    def log(self, values, step):
+        time.sleep(0.2)
+        if step == self.fail_at:
+            raise OSError("wandb service gone")
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def _backend_on(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    return WandbBackend(make_config(**TINY, out_dir=str(tmp_path), wandb="offline"))
+
+
+def test_wandb_records_leave_the_step_loop_at_once_and_all_arrive_in_order(tmp_path, monkeypatch):
+    run = SlowRun()
+    backend = _backend_on(run, tmp_path, monkeypatch)
+    started = time.perf_counter()
+    for step in range(1, 6):
+        backend.log(step, {"loss": float(step)})
+    assert time.perf_counter() - started < 0.2  # one run.log takes 0.2 s: none ran in the loop
+    backend.close()
+    assert run.logged == [(step, {"loss": float(step)}) for step in range(1, 6)] and run.finished
+
+
+def test_a_failed_wandb_log_is_raised_in_the_step_loop(tmp_path, monkeypatch):
+    backend = _backend_on(SlowRun(fail_at=1), tmp_path, monkeypatch)
+    backend.log(1, {"loss": 1.0})
+    time.sleep(0.5)
+    with pytest.raises(OSError, match="wandb service gone"):
+        backend.log(2, {"loss": 2.0})
+    backend.close()

@@ -8,8 +8,10 @@ import json
 import math
 import netrc
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -95,7 +97,11 @@ class ConsoleBackend:
 
 class WandbBackend:
     """One wandb run per training job, on rank 0, written under {out_dir}/wandb. A run never fails
-    for lack of network: when online init fails it logs offline (sync later with `wandb sync`)."""
+    for lack of network: when online init fails it logs offline (sync later with `wandb sync`).
+
+    Records reach wandb from a thread of their own: `run.log` waits for wandb's asyncio thread
+    (a GIL hand-off: about 1 ms, at times past 100 ms), and rank 0 is on every step's critical
+    path, so the step loop only queues the record. close() sends what is queued, then finishes."""
 
     def __init__(self, cfg):
         import wandb  # imported only when used: it takes ~1 s
@@ -114,14 +120,29 @@ class WandbBackend:
             print(f"warning: wandb online init failed ({err}); logging offline instead",
                   file=sys.stderr, flush=True)
             self.run = wandb.init(mode="offline", **kwargs)
+        self.records, self.failure = queue.SimpleQueue(), None
+        self.sender = threading.Thread(target=self._send, name="wandb-log", daemon=True)
+        self.sender.start()
 
     def config(self, values: dict) -> None:
         self.run.config.update(values, allow_val_change=True)
 
     def log(self, step: int, values: dict) -> None:
-        self.run.log(values, step=step)
+        if self.failure is not None:  # the sender stopped: say why, in the training loop
+            raise self.failure
+        self.records.put((step, dict(values)))
+
+    def _send(self) -> None:
+        while (record := self.records.get()) is not None:
+            try:
+                self.run.log(record[1], step=record[0])
+            except Exception as err:  # wandb raises many types; kept for the loop to raise
+                self.failure = err
+                return
 
     def close(self) -> None:
+        self.records.put(None)
+        self.sender.join()
         self.run.finish()
 
 
