@@ -37,7 +37,9 @@ every kernel backend is split the same way, with no change to the models:
 What W keeps alive between I and W (the planner counts it, minipipe/plan.py): the chunk's
 autograd graph with every saved tensor (the activations, as without recompute: with recompute
 the graph rebuilt at I lives until W) and one captured output gradient per cut node (a linear's
-output size, per linear of the chunk). W is the graph's last use: each call frees the saved
+output size, per linear of the chunk), except the nodes above every cut (the loss's, on the last
+chunk): only the outputs reference them, so they and their saved tensors go when the engine drops
+the outputs after I. W is the graph's last use: each call frees the saved
 tensors of the nodes it ran, so the activations go level by level during W. The captured
 gradients also keep the engine from summing into them in place during I (a residual stream's
 gradient is both a linear's captured grad_output and a term of the next sum), so a few sums
@@ -57,8 +59,6 @@ try:  # the engine call behind torch.autograd.grad / backward, past their argume
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # a torch without it (private): the public calls, the same gradients
     _engine_run_backward = None
-
-from minipipe.pipeline import values
 
 
 @dataclass
@@ -157,15 +157,6 @@ def backward_input(outputs, grads, inputs) -> PendingWeightGrad:
     pending.reentries = [(node, captured[node], cuts[node]) for node in by_level]
     pending.levels = [level[node] for node in by_level]
     return pending
-
-
-def weight_grad_bytes(module, value) -> int:
-    """What a split backward of module(value) keeps from I to W beyond its graph (the planner
-    traces this on the meta device; `value`'s floating tensors require grad)."""
-    outputs = [t for t in values.as_tuple(module(value)) if t.requires_grad]
-    pending = backward_input(outputs, [torch.empty_like(t) for t in outputs],
-                             [t for t in values.as_tuple(value) if t.requires_grad])
-    return pending.held_bytes()
 
 
 def backward_weight(pending: PendingWeightGrad) -> None:
