@@ -5,7 +5,7 @@
     python bench/pipeline.py --schedule gpipe,ScheduleGPipe --microbatches 8 --steps 3    # a quick look
 
 Contenders: minipipe's schedules (whatever minipipe.schedule.actions.SCHEDULES holds: gpipe, 1f1b,
-interleaved, zb-h1, and zbv / dualpipev once they exist) and torch's seven: ScheduleGPipe,
+interleaved, zb-h1, zbv, dualpipev) and torch's seven: ScheduleGPipe,
 Schedule1F1B, ScheduleInterleaved1F1B and ScheduleLoopedBFS (V chunks per rank, looped: chunk c on
 rank c mod K), ScheduleInterleavedZeroBubble (one stage per rank: ZB-H1's shape), ScheduleZBVZeroBubble
 and ScheduleDualPipeV (two chunks per rank in a V: rank r holds chunks r and 2K-1-r, torch's
