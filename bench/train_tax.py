@@ -110,7 +110,7 @@ def _run_torch(cfg, schedule: str, args) -> list[float]:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from minipipe.config import parse_config
+    from minipipe.command_line import parse_config
     cfg = parse_config(_train_flags(args, args.schedule, args.out_dir))
     if args.worker == "train.py":
         stamps = _run_train(cfg, args.warmup)
